@@ -1,0 +1,125 @@
+"""What a merging method is: something that, per block, *chooses* where each token goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class BlockInput:
+    """Everything a method may look at when choosing the merge of one block.
+
+    ``keys`` are the attention keys (B, heads, N, head_dim) after the block's q/k norm,
+    ``attn_input`` is the normalised input that fed qkv (B, N, C), ``x`` the tokens after the
+    attention residual, ``size`` the token sizes (B, N, 1).
+    """
+
+    layer: int
+    depth: int
+    r: int
+    num_prefix: int
+    keys: Tensor
+    attn_input: Tensor
+    x: Tensor
+    size: Tensor
+
+
+@dataclass
+class MergePlan:
+    """Where each input token goes: ``slots`` (B, N) or (B, N, K) with optional soft ``weights``."""
+
+    slots: Tensor
+    num_out: int
+    weights: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    default: Any
+    help: str
+
+
+class MergeMethod(nn.Module):
+    """Base class. Subclasses set ``name``, ``options`` and implement :meth:`plan`.
+
+    Methods are ``nn.Module`` so that learned ones (DTEM, LTM) carry their parameters; options are
+    keyword arguments of ``__init__`` listed in ``options`` (name -> Option) for the CLI and reports.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    options: ClassVar[dict[str, Option]] = {}
+    prop_attn_default: ClassVar[bool] = True
+
+    def __init__(self, depth: int, **options: Any) -> None:
+        super().__init__()
+        self.depth = depth
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            from ..errors import TmergeError
+
+            known = ", ".join(sorted(self.options)) or "none"
+            raise TmergeError(f"unknown option(s) for method {self.name}: {', '.join(unknown)} (known: {known})")
+        self.config = {k: options.get(k, opt.default) for k, opt in self.options.items()}
+
+    def max_r(self, layer: int, tokens: int, num_prefix: int) -> int:
+        """The most tokens block ``layer`` can remove from ``tokens`` tokens."""
+        return (tokens - num_prefix) // 2
+
+    def plan(self, block: BlockInput) -> MergePlan:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"method": self.name, "options": dict(self.config)}
+
+
+def key_metric(keys: Tensor) -> Tensor:
+    """ToMe's similarity metric: keys averaged over heads, L2-normalised. (B, N, head_dim)."""
+    return torch.nn.functional.normalize(keys.mean(1), dim=-1)
+
+
+def bipartite_slots(metric: Tensor, r: int, num_protected: int, slot_offset: int) -> Tensor:
+    """Bipartite soft matching on a token sequence; returns the output slot of every token.
+
+    A = even positions, B = odd positions of ``metric`` (B, N, D, already normalised). The first
+    ``num_protected`` tokens never merge: their A rows and B columns score -inf, and they keep slots
+    ``slot_offset + 0 .. num_protected - 1`` in order. Each other A token finds its most similar B
+    token; the ``r`` A tokens with the highest such similarity merge into it. Output order after the
+    protected tokens: the unmerged A tokens in sequence order, then the B tokens in sequence order.
+    """
+    bsz, n, _ = metric.shape
+    a, b = metric[:, ::2], metric[:, 1::2]
+    n_a, n_b = a.shape[1], b.shape[1]
+    prot_a, prot_b = (num_protected + 1) // 2, num_protected // 2
+    scores = a @ b.transpose(1, 2)
+    if num_protected:
+        scores[:, :prot_a, :] = -torch.inf
+        scores[:, :, :prot_b] = -torch.inf
+    best_score, best_b = scores.max(dim=-1)  # (B, n_a)
+    merged_a = torch.topk(best_score, r, dim=-1).indices
+    is_merged = torch.zeros(bsz, n_a, dtype=torch.bool, device=metric.device).scatter(1, merged_a, True)
+
+    first = slot_offset + num_protected
+    keep_a = (~is_merged).to(torch.long)
+    keep_a[:, :prot_a] = 0
+    unmerged_slot = first + torch.cumsum(keep_a, dim=1) - 1
+    b_rank = torch.arange(n_b, device=metric.device) - prot_b
+    b_slots = (first + (n_a - prot_a - r) + b_rank).expand(bsz, n_b)
+    a_slots = torch.where(is_merged, b_slots.gather(1, best_b), unmerged_slot)
+
+    protected_slots = slot_offset + torch.arange(num_protected, device=metric.device)
+    a_slots[:, :prot_a] = protected_slots[0::2]
+    b_slots = b_slots.clone()
+    b_slots[:, :prot_b] = protected_slots[1::2]
+    return interleave(a_slots, b_slots, n)
+
+
+def interleave(even: Tensor, odd: Tensor, n: int) -> Tensor:
+    """Inverse of (t[:, ::2], t[:, 1::2]) for (B, n) tensors, with static shapes only."""
+    if odd.shape[1] < even.shape[1]:
+        odd = torch.cat([odd, odd[:, :1]], dim=1)
+    return torch.stack([even, odd], dim=2).reshape(even.shape[0], -1)[:, :n]

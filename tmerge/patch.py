@@ -1,0 +1,230 @@
+"""Patch a timm VisionTransformer in place so that its blocks merge tokens.
+
+The blocks themselves are kept (same modules, same state-dict keys); ``model.blocks`` becomes a
+:class:`MergingBlocks` that runs each block's own submodules — norm1, attention (with its q/k norm and
+fused SDPA), LayerScale, drop-path, norm2, MLP — with the merge between attention and MLP. Keys are
+read from the block's ``attn.k_norm`` output by a forward hook, so the attention forward is never
+copied. Proportional attention is an additive float ``attn_mask`` (log size) passed to the block's
+own attention.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import TmergeError
+from .merging import BlockInput, MergeMethod, merge_tokens
+from .merging import registry
+from .merging.ops import MERGE_FORMS
+from .schedule import ResolvedSchedule, make_spec, resolve
+
+SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "")
+
+
+def _timm_vit_classes():
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    return VisionTransformer, Block, Attention
+
+
+class MergingBlocks(nn.Sequential):
+    """Drop-in replacement for ``model.blocks`` that merges ``schedule.r[l]`` tokens in block l."""
+
+    def __init__(self, blocks: nn.Sequential, method: MergeMethod, schedule: ResolvedSchedule,
+                 num_prefix: int, prop_attn: bool, merge_form: str = "scatter") -> None:
+        super().__init__(*blocks)
+        # Not a submodule of the sequence (nn.Sequential runs every child): the model owns it as
+        # ``model.tmerge_method`` so learned methods' parameters live in the model's state dict.
+        object.__setattr__(self, "method", method)
+        self.schedule = schedule
+        self.num_prefix = num_prefix
+        self.prop_attn = prop_attn
+        self.merge_form = merge_form
+        self.record_plans = False
+        self.last_tokens: list[int] = []
+        self.last_plans: list[Tensor | None] = []
+        self.final_size: Tensor | None = None
+        self._keys: dict[int, Tensor] = {}
+        self._hooks = [
+            blk.attn.k_norm.register_forward_hook(self._capture_keys(i)) for i, blk in enumerate(blocks)
+        ]
+
+    def _capture_keys(self, layer: int):
+        def hook(_module, _inputs, output):
+            self._keys[layer] = output
+        return hook
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+    def forward(self, x: Tensor) -> Tensor:
+        expected = self.schedule.tokens[0]
+        if x.shape[1] != expected:
+            raise TmergeError(
+                f"the merge schedule was resolved for {expected} tokens but the input has {x.shape[1]}; "
+                "a fixed schedule needs the model's configured image size"
+            )
+        size: Tensor | None = None  # all ones until the first merge: keeps r=0 blocks bit-identical
+        tokens, plans = [], []
+        for layer, blk in enumerate(self):
+            tokens.append(x.shape[1])
+            mask = None
+            if self.prop_attn and size is not None:
+                mask = size.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, N): + log s_j on every key j
+            attn_input = blk.norm1(x)
+            x = x + blk.drop_path1(blk.ls1(blk.attn(attn_input, attn_mask=mask)))
+            keys = self._keys.pop(layer)
+            r = self.schedule.r[layer]
+            plan = None
+            if r > 0:
+                if size is None:
+                    size = x.new_ones(x.shape[0], x.shape[1], 1)
+                block_input = BlockInput(layer=layer, depth=len(self), r=r, num_prefix=self.num_prefix,
+                                         keys=keys, attn_input=attn_input, x=x, size=size)
+                x, size, plan = merge_step(self.method, block_input, self.merge_form)
+            plans.append(plan.slots if plan is not None and self.record_plans else None)
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        tokens.append(x.shape[1])
+        self.last_tokens, self.last_plans, self.final_size = tokens, plans, size
+        return x
+
+
+def merge_step(method: MergeMethod, block: BlockInput, form: str = "scatter"):
+    """One block's merge: the method chooses, the shared primitive merges. Returns (x, size, plan)."""
+    plan = method.plan(block)
+    x, size = merge_tokens(block.x, block.size, plan.slots, plan.num_out, plan.weights, form=form)
+    return x, size, plan
+
+
+def _size_weighted_pool(model: nn.Module, original_pool):
+    """``model.pool`` replacement: average pools weight each token by its size (max pools need not)."""
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        size = self.blocks.final_size
+        if size is None or pool_type not in ("avg", "avgmax"):
+            return original_pool(x, pool_type)
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        tokens, weights = x[:, start:], size[:, start:]
+        avg = (tokens * weights).sum(1) / weights.sum(1)
+        return avg if pool_type == "avg" else 0.5 * (tokens.amax(1) + avg)
+
+    return types.MethodType(pool, model)
+
+
+def _is_mae_style(model: nn.Module) -> bool:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return any("mae" in str(cfg.get(k, "")).lower() for k in ("architecture", "tag", "hf_hub_id"))
+
+
+def _check_supported(model: nn.Module) -> None:
+    VisionTransformer, Block, Attention = _timm_vit_classes()
+    if not isinstance(model, VisionTransformer):
+        raise TmergeError(
+            f"tmerge supports timm VisionTransformer models (vit_*, deit_*, DINOv2, registers, distilled); "
+            f"got {type(model).__name__}"
+        )
+    for i, blk in enumerate(model.blocks):
+        if type(blk).forward is not Block.forward or not isinstance(blk.attn, Attention):
+            raise TmergeError(
+                f"block {i} is a {type(blk).__name__} with {type(blk.attn).__name__}; tmerge supports "
+                "timm's pre-norm Block with its standard Attention"
+            )
+    if model.attn_pool is not None:
+        raise TmergeError("attention-pool heads (global_pool='map') are not supported with token merging")
+    if model.global_pool not in SUPPORTED_POOLS:
+        raise TmergeError(f"global_pool={model.global_pool!r} is not supported; use one of {SUPPORTED_POOLS}")
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: the original ``nn.Sequential`` of the same blocks and timm's own pool."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, MergingBlocks):
+        blocks.remove_hooks()
+        model.blocks = nn.Sequential(*blocks)
+        model.__dict__.pop("pool", None)
+        del model.tmerge_method
+    return model
+
+
+def apply(
+    model: nn.Module,
+    method: str | MergeMethod,
+    *,
+    r: Any = None,
+    schedule: Any = None,
+    keep_ratio: float | None = None,
+    prop_attn: bool | None = None,
+    merge_form: str = "scatter",
+    **method_options: Any,
+) -> nn.Module:
+    """Patch a timm VisionTransformer in place to merge tokens; returns the same model.
+
+    ``method`` is a registered name (``tmerge.merging.available()``), ``"none"``, or a constructed
+    :class:`MergeMethod`. Exactly one of ``r`` (int, ``(r, inflection)`` or a list), ``schedule``
+    (list or "8,8,4") or ``keep_ratio`` sets the reduction schedule. ``prop_attn=None`` uses the
+    method's default (on for ToMe, off for PiToMe, always off by default for MAE-style weights).
+    ``method="none"`` restores the unmodified model.
+    """
+    unpatch(model)
+    if method == "none":
+        if method_options:
+            raise TmergeError(f"method 'none' takes no options (got {', '.join(sorted(method_options))})")
+        return model
+    _check_supported(model)
+    if merge_form not in MERGE_FORMS:
+        raise TmergeError(f"merge_form must be one of {', '.join(MERGE_FORMS)}, got {merge_form!r}")
+    spec = make_spec(r=r, schedule=schedule, keep_ratio=keep_ratio)
+    depth = len(model.blocks)
+    if isinstance(method, MergeMethod):
+        if method_options:
+            raise TmergeError("pass options to the method's constructor when giving a MergeMethod instance")
+        merger = method
+    else:
+        merger = registry.get(method)(depth, **method_options)
+    num_prefix = model.num_prefix_tokens
+    num_tokens = model.patch_embed.num_patches + num_prefix
+    resolved = resolve(spec, depth, num_tokens, num_prefix, merger.max_r)
+    if prop_attn is None:
+        prop_attn = merger.prop_attn_default and not _is_mae_style(model)
+    original_pool = model.pool
+    model.blocks = MergingBlocks(model.blocks, merger, resolved, num_prefix, bool(prop_attn), merge_form)
+    model.tmerge_method = merger
+    model.pool = _size_weighted_pool(model, original_pool)
+    return model
+
+
+def merge_info(model: nn.Module) -> dict:
+    """Method, options, proportional attention and the resolved schedule of a patched model."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, MergingBlocks):
+        depth = len(blocks) if blocks is not None else 0
+        return {"method": "none", "options": {}, "prop_attn": False, "schedule": None,
+                "r": [0] * depth, "tokens": None}
+    return {
+        **blocks.method.describe(),
+        "prop_attn": blocks.prop_attn,
+        "merge_form": blocks.merge_form,
+        "schedule": blocks.schedule.spec.describe(),
+        "r": list(blocks.schedule.r),
+        "tokens": list(blocks.schedule.tokens),
+        "capped": blocks.schedule.as_dict()["capped"],
+    }
+
+
+def tokens_per_layer(model: nn.Module) -> list[int]:
+    """Token counts entering each block and leaving the last, as used by the latest forward.
+
+    Before any forward, the counts the schedule implies.
+    """
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, MergingBlocks):
+        return list(blocks.last_tokens) if blocks.last_tokens else list(blocks.schedule.tokens)
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    return [n] * (len(blocks) + 1)

@@ -1,0 +1,60 @@
+"""The ``tmerge`` command line. Thin: parse, call the library, render with rich or print JSON.
+
+Each command lives in its own module under ``tmerge/commands`` and registers itself on ``app``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+import click
+import typer
+
+from .errors import TmergeError
+
+app = typer.Typer(
+    name="tmerge",
+    help="Token merging for timm ViTs: merge, export (ONNX / TensorRT), profile, gate in CI.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _register_commands() -> None:
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: errors become one line on stderr and an exit code (2 bad input, 1 failed check)."""
+    _register_commands()
+    try:
+        app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        return 0
+    except TmergeError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        sys.stderr.write("aborted\n")
+        return 130
+    except click.ClickException as exc:
+        sys.stderr.write(f"error: {exc.format_message()}\n")
+        return 2
+
+
+def entry() -> None:
+    sys.exit(main())

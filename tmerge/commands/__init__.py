@@ -1,0 +1,1 @@
+"""One module per CLI command; each imports ``app`` from ``tmerge.cli`` and registers on it."""

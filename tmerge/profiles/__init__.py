@@ -1,0 +1,1 @@
+"""Measurements of a merged model against its unmerged self: FLOPs, latency, drift, reports, CI gate."""

@@ -30,10 +30,12 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...], *, per_layer: bo
     result = {"total": total, "per_image": total // input_shape[0], "convention": FLOPS_CONVENTION}
     if per_layer:
         counts = counter.get_flop_counts()
-        blocks = []
+        # A merged block is not called as a whole (its submodules are), so sum each block's direct
+        # children: "<Model>.blocks.<i>.<child>".
+        per_block: dict[int, int] = {}
         for name, ops in counts.items():
             parts = name.split(".")
-            if len(parts) == 3 and parts[1] == "blocks" and parts[2].isdigit():
-                blocks.append((int(parts[2]), int(sum(ops.values()))))
-        result["per_layer"] = [f for _, f in sorted(blocks)]
+            if len(parts) == 4 and parts[1] == "blocks" and parts[2].isdigit():
+                per_block[int(parts[2])] = per_block.get(int(parts[2]), 0) + int(sum(ops.values()))
+        result["per_layer"] = [per_block[i] for i in sorted(per_block)]
     return result

@@ -197,6 +197,7 @@ def apply(
     model.blocks = MergingBlocks(model.blocks, merger, resolved, num_prefix, bool(prop_attn), merge_form)
     model.tmerge_method = merger
     model.pool = _size_weighted_pool(model, original_pool)
+    merger.bind(model)
     return model
 
 

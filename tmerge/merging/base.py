@@ -70,6 +70,12 @@ class MergeMethod(nn.Module):
         """The most tokens block ``layer`` can remove from ``tokens`` tokens."""
         return (tokens - num_prefix) // 2
 
+    def bind(self, model: nn.Module) -> None:
+        """Called by :func:`tmerge.apply` once the model is patched (``model.blocks`` is the
+        :class:`~tmerge.patch.MergingBlocks` with its resolved ``schedule``). Learned methods build or
+        initialise their modules from the model here (e.g. DTEM from the key projections). No-op by
+        default; must keep already-learned parameters when called again with a compatible model."""
+
     def plan(self, block: BlockInput) -> MergePlan:
         raise NotImplementedError
 

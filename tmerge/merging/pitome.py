@@ -66,6 +66,9 @@ class PiToMe(MergeMethod):
 def energy_step_slots(sim: Tensor, order: Tensor, r: int, slot_offset: int) -> Tensor:
     """Slots of the tokens by energy rank for PiToMe's default step (see module docstring)."""
     bsz, t = order.shape
+    protected = slot_offset + torch.arange(t - 2 * r, device=order.device).expand(bsz, t - 2 * r)
+    if r == 0:
+        return protected
     a_idx, b_idx = order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2]  # (B, r) each
     rows = sim.gather(1, a_idx.unsqueeze(-1).expand(bsz, r, t))
     cross = rows.gather(2, b_idx.unsqueeze(1).expand(bsz, r, r))
@@ -73,5 +76,4 @@ def energy_step_slots(sim: Tensor, order: Tensor, r: int, slot_offset: int) -> T
     b_first = slot_offset + (t - 2 * r)
     b_slots = b_first + torch.arange(r, device=order.device).expand(bsz, r)
     a_slots = b_first + best_b
-    protected = slot_offset + torch.arange(t - 2 * r, device=order.device).expand(bsz, t - 2 * r)
     return torch.cat([interleave(a_slots, b_slots, 2 * r), protected], dim=1)

@@ -9,8 +9,12 @@ import json
 import sys
 from typing import Sequence
 
-import click
 import typer
+
+try:  # typer >= 0.17 vendors click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exceptions
 
 from .errors import TmergeError
 
@@ -46,12 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TmergeError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click_exceptions.NoArgsIsHelpError as exc:
+        sys.stdout.write(exc.ctx.get_help() + "\n" if exc.ctx else str(exc))
+        return 0
+    except typer.Abort:
         sys.stderr.write("aborted\n")
         return 130
-    except click.ClickException as exc:
+    except click_exceptions.ClickException as exc:
         sys.stderr.write(f"error: {exc.format_message()}\n")
         return 2
 

@@ -34,3 +34,20 @@ def output_drift(reference: Tensor, merged: Tensor, labels: Tensor | None = None
             out.update(accuracy_top1_reference=acc_ref, accuracy_top1_merged=acc_merged,
                        accuracy_top1_delta=acc_merged - acc_ref)
     return out
+
+
+def knn_agreement(reference: Tensor, merged: Tensor, k: int = 1) -> float | None:
+    """Share of images whose k nearest neighbours (cosine, among the other images) are the same set
+    in the merged model's feature space as in the reference's: retrieval drift for headless models.
+    None with fewer than k + 1 images."""
+    n = reference.shape[0]
+    if n < k + 1:
+        return None
+
+    def neighbours(features: Tensor) -> Tensor:
+        f = torch.nn.functional.normalize(features.detach().float().flatten(1), dim=-1)
+        sim = f @ f.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.topk(k, dim=-1).indices.sort(dim=-1).values
+
+    return float((neighbours(reference) == neighbours(merged)).all(-1).float().mean())

@@ -1,0 +1,214 @@
+"""`tmerge profile`: FLOPs, latency (merged vs unmerged, interleaved), drift, memory -> report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..cli import app, print_json
+from ..cli_common import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
+                          MethodOptionsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt)
+from ..errors import TmergeError
+
+ModelKwargsOpt = Annotated[Optional[str], typer.Option(
+    "--model-kwargs", help="extra timm.create_model arguments, e.g. img_size=32,patch_size=8,depth=3")]
+BackendsOpt = Annotated[str, typer.Option("--backends", "--backend", help="comma list of torch, onnxruntime, tensorrt")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
+BatchSizesOpt = Annotated[str, typer.Option("--batch-sizes", help="comma list of batch sizes, e.g. 1,8,32")]
+WarmupOpt = Annotated[int, typer.Option("--warmup", help="untimed runs of each model before timing")]
+ItersOpt = Annotated[int, typer.Option("--iters", help="timed runs of each model (interleaved)")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch threads and ONNX Runtime intra-op threads")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch backend: time torch.compile'd models")]
+DataOpt = Annotated[str, typer.Option("--data", help="drift images: 'samples', 'fashion-mnist[:test]' or an ImageFolder dir")]
+NumImagesOpt = Annotated[Optional[int], typer.Option("--num-images", help="images for drift (default: source's default)")]
+NoDriftOpt = Annotated[bool, typer.Option("--no-drift", help="skip the drift measurement")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-O", help="also write the JSON report to this file")]
+OnnxOpt = Annotated[Optional[Path], typer.Option(
+    "--onnx", help="time this exported merged model (its manifest <PATH>.json names the model and schedule)")]
+KeepOnnxOpt = Annotated[Optional[Path], typer.Option("--onnx-dir", help="keep the exported ONNX files in this folder")]
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise TmergeError(f"{what} takes a comma list of integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise TmergeError(f"{what} takes positive integers, got {text!r}")
+    return values
+
+
+def parse_backends(text: str) -> list[str]:
+    from ..profiles.latency import BACKENDS
+
+    backends = [b.strip().lower() for b in text.split(",") if b.strip()]
+    aliases = {"ort": "onnxruntime", "trt": "tensorrt", "eager": "torch"}
+    backends = [aliases.get(b, b) for b in backends]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise TmergeError(f"unknown backend {', '.join(unknown) or text!r}; use {', '.join(BACKENDS)}")
+    return list(dict.fromkeys(backends))
+
+
+class RichProgress:
+    """Progress on stderr with rich: a bar per timed (backend, batch) step, a line per phase."""
+
+    def __init__(self, enabled: bool = True):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.enabled = enabled
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), console=self.console, transient=False)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False
+
+    def step(self, description: str, total: int | None = None):
+        if self._progress is None:
+            return lambda done: None
+        task = self._progress.add_task(description, total=total)
+        return lambda done: self._progress.update(task, completed=done)
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(f"[dim]· {message}[/dim]")
+
+
+def read_manifest(onnx_path: Path) -> dict:
+    """The manifest written next to an exported model: ``<PATH>.json`` (or PATH with .json suffix)."""
+    for candidate in (Path(str(onnx_path) + ".json"), onnx_path.with_suffix(".json")):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise TmergeError(f"manifest {candidate} is unreadable ({e})") from e
+            if not isinstance(data, dict):
+                raise TmergeError(f"manifest {candidate} is not a JSON object")
+            return data
+    raise TmergeError(f"{onnx_path} has no manifest ({onnx_path}.json); export it with `tmerge export`")
+
+
+def pair_from_manifest(manifest: dict, onnx_path: Path):
+    """Rebuild the torch merged/unmerged pair an exported model came from (for FLOPs, drift, the
+    unmerged ONNX counterpart and the torch backend): the manifest's model, checkpoint, method,
+    per-block schedule, options and proportional attention."""
+    from ..profiles.profile import build_pair
+
+    def field(*names, default=None):
+        for name in names:
+            if manifest.get(name) is not None:
+                return manifest[name]
+        return default
+
+    model = field("model_name", "model")
+    if isinstance(model, dict):
+        model = model.get("name")
+    method = field("method", default="tome")
+    if isinstance(method, dict):
+        method = method.get("name", "tome")
+    schedule = field("schedule_r", "r", "schedule")
+    if isinstance(schedule, dict):
+        schedule = schedule.get("r")
+    if not isinstance(schedule, list):
+        raise TmergeError(f"the manifest of {onnx_path} has no per-block schedule (r list)")
+    options = field("method_options", "options", default={}) or {}
+    model_kwargs = field("model_kwargs", default={}) or {}
+    checkpoint = field("checkpoint")
+    merged, unmerged = build_pair(
+        model, checkpoint=checkpoint, method=method, schedule=",".join(str(int(r)) for r in schedule),
+        prop_attn=field("prop_attn"), options=[f"{k}={json.dumps(v)}" for k, v in options.items()],
+        adapter=field("adapter"), model_kwargs=model_kwargs)
+    expected = field("weights_sha256")
+    if expected:
+        from ..models import weights_sha256
+
+        if weights_sha256(unmerged) != expected:
+            raise TmergeError(f"the weights of {model} here differ from those {onnx_path} was exported from "
+                              "(weights_sha256 mismatch)")
+    return merged, unmerged, model or "dinov2-s14"
+
+
+@app.command("profile")
+def profile_command(
+    model: ModelOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
+    method: MethodOpt = "tome",
+    r: ROpt = None,
+    inflection: InflectionOpt = None,
+    schedule: ScheduleOpt = None,
+    keep_ratio: KeepRatioOpt = None,
+    prop_attn: PropAttnOpt = None,
+    option: MethodOptionsOpt = None,
+    adapter: AdapterOpt = None,
+    onnx: OnnxOpt = None,
+    onnx_dir: KeepOnnxOpt = None,
+    backends: BackendsOpt = "torch",
+    device: DeviceOpt = "cpu",
+    batch_sizes: BatchSizesOpt = "1",
+    warmup: WarmupOpt = 10,
+    iters: ItersOpt = 50,
+    threads: ThreadsOpt = None,
+    compile: CompileOpt = False,
+    data: DataOpt = "samples",
+    num_images: NumImagesOpt = None,
+    no_drift: NoDriftOpt = False,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Profile a merged model against its unmerged self: FLOPs, latency, memory, drift."""
+    from ..models import model_label
+    from ..profiles.profile import ProfileConfig, build_pair, parse_kv, profile_pair
+    from ..profiles.report import render_report, save_report
+
+    config = ProfileConfig(
+        backends=parse_backends(backends), device=device, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
+        warmup=warmup, iters=iters, threads=threads, compile=compile, data=None if no_drift else data,
+        num_images=num_images, workdir=str(onnx_dir) if onnx_dir else None,
+    )
+    if iters < 1 or warmup < 0:
+        raise TmergeError("--iters must be >= 1 and --warmup >= 0")
+    from ..profiles.latency import check_backend
+
+    for backend in config.backends:  # fail fast, before loading anything
+        check_backend(backend, device)
+    kwargs = parse_kv(model_kwargs)
+    if onnx is not None:
+        if not onnx.is_file():
+            raise TmergeError(f"{onnx} does not exist")
+        manifest = read_manifest(onnx)
+        merged, unmerged, name = pair_from_manifest(manifest, onnx)
+        config.onnx_merged = str(onnx)
+        label, ckpt = model_label(name, manifest.get("checkpoint")), manifest.get("checkpoint")
+    else:
+        merged, unmerged = build_pair(model, checkpoint=checkpoint, pretrained=pretrained, method=method, r=r,
+                                      inflection=inflection, schedule=schedule, keep_ratio=keep_ratio,
+                                      prop_attn=prop_attn, options=option, adapter=adapter, model_kwargs=kwargs)
+        name, label, ckpt = model or "dinov2-s14", model_label(model, checkpoint), checkpoint
+    from ..models import weights_sha256
+
+    info = {"label": label, "checkpoint": ckpt, "model_kwargs": kwargs or None, "adapter": adapter,
+            "weights_sha256": weights_sha256(unmerged), "onnx": str(onnx) if onnx else None}
+    with RichProgress() as progress:
+        report = profile_pair(merged, unmerged, config, model_name=name, model_info=info, progress=progress)
+    if out is not None:
+        save_report(report, out)
+    if as_json:
+        print_json(report)
+    else:
+        render_report(report)

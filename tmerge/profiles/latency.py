@@ -1,0 +1,324 @@
+"""Latency of a merged model against its unmerged self, timed in one process, interleaved.
+
+Methodology (also in the README):
+
+- Both models are built and loaded before any timing, for the same backend, device and batch size,
+  on the same input batch.
+- Warm-up: ``warmup`` untimed runs of each model (alternating), so one-off costs (allocator growth,
+  ONNX Runtime arena, cuDNN/oneDNN kernel selection, ``torch.compile`` compilation) are excluded.
+- Timed iterations alternate the models one run at a time, and the order flips every round
+  (A B, B A, A B, ...): slow drift of the machine (thermal state, other tenants, frequency scaling)
+  hits both models alike, and neither always runs right after the other.
+- Each run is timed with ``time.perf_counter`` around one synchronous forward; on CUDA the
+  device is synchronised before the clock is read (torch) or ONNX Runtime's ``run`` returns host
+  outputs, so the time includes the copy of the outputs to the host.
+- Reported per model: p50/p90/p99 (linear interpolation), mean, std, min, max, and throughput =
+  batch size / mean time. Ratios merged/unmerged of p50 and of mean; the CI gate uses ratios.
+- Threads: ``torch.set_num_threads(threads)``; ONNX Runtime ``intra_op_num_threads=threads``,
+  ``inter_op_num_threads=1``, sequential execution, and intra-op thread spinning off, because with
+  two sessions interleaved, one session's spinning pool would steal cores from the other.
+- Peak memory per model: on CUDA, ``torch.cuda.max_memory_allocated`` growth during one forward
+  (torch backend only); on CPU, growth of the process's peak resident set (``VmHWM`` in
+  ``/proc/self/status``, reset through ``/proc/self/clear_refs`` before the forward) over the
+  resident set before it. CPU numbers include allocator effects and are a rough guide only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import TmergeError, missing_extra
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+DEVICES = ("cpu", "cuda")
+STAT_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "throughput_ips")
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics
+
+
+def summarize(times_s: list[float], batch_size: int) -> dict:
+    """Latency statistics of one model's timed runs (seconds in, milliseconds out)."""
+    if not times_s:
+        raise ValueError("no timed runs")
+    ms = np.asarray(times_s, dtype=np.float64) * 1e3
+    mean = float(ms.mean())
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": mean,
+        "std_ms": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
+        "throughput_ips": float(batch_size / (mean / 1e3)) if mean > 0 else math.inf,
+        "iters": int(len(ms)),
+    }
+
+
+def time_interleaved(runs: dict[str, Callable[[], Any]], *, warmup: int, iters: int,
+                     progress: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """Time each callable ``iters`` times, one run at a time, alternating, flipping the order each
+    round; ``warmup`` untimed alternating runs first. Each callable must return only when its work is
+    done (synchronised). ``progress(k)`` is called after each round with the number of rounds done."""
+    if iters < 1:
+        raise TmergeError(f"--iters must be at least 1, got {iters}")
+    if warmup < 0:
+        raise TmergeError(f"--warmup must be at least 0, got {warmup}")
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    clock = time.perf_counter
+    for i in range(iters):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            fn = runs[name]
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+        if progress is not None:
+            progress(i + 1)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------
+# peak memory
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: str) -> tuple[float | None, str]:
+    """Peak memory growth (MiB) while ``fn`` runs once, and how it was measured."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda_max_memory_allocated"
+    before = _proc_status_kb("VmRSS")
+    if before is None or not _reset_peak_rss():
+        fn()
+        return None, "unavailable"
+    fn()
+    peak = _proc_status_kb("VmHWM")
+    if peak is None:
+        return None, "unavailable"
+    return max(0, peak - before) / 1024, "cpu_rss_peak_growth"
+
+
+# ----------------------------------------------------------------------------------------------
+# backends: each makes a zero-argument callable that runs one synchronous forward
+
+
+def set_torch_threads(threads: int | None) -> int:
+    if threads is not None:
+        if threads < 1:
+            raise TmergeError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def check_backend(backend: str, device: str) -> None:
+    """A one-line TmergeError when the backend or device is unknown or not usable here."""
+    if backend not in BACKENDS:
+        raise TmergeError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise TmergeError(f"unknown device {device!r}; use cpu or cuda")
+    if device == "cuda" and backend == "torch" and not torch.cuda.is_available():
+        raise TmergeError("--device cuda: torch sees no CUDA device")
+    if backend == "onnxruntime":
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise missing_extra("onnxruntime", "onnx") from e
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise TmergeError("--device cuda: this onnxruntime build has no CUDAExecutionProvider "
+                              "(pip install onnxruntime-gpu)")
+    if backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError as e:
+            raise missing_extra("tensorrt", "trt") from e
+        if device != "cuda":
+            raise TmergeError("the tensorrt backend needs --device cuda")
+
+
+@dataclass
+class Runner:
+    """One model ready to run on one backend: ``run()`` does a synchronous forward on ``inputs``."""
+
+    backend: str
+    device: str
+    run: Callable[[], Any]
+    output: Callable[[], np.ndarray]
+
+
+def torch_runner(model: nn.Module, inputs: torch.Tensor, device: str, *, compile: bool = False) -> Runner:
+    model = model.to(device).eval()
+    x = inputs.to(device)
+    fn = torch.compile(model) if compile else model
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        with torch.inference_mode():
+            out = fn(x)
+        sync()
+        return out
+
+    return Runner("torch", device, run, lambda: run().float().cpu().numpy())
+
+
+def ort_session(onnx_path: str, device: str, threads: int | None):
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise missing_extra("onnxruntime", "onnx") from e
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+        raise TmergeError(f"onnxruntime cannot load {onnx_path}: {str(e).strip().splitlines()[0]}") from e
+
+
+def ort_runner(onnx_path: str, inputs: torch.Tensor, device: str, threads: int | None) -> Runner:
+    session = ort_session(onnx_path, device, threads)
+    feeds = {session.get_inputs()[0].name: inputs.detach().cpu().numpy().astype(np.float32)}
+
+    def run():
+        return session.run(None, feeds)[0]
+
+    return Runner("onnxruntime", device, run, run)
+
+
+def tensorrt_runner(onnx_path: str, inputs: torch.Tensor, device: str) -> Runner:  # pragma: no cover - needs TRT
+    """TensorRT engine built from the ONNX file (fp32, the batch size of ``inputs``).
+
+    Not verified on the build machines (TensorRT cannot be installed there); the plugin graph needs
+    the tmerge plugins registered, the portable graph runs with TensorRT's own ops.
+    """
+    check_backend("tensorrt", device)
+    import tensorrt as trt
+
+    try:  # register tmerge's plugins when that module exists
+        from ..plugins import tensorrt as _plugins  # noqa: F401
+    except Exception:
+        pass
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    with open(onnx_path, "rb") as f:
+        if not parser.parse(f.read()):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise TmergeError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    name = network.get_input(0).name
+    shape = tuple(inputs.shape)
+    profile.set_shape(name, shape, shape, shape)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise TmergeError(f"TensorRT could not build an engine from {onnx_path}")
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    context = engine.create_execution_context()
+    x = inputs.to("cuda").float().contiguous()
+    context.set_input_shape(name, shape)
+    out_name = network.get_output(0).name
+    out = torch.empty(tuple(context.get_tensor_shape(out_name)), device="cuda", dtype=torch.float32)
+    context.set_tensor_address(name, x.data_ptr())
+    context.set_tensor_address(out_name, out.data_ptr())
+    stream = torch.cuda.current_stream()
+
+    def run():
+        context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return out
+
+    return Runner("tensorrt", device, run, lambda: run().cpu().numpy())
+
+
+# ----------------------------------------------------------------------------------------------
+# one (backend, device, batch size) measurement
+
+
+def measure_pair(merged: Runner, unmerged: Runner, batch_size: int, *, warmup: int, iters: int,
+                 memory: bool = True, progress: Callable[[int], None] | None = None) -> dict:
+    """Interleaved timing of a merged/unmerged pair; the ``latency`` entry of a report (without the
+    backend/device/batch fields the caller adds)."""
+    mem: dict[str, float | None] = {"merged": None, "unmerged": None}
+    method = "skipped"
+    if memory:  # before warm-up: the first forward at this shape is the one that allocates
+        for name, runner in (("unmerged", unmerged), ("merged", merged)):
+            mem[name], method = peak_memory_mb(runner.run, merged.device)
+    times = time_interleaved({"merged": merged.run, "unmerged": unmerged.run}, warmup=warmup, iters=iters,
+                             progress=progress)
+    stats = {name: summarize(t, batch_size) for name, t in times.items()}
+    for name in stats:
+        stats[name]["peak_mem_mb"] = mem[name]
+    m, u = stats["merged"], stats["unmerged"]
+    return {
+        "merged": m,
+        "unmerged": u,
+        "ratio_p50": m["p50_ms"] / u["p50_ms"],
+        "ratio_mean": m["mean_ms"] / u["mean_ms"],
+        "speedup_p50": u["p50_ms"] / m["p50_ms"],
+        "memory_method": method,
+        "warmup": warmup,
+    }
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

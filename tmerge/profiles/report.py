@@ -1,0 +1,266 @@
+"""The profile report: a versioned JSON schema, validation, atomic save, and the rich table view.
+
+Schema version 1 (documented in the README, "Profile report schema"). Top-level keys:
+
+    schema_version  1
+    kind            "tmerge.profile"
+    created         ISO 8601 UTC time
+    model           model name as given (str), model_info: {label, checkpoint, weights_sha256,
+                    input_size, num_prefix_tokens, num_classes, head}
+    method          merging method name; method_options, prop_attn, merge_form, schedule_spec
+    schedule        per-block r (list of int)
+    tokens_per_layer  tokens entering each block, then the final count (len = depth + 1)
+    params          {merged, unmerged}
+    flops           {merged, unmerged, ratio, per_image: true, convention, per_layer: [{layer,
+                    tokens_in, r, tokens_out, merged, unmerged}]}
+    latency         list of {backend, device, batch_size, threads, compile, warmup, iters,
+                    merged: {p50_ms, p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms,
+                    throughput_ips, iters, peak_mem_mb}, unmerged: {...}, ratio_p50, ratio_mean,
+                    speedup_p50, memory_method, artifacts}
+    drift           {source, n, seed, outputs: "logits"|"features", agreement_top1, kl_mean,
+                    cosine_mean, cosine_min, cosine_distance_mean, max_abs_diff, knn_agreement,
+                    accuracy_top1_reference, accuracy_top1_merged, accuracy_top1_delta} (metrics that
+                    do not apply are null) or null when drift was skipped
+    env             {versions: {tmerge, torch, timm, onnxruntime, onnx, python}, platform, cpu,
+                    cpu_count, gpu, threads: {torch, onnxruntime}}
+
+Readers must ignore unknown keys; a new required key or a changed meaning bumps schema_version.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import TmergeError
+
+SCHEMA_VERSION = 1
+KIND = "tmerge.profile"
+
+# key -> accepted types; None in the tuple means the value may be null
+_REQUIRED_TOP: dict[str, tuple] = {
+    "schema_version": (int,),
+    "model": (str,),
+    "method": (str,),
+    "schedule": (list,),
+    "tokens_per_layer": (list,),
+    "flops": (dict,),
+    "latency": (list,),
+    "drift": (dict, type(None)),
+    "env": (dict,),
+}
+_REQUIRED_FLOPS = ("merged", "unmerged", "ratio")
+_REQUIRED_LATENCY = ("backend", "device", "batch_size", "merged", "unmerged", "ratio_p50")
+_REQUIRED_STATS = ("p50_ms", "mean_ms")
+_DRIFT_KEYS = ("agreement_top1", "kl_mean", "cosine_mean")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_report(data: Any, where: str = "report") -> dict:
+    """Check ``data`` against schema version 1; a TmergeError naming the first problem."""
+    def bad(msg: str):
+        raise TmergeError(f"{where} is not a valid tmerge profile report: {msg}")
+
+    if not isinstance(data, dict):
+        bad(f"expected a JSON object, got {type(data).__name__}")
+    if "schema_version" not in data:
+        bad("no schema_version")
+    if data["schema_version"] != SCHEMA_VERSION:
+        bad(f"schema_version {data['schema_version']!r} is not supported (this tmerge reads {SCHEMA_VERSION})")
+    for key, types in _REQUIRED_TOP.items():
+        if key not in data:
+            bad(f"missing key {key!r}")
+        if not isinstance(data[key], types):
+            bad(f"{key!r} has type {type(data[key]).__name__}")
+    if not all(isinstance(r, int) and r >= 0 for r in data["schedule"]):
+        bad("'schedule' must be a list of non-negative integers (per-block r)")
+    if not all(isinstance(t, int) and t > 0 for t in data["tokens_per_layer"]):
+        bad("'tokens_per_layer' must be a list of positive integers")
+    for key in _REQUIRED_FLOPS:
+        if not _number(data["flops"].get(key)):
+            bad(f"flops.{key} is missing or not a number")
+    for i, entry in enumerate(data["latency"]):
+        if not isinstance(entry, dict):
+            bad(f"latency[{i}] is not an object")
+        for key in _REQUIRED_LATENCY:
+            if key not in entry:
+                bad(f"latency[{i}] has no {key!r}")
+        if not _number(entry["ratio_p50"]):
+            bad(f"latency[{i}].ratio_p50 is not a number")
+        for side in ("merged", "unmerged"):
+            if not isinstance(entry[side], dict) or not all(_number(entry[side].get(k)) for k in _REQUIRED_STATS):
+                bad(f"latency[{i}].{side} lacks {', '.join(_REQUIRED_STATS)}")
+    if data["drift"] is not None:
+        for key in _DRIFT_KEYS:
+            if key not in data["drift"]:
+                bad(f"drift has no {key!r}")
+            value = data["drift"][key]
+            if value is not None and not _number(value):
+                bad(f"drift.{key} is not a number or null")
+    return data
+
+
+def load_report(path: str | Path) -> dict:
+    """Read and validate a report; unreadable, corrupt or incomplete files are a TmergeError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise TmergeError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TmergeError(f"cannot read {path}: {e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TmergeError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    return validate_report(data, str(path))
+
+
+def dumps(report: dict) -> str:
+    return json.dumps(report, indent=2, allow_nan=False, default=str) + "\n"
+
+
+def save_report(report: dict, path: str | Path) -> Path:
+    """Validate, then write atomically (temp file in the same folder + rename)."""
+    validate_report(report, "the report to write")
+    path = Path(path)
+    text = dumps(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def environment(torch_threads: int | None = None, ort_threads: int | None = None) -> dict:
+    """Versions, CPU/GPU and threads, for the report's ``env``."""
+    import importlib.metadata as md
+
+    import torch
+
+    from .latency import cpu_name, usable_cpus
+
+    def version(dist: str) -> str | None:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = {"name": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
+               "count": torch.cuda.device_count()}
+    return {
+        "versions": {
+            "tmerge": version("tmerge"),
+            "torch": torch.__version__,
+            "timm": version("timm"),
+            "onnx": version("onnx"),
+            "onnxruntime": version("onnxruntime") or version("onnxruntime-gpu"),
+            "tensorrt": version("tensorrt"),
+            "python": platform.python_version(),
+        },
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": usable_cpus(),
+        "gpu": gpu,
+        "threads": {"torch": torch_threads if torch_threads is not None else torch.get_num_threads(),
+                    "onnxruntime": ort_threads},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def human_flops(value: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f}"
+
+
+def render_report(report: dict, console=None) -> None:
+    """The report as rich tables (summary, latency, drift)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    flops = report["flops"]
+    summary = Table(title=f"{report['model']} · {report['method']} · {report.get('schedule_spec') or report['schedule']}",
+                    show_header=False)
+    summary.add_column("", style="bold")
+    summary.add_column("")
+    summary.add_row("schedule (r per block)", ",".join(map(str, report["schedule"])))
+    summary.add_row("tokens per block", " → ".join(map(str, report["tokens_per_layer"])))
+    summary.add_row("prop. attention", _fmt(report.get("prop_attn")))
+    summary.add_row("FLOPs / image", f"{human_flops(flops['merged'])} merged · {human_flops(flops['unmerged'])} "
+                    f"unmerged · ratio {flops['ratio']:.3f}")
+    params = report.get("params") or {}
+    if params:
+        summary.add_row("parameters", f"{params.get('merged'):,} merged · {params.get('unmerged'):,} unmerged")
+    env = report["env"]
+    summary.add_row("env", f"{env.get('cpu')} · {env.get('cpu_count')} cpus · torch {env['versions'].get('torch')} · "
+                    f"ort {env['versions'].get('onnxruntime')} · threads {env.get('threads')}")
+    console.print(summary)
+
+    if report["latency"]:
+        lat = Table(title="latency (merged vs unmerged, interleaved)")
+        for col in ("backend", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "mean±std ms", "img/s",
+                    "peak MiB", "ratio p50", "ratio mean"):
+            lat.add_column(col, justify="right")
+        for e in report["latency"]:
+            for side in ("unmerged", "merged"):
+                s = e[side]
+                lat.add_row(
+                    e["backend"] if side == "unmerged" else "", e["device"] if side == "unmerged" else "",
+                    str(e["batch_size"]) if side == "unmerged" else side,
+                    _fmt(s["p50_ms"], ".2f"), _fmt(s.get("p90_ms"), ".2f"), _fmt(s.get("p99_ms"), ".2f"),
+                    f"{s['mean_ms']:.2f}±{s.get('std_ms', 0):.2f}", _fmt(s.get("throughput_ips"), ".1f"),
+                    _fmt(s.get("peak_mem_mb"), ".0f"),
+                    _fmt(e["ratio_p50"]) if side == "merged" else "",
+                    _fmt(e.get("ratio_mean")) if side == "merged" else "",
+                )
+        console.print(lat)
+
+    drift = report["drift"]
+    if drift:
+        table = Table(title=f"drift vs unmerged ({drift.get('outputs')}, {drift.get('n')} images from {drift.get('source')})")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in ("agreement_top1", "kl_mean", "cosine_mean", "cosine_min", "cosine_distance_mean",
+                    "max_abs_diff", "knn_agreement", "accuracy_top1_reference", "accuracy_top1_merged",
+                    "accuracy_top1_delta"):
+            if drift.get(key) is not None:
+                table.add_row(key, _fmt(drift[key], ".5g"))
+        console.print(table)

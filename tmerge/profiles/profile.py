@@ -81,12 +81,17 @@ def build_pair(model: str | None = None, *, checkpoint: str | None = None, pretr
                method: str = "tome", r: int | None = None, inflection: float | None = None,
                schedule: str | None = None, keep_ratio: float | None = None, prop_attn: bool | None = None,
                options: list[str] | None = None, adapter: str | None = None,
-               model_kwargs: dict | None = None) -> tuple[nn.Module, nn.Module]:
-    """(merged, unmerged): one load, a deep copy, the copy patched. Same weights, eval mode."""
+               model_kwargs: dict | None = None, seed: int | None = 0) -> tuple[nn.Module, nn.Module]:
+    """(merged, unmerged): one load, a deep copy, the copy patched. Same weights, eval mode.
+
+    ``seed`` seeds torch before the model is built, so random-init models (no --pretrained, no
+    --checkpoint) get the same weights in every run and reports stay comparable."""
     from .. import apply
     from ..cli_common import parse_method_options, schedule_kwargs
     from ..models import load_model
 
+    if seed is not None:
+        torch.manual_seed(seed)
     unmerged = load_model(model, checkpoint=checkpoint, pretrained=pretrained, **(model_kwargs or {}))
     merged = copy.deepcopy(unmerged)
     apply(merged, method, prop_attn=prop_attn, **schedule_kwargs(r, inflection, schedule, keep_ratio),

@@ -210,12 +210,22 @@ def human_flops(value: float) -> str:
     return f"{value:.0f}"
 
 
+def wide_console(stderr: bool = False):
+    """A rich console; when output is not a terminal (CI logs, pipes), 140 columns instead of 80."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=140)
+    return console
+
+
 def render_report(report: dict, console=None) -> None:
     """The report as rich tables (summary, latency, drift)."""
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or wide_console()
     flops = report["flops"]
     summary = Table(title=f"{report['model']} · {report['method']} · {report.get('schedule_spec') or report['schedule']}",
                     show_header=False)

@@ -1,0 +1,60 @@
+"""`tmerge visualize`: draw which input patches each final token holds (ToMe-paper style)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..cli import app, print_json
+from ..cli_common import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
+                          MethodOptionsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt)
+from .profile import ModelKwargsOpt
+
+
+@app.command("visualize")
+def visualize_command(
+    image: Annotated[str, typer.Option("--image", help="image file, or a bundled sample name (astronaut, chelsea, ...)")],
+    out: Annotated[Path, typer.Option("--out", "-O", help="PNG to write")] = Path("vis.png"),
+    model: ModelOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
+    method: MethodOpt = "tome",
+    r: ROpt = None,
+    inflection: InflectionOpt = None,
+    schedule: ScheduleOpt = None,
+    keep_ratio: KeepRatioOpt = None,
+    prop_attn: PropAttnOpt = None,
+    option: MethodOptionsOpt = None,
+    adapter: AdapterOpt = None,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="one panel per merging block")] = False,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="blocks to draw, e.g. 3,7,11 (default: last)")] = None,
+    style: Annotated[str, typer.Option("--style", help="mean (group mean colour) or random (tint)")] = "mean",
+    as_json: JsonOpt = False,
+) -> None:
+    """Track which input patches end up in each token and draw the groups over the image."""
+    from ..errors import TmergeError
+    from ..profiles.profile import build_pair, parse_kv
+    from ..profiles.visualize import visualize
+
+    layer_list = None
+    if layers:
+        try:
+            layer_list = [int(v) for v in layers.split(",") if v.strip()]
+        except ValueError:
+            raise TmergeError(f"--layers takes a comma list of block indices, got {layers!r}") from None
+    if out.suffix.lower() != ".png":
+        raise TmergeError(f"--out must be a .png file, got {out}")
+    merged, _ = build_pair(model, checkpoint=checkpoint, pretrained=pretrained, method=method, r=r,
+                           inflection=inflection, schedule=schedule, keep_ratio=keep_ratio, prop_attn=prop_attn,
+                           options=option, adapter=adapter, model_kwargs=parse_kv(model_kwargs))
+    summary = visualize(merged, image, out, per_layer=per_layer, layers=layer_list, style=style,
+                        title=f"{model or 'dinov2-s14'} · {method} · {Path(image).name}")
+    if as_json:
+        print_json(summary)
+    else:
+        sys.stdout.write(f"wrote {summary['out']}: blocks {summary['layers']} -> "
+                         f"{summary['groups']} groups of {summary['num_patches']} patches\n")

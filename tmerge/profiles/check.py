@@ -1,0 +1,206 @@
+"""The CI gate: compare a profile report with a baseline report.
+
+Only quantities that are stable across machines are compared: latency *ratios* (merged/unmerged,
+timed interleaved in the same run), the FLOPs ratio, and drift metrics. A threshold is a percent
+string ("10%": relative to the baseline value) or a plain number ("0.02": absolute). Every metric
+is oriented so that larger is worse:
+
+- latency: ``ratio_p50`` per (backend, device, batch size) present in the baseline;
+- FLOPs: ``flops.ratio``;
+- drift: ``kl_mean``, ``cosine_distance_mean``, ``1 - agreement_top1``, ``1 - knn_agreement`` and
+  ``-accuracy_top1_delta`` (accuracy lost), whichever both reports have.
+
+A regression is ``report > baseline + allowed`` with ``allowed = pct * |baseline|`` (relative) or
+the number itself (absolute), plus a tiny floor (1e-9) so identical values never fail.
+Reports for a different model, weights, method, schedule or drift data cannot be compared: that is
+bad input (exit 2), not a regression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import TmergeError
+
+FLOOR = 1e-9
+DEFAULTS = {"latency": "10%", "flops": "1%", "drift": "10%"}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float
+    relative: bool
+
+    def allowed(self, baseline: float) -> float:
+        return (self.value * abs(baseline) if self.relative else self.value) + FLOOR
+
+    def __str__(self) -> str:
+        return f"{self.value * 100:g}%" if self.relative else f"{self.value:g}"
+
+
+def parse_threshold(text: str | float | Threshold, what: str = "threshold") -> Threshold:
+    """"10%" -> relative 0.10; "0.05" or 0.05 -> absolute 0.05. Negative or non-numbers: TmergeError."""
+    if isinstance(text, Threshold):
+        return text
+    raw = str(text).strip()
+    relative = raw.endswith("%")
+    try:
+        value = float(raw[:-1] if relative else raw)
+    except ValueError:
+        raise TmergeError(f"{what} must be a percentage like 10% or a number like 0.05, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise TmergeError(f"{what} must be a finite non-negative number, got {text!r}")
+    return Threshold(value / 100 if relative else value, relative)
+
+
+@dataclass
+class Row:
+    metric: str
+    baseline: float | None
+    report: float | None
+    limit: float | None
+    threshold: str
+    status: str  # "ok", "improved", "REGRESSION", "new", "skipped"
+
+    @property
+    def change(self) -> float | None:
+        if self.baseline is None or self.report is None or self.baseline == 0:
+            return None
+        return (self.report - self.baseline) / abs(self.baseline)
+
+
+@dataclass
+class CheckResult:
+    rows: list[Row]
+
+    @property
+    def passed(self) -> bool:
+        return not any(r.status == "REGRESSION" for r in self.rows)
+
+    @property
+    def regressions(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "REGRESSION"]
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed,
+                "rows": [{**asdict(r), "change": r.change} for r in self.rows]}
+
+
+def _identity(report: dict) -> dict[str, Any]:
+    info = report.get("model_info") or {}
+    return {
+        "model": report["model"],
+        "weights_sha256": info.get("weights_sha256"),
+        "input_size": info.get("input_size"),
+        "method": report["method"],
+        "method_options": report.get("method_options"),
+        "prop_attn": report.get("prop_attn"),
+        "schedule": report["schedule"],
+    }
+
+
+def check_comparable(report: dict, baseline: dict) -> None:
+    """TmergeError (exit 2) when the two reports do not measure the same thing."""
+    a, b = _identity(report), _identity(baseline)
+    for key in a:
+        if a[key] is None or b[key] is None:  # older or partial reports: compare what both have
+            continue
+        if a[key] != b[key]:
+            raise TmergeError(f"report and baseline differ in {key} ({_short(a[key])} vs baseline "
+                              f"{_short(b[key])}); profile the same configuration or use --update-baseline")
+    da, db = report.get("drift"), baseline.get("drift")
+    if da and db:
+        for key in ("source", "n", "seed", "outputs"):
+            if da.get(key) is not None and db.get(key) is not None and da.get(key) != db.get(key):
+                raise TmergeError(f"report and baseline measured drift differently ({key}: {da.get(key)!r} "
+                                  f"vs baseline {db.get(key)!r})")
+    if db and not da:
+        raise TmergeError("the baseline has drift measurements but the report has none (was it run with --no-drift?)")
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else text[:16] + "…"
+
+
+def _row(metric: str, base: float | None, new: float | None, threshold: Threshold) -> Row:
+    if base is None and new is None:
+        return Row(metric, None, None, None, str(threshold), "skipped")
+    if base is None:
+        return Row(metric, None, new, None, str(threshold), "new")
+    if new is None:
+        raise TmergeError(f"the report has no {metric}, which the baseline has")
+    limit = base + threshold.allowed(base)
+    if new > limit:
+        status = "REGRESSION"
+    elif new < base - threshold.allowed(base):
+        status = "improved"
+    else:
+        status = "ok"
+    return Row(metric, base, new, limit, str(threshold), status)
+
+
+def _latency_key(entry: dict) -> tuple:
+    return (entry["backend"], entry["device"], int(entry["batch_size"]))
+
+
+def _drift_badness(drift: dict | None) -> dict[str, float | None]:
+    if not drift:
+        return {}
+
+    def get(key):
+        v = drift.get(key)
+        return None if v is None else float(v)
+
+    out = {"drift kl_mean": get("kl_mean"), "drift cosine_distance_mean": get("cosine_distance_mean")}
+    agreement, knn, acc = get("agreement_top1"), get("knn_agreement"), get("accuracy_top1_delta")
+    out["drift 1-agreement_top1"] = None if agreement is None else 1 - agreement
+    out["drift 1-knn_agreement"] = None if knn is None else 1 - knn
+    out["drift accuracy lost"] = None if acc is None else -acc
+    return out
+
+
+def compare(report: dict, baseline: dict, *, latency: str | float = DEFAULTS["latency"],
+            flops: str | float = DEFAULTS["flops"], drift: str | float = DEFAULTS["drift"]) -> CheckResult:
+    """Compare ``report`` with ``baseline`` (both validated report dicts)."""
+    t_lat = parse_threshold(latency, "--max-latency-regression")
+    t_flops = parse_threshold(flops, "--max-flops-regression")
+    t_drift = parse_threshold(drift, "--max-drift")
+    check_comparable(report, baseline)
+    rows: list[Row] = []
+    new_entries = {_latency_key(e): e for e in report["latency"]}
+    base_entries = {_latency_key(e): e for e in baseline["latency"]}
+    for key, base in base_entries.items():
+        name = f"latency ratio_p50 {key[0]}/{key[1]}/b{key[2]}"
+        if key not in new_entries:
+            raise TmergeError(f"the report has no latency for {key[0]}/{key[1]} batch {key[2]}, which the baseline has")
+        rows.append(_row(name, float(base["ratio_p50"]), float(new_entries[key]["ratio_p50"]), t_lat))
+    for key, entry in new_entries.items():
+        if key not in base_entries:
+            rows.append(_row(f"latency ratio_p50 {key[0]}/{key[1]}/b{key[2]}", None, float(entry["ratio_p50"]), t_lat))
+    rows.append(_row("flops ratio", float(baseline["flops"]["ratio"]), float(report["flops"]["ratio"]), t_flops))
+    base_drift, new_drift = _drift_badness(baseline.get("drift")), _drift_badness(report.get("drift"))
+    for metric in base_drift or new_drift:
+        row = _row(metric, base_drift.get(metric), new_drift.get(metric), t_drift)
+        if row.status != "skipped":
+            rows.append(row)
+    return CheckResult(rows)
+
+
+def render(result: CheckResult, console=None) -> None:
+    from rich.table import Table
+
+    from .report import wide_console
+
+    console = console or wide_console()
+    table = Table(title="tmerge check: report vs baseline (larger is worse)")
+    for col in ("metric", "baseline", "report", "change", "limit", "allowed", "status"):
+        table.add_column(col, justify="left" if col in ("metric", "status") else "right")
+    styles = {"REGRESSION": "bold red", "improved": "green", "ok": "", "new": "yellow"}
+    for r in result.rows:
+        fmt = (lambda v: "–" if v is None else f"{v:.5g}")
+        change = "–" if r.change is None else f"{r.change * 100:+.1f}%"
+        table.add_row(r.metric, fmt(r.baseline), fmt(r.report), change, fmt(r.limit), r.threshold,
+                      f"[{styles.get(r.status, '')}]{r.status}[/]" if styles.get(r.status) else r.status)
+    console.print(table)

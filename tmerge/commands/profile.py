@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -102,44 +103,51 @@ def read_manifest(onnx_path: Path) -> dict:
     raise TmergeError(f"{onnx_path} has no manifest ({onnx_path}.json); export it with `tmerge export`")
 
 
-def pair_from_manifest(manifest: dict, onnx_path: Path):
+def pair_from_manifest(manifest: dict, onnx_path: Path, *, model: str | None = None, checkpoint: str | None = None,
+                       model_kwargs: dict | None = None, adapter: str | None = None):
     """Rebuild the torch merged/unmerged pair an exported model came from (for FLOPs, drift, the
-    unmerged ONNX counterpart and the torch backend): the manifest's model, checkpoint, method,
-    per-block schedule, options and proportional attention."""
+    unmerged ONNX counterpart and the torch backend).
+
+    From the manifest: model name, method, options, proportional attention and the per-block r
+    (``layers[].r``); ``checkpoint``, ``model_kwargs`` and ``adapter`` from the manifest when the
+    exporter recorded them, else from the command line. The rebuilt merged model's weights must hash
+    to the manifest's ``weights_sha256``, so a mismatched rebuild is an error, never a silent
+    comparison against other weights.
+    """
     from ..profiles.profile import build_pair
 
-    def field(*names, default=None):
-        for name in names:
-            if manifest.get(name) is not None:
-                return manifest[name]
-        return default
+    name = manifest.get("model") if model is None else model
+    if isinstance(name, dict):
+        name = name.get("name")
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(l, dict) and "r" in l for l in layers):
+        raise TmergeError(f"the manifest of {onnx_path} has no per-block schedule (layers[].r)")
+    schedule = ",".join(str(int(l["r"])) for l in layers)
+    method = manifest.get("method") or "tome"
+    options = manifest.get("options") or {}
+    checkpoint = checkpoint or manifest.get("checkpoint")
+    model_kwargs = model_kwargs or manifest.get("model_kwargs") or {}
+    adapter = adapter or manifest.get("adapter")
+    if method == "none":
+        from ..models import load_model
 
-    model = field("model_name", "model")
-    if isinstance(model, dict):
-        model = model.get("name")
-    method = field("method", default="tome")
-    if isinstance(method, dict):
-        method = method.get("name", "tome")
-    schedule = field("schedule_r", "r", "schedule")
-    if isinstance(schedule, dict):
-        schedule = schedule.get("r")
-    if not isinstance(schedule, list):
-        raise TmergeError(f"the manifest of {onnx_path} has no per-block schedule (r list)")
-    options = field("method_options", "options", default={}) or {}
-    model_kwargs = field("model_kwargs", default={}) or {}
-    checkpoint = field("checkpoint")
-    merged, unmerged = build_pair(
-        model, checkpoint=checkpoint, method=method, schedule=",".join(str(int(r)) for r in schedule),
-        prop_attn=field("prop_attn"), options=[f"{k}={json.dumps(v)}" for k, v in options.items()],
-        adapter=field("adapter"), model_kwargs=model_kwargs)
-    expected = field("weights_sha256")
+        import torch
+        torch.manual_seed(0)
+        merged = load_model(name, checkpoint=checkpoint, **model_kwargs)
+        unmerged = copy.deepcopy(merged)
+    else:
+        merged, unmerged = build_pair(
+            name, checkpoint=checkpoint, method=method, schedule=schedule, prop_attn=manifest.get("prop_attn"),
+            options=[f"{k}={json.dumps(v)}" for k, v in options.items()], adapter=adapter, model_kwargs=model_kwargs)
+    expected = manifest.get("weights_sha256")
     if expected:
         from ..models import weights_sha256
 
-        if weights_sha256(unmerged) != expected:
-            raise TmergeError(f"the weights of {model} here differ from those {onnx_path} was exported from "
-                              "(weights_sha256 mismatch)")
-    return merged, unmerged, model or "dinov2-s14"
+        if weights_sha256(merged) != expected:
+            raise TmergeError(f"rebuilding {name} here gives other weights than {onnx_path} was exported with "
+                              "(weights_sha256 mismatch); pass the --model/--model-kwargs/--checkpoint/--adapter "
+                              "it was exported from")
+    return merged, unmerged, name or "dinov2-s14"
 
 
 @app.command("profile")
@@ -192,9 +200,11 @@ def profile_command(
         if not onnx.is_file():
             raise TmergeError(f"{onnx} does not exist")
         manifest = read_manifest(onnx)
-        merged, unmerged, name = pair_from_manifest(manifest, onnx)
+        merged, unmerged, name = pair_from_manifest(manifest, onnx, model=model, checkpoint=checkpoint,
+                                                    model_kwargs=kwargs, adapter=adapter)
         config.onnx_merged = str(onnx)
-        label, ckpt = model_label(name, manifest.get("checkpoint")), manifest.get("checkpoint")
+        ckpt = checkpoint or manifest.get("checkpoint")
+        label = model_label(name, ckpt)
     else:
         merged, unmerged = build_pair(model, checkpoint=checkpoint, pretrained=pretrained, method=method, r=r,
                                       inflection=inflection, schedule=schedule, keep_ratio=keep_ratio,

@@ -297,6 +297,15 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     return report
 
 
+def _manifest_parity(onnx_path: str):
+    import json
+
+    try:
+        return json.loads(Path(str(onnx_path) + ".json").read_text()).get("parity")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _batch(images: torch.Tensor | None, batch_size: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     if images is None or len(images) == 0:
         return torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(seed))
@@ -324,7 +333,7 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
                 if given:
                     if not Path(given).is_file():
                         raise TmergeError(f"{given} does not exist")
-                    onnx_paths[name] = {"path": str(given), "parity": None, "exported": False}
+                    onnx_paths[name] = {"path": str(given), "parity": _manifest_parity(given), "exported": False}
                 else:
                     progress.log(f"exporting the {name} model to ONNX")
                     onnx_paths[name] = {**export_for_runtime(model, workdir / f"{name}.onnx", model_name=model_name),

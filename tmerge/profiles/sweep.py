@@ -1,0 +1,211 @@
+"""Sweep methods x schedules: one profile report per point, a summary, and a Pareto plot.
+
+Every point is profiled against the same unmerged model on the same drift images; ONNX backends
+export the unmerged model once. The plot has two panels, drift against the FLOPs ratio and against
+the latency ratio (p50, first backend and batch size), one line per method, with the unmerged
+model at (1, 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import TmergeError, missing_extra
+from .profile import ProfileConfig, Progress, export_for_runtime, load_drift_images, profile_pair
+from .report import save_report
+
+DRIFT_METRICS = ("cosine_distance_mean", "kl_mean", "disagreement_top1", "knn_disagreement")
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str
+    r: int | None = None
+    keep_ratio: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"r={self.r}" if self.r is not None else f"keep={self.keep_ratio:g}"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.method}_{self.label.replace('=', '')}")
+
+    def apply_kwargs(self) -> dict:
+        return {"r": self.r} if self.r is not None else {"keep_ratio": self.keep_ratio}
+
+
+def grid(methods: list[str], rs: list[int] | None, keep_ratios: list[float] | None) -> list[Point]:
+    if not methods:
+        raise TmergeError("--methods needs at least one method")
+    if not rs and not keep_ratios:
+        raise TmergeError("give --r values and/or --keep-ratios to sweep")
+    points = [Point(m, r=r) for m in methods for r in (rs or [])]
+    points += [Point(m, keep_ratio=k) for m in methods for k in (keep_ratios or [])]
+    return points
+
+
+def drift_value(drift: dict | None, metric: str) -> float | None:
+    if not drift:
+        return None
+    if metric == "disagreement_top1":
+        v = drift.get("agreement_top1")
+        return None if v is None else 1 - v
+    if metric == "knn_disagreement":
+        v = drift.get("knn_agreement")
+        return None if v is None else 1 - v
+    return drift.get(metric)
+
+
+def summary_row(point: Point, report: dict, drift_metric: str) -> dict:
+    lat = report["latency"][0] if report["latency"] else None
+    return {
+        "method": point.method,
+        "point": point.label,
+        "r": point.r,
+        "keep_ratio": point.keep_ratio,
+        "schedule": report["schedule"],
+        "final_tokens": report["tokens_per_layer"][-1],
+        "flops_ratio": report["flops"]["ratio"],
+        "latency_ratio_p50": lat["ratio_p50"] if lat else None,
+        "latency_backend": f"{lat['backend']}/{lat['device']}/b{lat['batch_size']}" if lat else None,
+        "drift_metric": drift_metric,
+        "drift": drift_value(report["drift"], drift_metric),
+        "agreement_top1": (report["drift"] or {}).get("agreement_top1"),
+        "cosine_mean": (report["drift"] or {}).get("cosine_mean"),
+    }
+
+
+def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *, model_name: str,
+              out_dir: str | Path, model_info: dict | None = None, method_options: dict | None = None,
+              drift_metric: str = "cosine_distance_mean", on_point: Callable[[int, Point], None] | None = None,
+              progress: Progress | None = None) -> dict:
+    """Profile every point; write ``points/<slug>.json``, ``sweep.json`` and ``pareto.png`` into
+    ``out_dir``. Returns the sweep summary (also in sweep.json)."""
+    from .. import apply
+
+    if drift_metric not in DRIFT_METRICS:
+        raise TmergeError(f"--drift-metric must be one of {', '.join(DRIFT_METRICS)}, got {drift_metric!r}")
+    out_dir = Path(out_dir)
+    (out_dir / "points").mkdir(parents=True, exist_ok=True)
+    progress = progress or Progress()
+    unmerged.eval()
+    images = None
+    if config.data is not None:
+        images = load_drift_images(config.data, unmerged, config.num_images, config.seed)
+    config = replace(config)
+    if any(b in ("onnxruntime", "tensorrt") for b in config.backends) and not config.onnx_unmerged:
+        onnx_dir = Path(config.workdir) if config.workdir else out_dir / "onnx"
+        onnx_dir.mkdir(parents=True, exist_ok=True)
+        progress.log("exporting the unmerged model to ONNX")
+        config.onnx_unmerged = export_for_runtime(unmerged, onnx_dir / "unmerged.onnx", model_name=model_name)["path"]
+        config.workdir = str(onnx_dir)
+    rows, files = [], []
+    for i, point in enumerate(points):
+        if on_point is not None:
+            on_point(i, point)
+        merged = copy.deepcopy(unmerged)
+        apply(merged, point.method, **point.apply_kwargs(), **(method_options or {}).get(point.method, {}))
+        point_config = replace(config, workdir=str(Path(config.workdir) / point.slug) if config.workdir else None)
+        report = profile_pair(merged, unmerged, point_config, model_name=model_name, model_info=model_info,
+                              progress=progress, drift_images=images)
+        report["sweep_point"] = {"method": point.method, "r": point.r, "keep_ratio": point.keep_ratio}
+        path = save_report(report, out_dir / "points" / f"{point.slug}.json")
+        files.append(str(path))
+        rows.append(summary_row(point, report, drift_metric))
+        del merged
+    if on_point is not None:
+        on_point(len(points), None)
+    summary = {
+        "schema_version": 1,
+        "kind": "tmerge.sweep",
+        "model": model_name,
+        "drift_metric": drift_metric,
+        "config": {"backends": config.backends, "batch_sizes": config.batch_sizes, "device": config.device,
+                   "warmup": config.warmup, "iters": config.iters, "threads": config.threads, "data": config.data},
+        "points": rows,
+        "reports": files,
+    }
+    png = plot_pareto(rows, out_dir / "pareto.png", title=f"{model_name}: drift vs cost", drift_metric=drift_metric)
+    summary["png"] = str(png)
+    (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def plot_pareto(rows: list[dict], out: str | Path, *, title: str = "", drift_metric: str = "cosine_distance_mean") -> Path:
+    """Two panels, drift vs FLOPs ratio and drift vs latency ratio, one line per method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise missing_extra("matplotlib", "report") from e
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    panels = (("flops_ratio", "FLOPs ratio (merged / unmerged)"),
+              ("latency_ratio_p50", "latency ratio p50 (merged / unmerged)"))
+    positive = [r["drift"] for r in rows if r["drift"] is not None and r["drift"] > 0]
+    log_y = len(positive) == len([r for r in rows if r["drift"] is not None]) and len(positive) > 1
+    for ax, (key, xlabel) in zip(axes, panels):
+        for method in methods:
+            # in schedule order (FLOPs ratio falls as r grows), so each line traces one method
+            ordered = sorted((r for r in rows if r["method"] == method and r[key] is not None
+                              and r["drift"] is not None), key=lambda r: -r["flops_ratio"])
+            pts = [(r[key], r["drift"], r["point"]) for r in ordered]
+            if not pts:
+                continue
+            xs, ys, labels = zip(*pts)
+            (line,) = ax.plot(xs, ys, marker="o", label=method)
+            for x, y, label in pts:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=line.get_color())
+        if not log_y:
+            ax.plot([1.0], [0.0], marker="*", color="black", markersize=10, linestyle="none", label="unmerged")
+        ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"drift: {drift_metric}")
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    lat_label = next((r["latency_backend"] for r in rows if r.get("latency_backend")), None)
+    if lat_label:
+        axes[1].set_title(lat_label, fontsize=9)
+    axes[0].set_title("FLOPs (FLOPs = 2·MACs)", fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def render_summary(summary: dict, console=None) -> None:
+    from rich.table import Table
+
+    from .report import wide_console
+
+    console = console or wide_console()
+    table = Table(title=f"sweep: {summary['model']} (drift = {summary['drift_metric']})")
+    for col in ("method", "point", "final tokens", "FLOPs ratio", "latency ratio p50", "drift", "top-1 agree",
+                "cosine"):
+        table.add_column(col, justify="left" if col in ("method", "point") else "right")
+
+    def f(v, spec=".3f"):
+        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    for r in summary["points"]:
+        table.add_row(r["method"], r["point"], str(r["final_tokens"]), f(r["flops_ratio"]),
+                      f(r["latency_ratio_p50"]), f(r["drift"], ".4g"), f(r["agreement_top1"]), f(r["cosine_mean"], ".5f"))
+    console.print(table)
+    console.print(f"Pareto plot: {summary['png']}")

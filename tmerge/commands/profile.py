@@ -65,12 +65,6 @@ class RichProgress:
         self._progress = None
 
     def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), console=self.console, transient=False)
-            self._progress.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -79,8 +73,14 @@ class RichProgress:
         return False
 
     def step(self, description: str, total: int | None = None):
-        if self._progress is None:
+        if not self.enabled:
             return lambda done: None
+        if self._progress is None:  # started on first use: an early error prints nothing but itself
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), console=self.console, transient=False)
+            self._progress.__enter__()
         task = self._progress.add_task(description, total=total)
         return lambda done: self._progress.update(task, completed=done)
 

@@ -241,6 +241,11 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
         raise TmergeError(f"--batch-sizes must be positive integers, got {config.batch_sizes}")
     torch_threads = lat.set_torch_threads(config.threads)
+    images = labels = class_names = None  # loaded first: bad data fails before any work or output
+    if drift_images is not None:
+        images, labels, class_names = drift_images
+    elif config.data is not None:
+        images, labels, class_names = load_drift_images(config.data, unmerged, config.num_images, config.seed)
     merged.eval()
     unmerged.eval()
     info = merge_info(merged)
@@ -273,12 +278,6 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
         progress.log("counting FLOPs")
         report["flops"] = flops_section(merged, unmerged)
 
-    images = labels = class_names = None
-    if drift_images is not None:
-        images, labels, class_names = drift_images
-    elif config.data is not None:
-        progress.log(f"loading images from {config.data}")
-        images, labels, class_names = load_drift_images(config.data, unmerged, config.num_images, config.seed)
     if images is not None:
         progress.log(f"drift on {len(images)} images")
         drift = drift_between(merged, unmerged, images, labels, class_names)

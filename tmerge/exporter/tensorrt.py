@@ -1,0 +1,169 @@
+"""TensorRT engines from the plugin ONNX graph (see :mod:`tmerge.plugins.trt` for the plugins).
+
+Flow (``tmerge export --format trt``): export + verify the plugin ONNX in ONNX Runtime (written
+beside the engine), register the merge plugins, parse the graph with ``trt.OnnxParser``, build
+with an optimisation profile over the batch range (min 1, opt ``batch``, max ``max_batch``), fp32
+(TF32 off, so fp32 parity means fp32) or ``--fp16``, check the engine against the PyTorch model
+on fixed inputs, then write engine + manifest atomically.
+
+Parity criteria: fp32 max abs diff <= atol (1e-4, same as ONNX); fp16 cannot meet that, so it is
+judged by cosine similarity of outputs >= 0.999 and the max abs diff is reported. A near-tie in
+the matching can move fp16 outputs further; no tolerance is loosened for it.
+
+This path has NOT been run: TensorRT is not installable on the build machines. Everything that
+does not need the library is unit-tested (attribute mapping, shape logic, graph preparation,
+the reference merge the plugin runs); the TensorRT calls follow the TensorRT 10.9+ Python API
+docs. ``import tensorrt`` is lazy; without it the CLI exits 2 with :data:`TRT_MISSING`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import TmergeError, VerificationError
+
+TRT_MISSING = ("TensorRT is not installed: pip install 'tmerge[trt]' (tensorrt>=10.9) on a machine with an "
+               "NVIDIA GPU")
+MIN_TRT = (10, 9)
+FP16_MIN_COSINE = 0.999
+
+
+def require_tensorrt():
+    """Import tensorrt (>= 10.9, with tensorrt.plugin) and a CUDA device, or raise TmergeError."""
+    try:
+        import tensorrt as trt
+        import tensorrt.plugin  # noqa: F401  (QDP API, TensorRT >= 10.6)
+    except ImportError as e:
+        raise TmergeError(TRT_MISSING) from e
+    version = tuple(int(p) for p in trt.__version__.split(".")[:2])
+    if version < MIN_TRT:
+        raise TmergeError(f"TensorRT {trt.__version__} is too old: the merge plugins need >= 10.9 "
+                          "(tensorrt.plugin with ahead-of-time kernels); pip install 'tmerge[trt]'")
+    if not torch.cuda.is_available():
+        raise TmergeError("--format trt needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    return trt
+
+
+def profile_shapes(input_shape: tuple[int, ...], batch: int, max_batch: int | None) -> tuple[tuple, tuple, tuple]:
+    """(min, opt, max) shapes of the optimisation profile; only the batch dimension varies."""
+    max_batch = max(batch, max_batch if max_batch is not None else 4 * batch)
+    if batch < 1 or max_batch < batch:
+        raise TmergeError(f"invalid batch range: batch {batch}, max batch {max_batch}")
+    rest = tuple(input_shape[1:])
+    return (1, *rest), (batch, *rest), (max_batch, *rest)
+
+
+def build_serialized_engine(onnx_proto, input_shape, *, batch: int, max_batch: int | None, fp16: bool,
+                            aot: bool | None = None, workspace_gb: float = 4.0):
+    """Parse the plugin graph and build a serialized engine (bytes). Needs TensorRT + GPU."""
+    trt = require_tensorrt()
+    from ..plugins.trt import aot_kernel_available, prepare_onnx_for_trt, register_plugins
+
+    aot = aot_kernel_available() if aot is None else aot
+    register_plugins(aot=aot)
+    prepared = prepare_onnx_for_trt(onnx_proto, aot=aot)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(prepared.SerializeToString()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise VerificationError(f"TensorRT could not parse the plugin graph: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    config.clear_flag(trt.BuilderFlag.TF32)  # fp32 parity must be fp32
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    lo, opt, hi = profile_shapes(input_shape, batch, max_batch)
+    profile.set_shape(network.get_input(0).name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise VerificationError("TensorRT failed to build the engine (see the TensorRT log above)")
+    return bytes(serialized), {"aot": bool(aot), "profile": {"min": lo, "opt": opt, "max": hi}}
+
+
+def run_engine(engine_bytes: bytes, images: torch.Tensor) -> np.ndarray:
+    """Run a serialized engine on one batch (CUDA), returning the first output as numpy."""
+    trt = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    x = images.to("cuda", torch.float32).contiguous()
+    context.set_input_shape(inputs[0], tuple(x.shape))
+    context.set_tensor_address(inputs[0], x.data_ptr())
+    buffers = []
+    for name in outputs:
+        shape = tuple(context.get_tensor_shape(name))
+        dtype = torch.float16 if engine.get_tensor_dtype(name) == trt.DataType.HALF else torch.float32
+        buf = torch.empty(shape, dtype=dtype, device="cuda")
+        context.set_tensor_address(name, buf.data_ptr())
+        buffers.append(buf)
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise VerificationError("TensorRT execution failed")
+    stream.synchronize()
+    return buffers[0].float().cpu().numpy()
+
+
+def engine_parity(engine_bytes: bytes, model: nn.Module, input_shape, *, fp16: bool, atol: float = 1e-4,
+                  batches=(1,)) -> dict:
+    from .verify import fixed_inputs
+
+    checks = []
+    for batch in batches:
+        images = fixed_inputs((batch, *input_shape[1:]), 0)
+        with torch.no_grad():
+            ref = model(images).numpy()
+        out = run_engine(engine_bytes, images)
+        diff = float(np.abs(out - ref).max())
+        cos = _cosine_min(out, ref)
+        checks.append({"batch": batch, "max_abs_diff": diff, "cosine_min": cos})
+        if (not fp16 and diff > atol) or (fp16 and cos < FP16_MIN_COSINE):
+            raise VerificationError(
+                f"TensorRT engine parity failed at batch {batch}: max abs diff {diff:.3g} (fp32 limit {atol:g}), "
+                f"min cosine {cos:.5f} (fp16 limit {FP16_MIN_COSINE})"
+            )
+    return {"precision": "fp16" if fp16 else "fp32", "atol": None if fp16 else atol,
+            "fp16_min_cosine": FP16_MIN_COSINE if fp16 else None, "checks": checks}
+
+
+def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    num = (a2 * b2).sum(-1)
+    den = np.linalg.norm(a2, axis=-1) * np.linalg.norm(b2, axis=-1) + 1e-12
+    return float((num / den).min())
+
+
+def build_engine(onnx_result, model: nn.Module, out_path: Path, *, batch: int, max_batch: int | None = None,
+                 fp16: bool = False, aot: bool | None = None):
+    """Build, check and write the engine for an :class:`~tmerge.exporter.onnx.ExportResult` of the
+    plugin graph. Returns an ExportResult for the engine (manifest ``<engine>.json``)."""
+    import tensorrt as trt
+
+    from .onnx import ExportResult, model_input_shape, write_atomically
+
+    input_shape = model_input_shape(model, batch)
+    engine_bytes, build_info = build_serialized_engine(onnx_result.model_proto, input_shape, batch=batch,
+                                                       max_batch=max_batch, fp16=fp16, aot=aot)
+    lo, opt, hi = build_info["profile"]["min"], build_info["profile"]["opt"], build_info["profile"]["max"]
+    parity = engine_parity(engine_bytes, model, input_shape, fp16=fp16, batches=sorted({lo[0], opt[0], hi[0]}))
+    manifest = dict(onnx_result.manifest)
+    manifest.update(
+        format="trt", file=out_path.name, onnx_file=onnx_result.path.name, onnx_parity=onnx_result.parity,
+        parity=parity, tensorrt={"version": trt.__version__, "fp16": fp16, **build_info,
+                                 "device": torch.cuda.get_device_name()},
+    )
+    manifest_path = out_path.with_name(out_path.name + ".json")
+    write_atomically({out_path: engine_bytes,
+                      manifest_path: (json.dumps(manifest, indent=2, default=str) + "\n").encode()})
+    return ExportResult(path=out_path, manifest_path=manifest_path, manifest=manifest, parity=parity)

@@ -1,0 +1,67 @@
+"""The merge a plugin node computes, from its attributes alone, in PyTorch (CPU or GPU).
+
+This is what a TensorRT plugin must reproduce: :func:`method_from_attrs` rebuilds the merging
+method of one node from the ONNX attributes (nothing else: the plugin sees only those), and
+:func:`reference_merge` runs the shared merge core on it. It is the plugin's JIT implementation
+(:mod:`tmerge.plugins.trt`) and the oracle the ahead-of-time kernel is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from .spec import check_attrs
+
+
+def method_from_attrs(op_type: str, attrs: dict[str, Any]):
+    """A :class:`~tmerge.merging.MergeMethod` that plans exactly like the node's method at its layer."""
+    from ..merging.tome import ToMe
+
+    a = check_attrs(op_type, attrs)
+    if op_type == "BipartiteMerge":
+        return ToMe(a["depth"])
+    if op_type == "PiToMeMerge":
+        return _FixedPiToMe(a["depth"], margin_l=a["margin"], bsm=bool(a["bsm"]), alpha=a["alpha"])
+    raise AssertionError(op_type)  # check_attrs rejects others
+
+
+def _fixed_pitome_class():
+    from ..merging.pitome import PiToMe
+
+    class FixedPiToMe(PiToMe):
+        """PiToMe at one layer with the margin and step read from the node (not recomputed)."""
+
+        def __init__(self, depth: int, *, margin_l: float, bsm: bool, alpha: float):
+            super().__init__(depth, alpha=alpha)
+            self._margin_l, self._bsm = margin_l, bsm
+
+        def margin(self, layer: int) -> float:
+            return self._margin_l
+
+        def uses_bsm(self, layer: int) -> bool:
+            return self._bsm
+
+    return FixedPiToMe
+
+
+def _FixedPiToMe(depth: int, **kwargs):  # noqa: N802  (a factory that reads like a class)
+    return _fixed_pitome_class()(depth, **kwargs)
+
+
+def reference_merge(op_type: str, attrs: dict[str, Any], x: Tensor, size: Tensor, keys: Tensor,
+                    with_slots: bool = False):
+    """(x_out, size_out[, slots]) of one merge node, computed with the shared merge core."""
+    from ..merging import BlockInput
+    from ..patch import merge_step
+
+    a = check_attrs(op_type, attrs)
+    if x.shape[1] != a["num_tokens"]:
+        raise ValueError(f"{op_type}: x has {x.shape[1]} tokens, the node was built for {a['num_tokens']}")
+    method = method_from_attrs(op_type, attrs)
+    step = getattr(merge_step, "_tmerge_original", merge_step)
+    block = BlockInput(layer=a["layer"], depth=a["depth"], r=a["r"], num_prefix=a["num_prefix"], keys=keys,
+                       attn_input=x, x=x, size=size)
+    out, out_size, plan = step(method, block, a["merge_form"])
+    return (out, out_size, plan.slots) if with_slots else (out, out_size)

@@ -85,6 +85,7 @@ class MergingBlocks(nn.Sequential):
             if r > 0:
                 if size is None:
                     size = x.new_ones(x.shape[0], x.shape[1], 1)
+                keys = self.method.merge_keys(layer, keys, attn_input)
                 block_input = BlockInput(layer=layer, depth=len(self), r=r, num_prefix=self.num_prefix,
                                          keys=keys, attn_input=attn_input, x=x, size=size)
                 x, size, plan = merge_step(self.method, block_input, self.merge_form)

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 class BlockInput:
     """Everything a method may look at when choosing the merge of one block.
 
-    ``keys`` are the attention keys (B, heads, N, head_dim) after the block's q/k norm,
+    ``keys`` are the attention keys (B, heads, N, head_dim) after the block's q/k norm (or what the
+    method's ``merge_keys`` substitutes for them),
     ``attn_input`` is the normalised input that fed qkv (B, N, C), ``x`` the tokens after the
     attention residual, ``size`` the token sizes (B, N, 1).
     """
@@ -75,6 +76,12 @@ class MergeMethod(nn.Module):
         :class:`~tmerge.patch.MergingBlocks` with its resolved ``schedule``). Learned methods build or
         initialise their modules from the model here (e.g. DTEM from the key projections). No-op by
         default; must keep already-learned parameters when called again with a compatible model."""
+
+    def merge_keys(self, layer: int, keys: Tensor, attn_input: Tensor) -> Tensor:
+        """What the merge step of block ``layer`` receives as ``BlockInput.keys`` (B, H, N, D): the
+        attention keys by default. DTEM returns its learned embedding of ``attn_input`` as one "head"
+        (B, 1, N, d_f), so its merge is ToMe's step on other keys (and exports as ToMe's node)."""
+        return keys
 
     def plan(self, block: BlockInput) -> MergePlan:
         raise NotImplementedError

@@ -1,0 +1,159 @@
+"""Adapters: the learned parameters of a DTEM / LTM merge, as a small safetensors file.
+
+The file holds the method module's state dict (``model.tmerge_method``) and string metadata:
+``format`` ("tmerge-adapter"), ``format_version``, and JSON-encoded ``method``, ``options``,
+``weights_sha256`` (of the unmerged backbone), ``arch``, ``schedule`` (spec), ``r`` (per block),
+``tokens``, ``prop_attn``, plus whatever the trainer adds (model name, training data summary, steps,
+final loss, held-out drift, seed...). :func:`load_adapter` refuses an adapter whose method, backbone
+weights, per-block schedule or proportional-attention setting differ from the patched model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from .errors import TmergeError
+
+FORMAT = "tmerge-adapter"
+FORMAT_VERSION = 1
+
+
+def backbone_sha256(model: nn.Module) -> str:
+    """sha256 of the model's weights without any attached merge method (see models.weights_sha256)."""
+    from .models import weights_sha256
+
+    method = model._modules.pop("tmerge_method", None)
+    try:
+        return weights_sha256(model)
+    finally:
+        if method is not None:
+            model._modules["tmerge_method"] = method
+
+
+def _arch(model: nn.Module) -> str | None:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture")
+
+
+def _require_patched(model: nn.Module, what: str):
+    from .patch import merge_info
+
+    info = merge_info(model)
+    if info["method"] == "none":
+        raise TmergeError(f"{what} needs a merged model: pass --method dtem or --method ltm with the adapter")
+    return info
+
+
+def save_adapter(model: nn.Module, path: str | Path, metadata: dict | None = None, *,
+                 weights_sha256: str | None = None) -> Path:
+    """Write the learned parameters of ``model``'s merge method and ``metadata`` to ``path``."""
+    from safetensors.torch import save_file
+
+    info = _require_patched(model, "saving an adapter")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.tmerge_method.state_dict().items()}
+    if not state:
+        raise TmergeError(f"method {info['method']} has no learned parameters to save")
+    meta = dict(metadata or {})
+    meta.update({
+        "method": info["method"], "options": info["options"], "schedule": info["schedule"], "r": info["r"],
+        "tokens": info["tokens"], "prop_attn": info["prop_attn"], "arch": _arch(model),
+        "weights_sha256": weights_sha256 or backbone_sha256(model),
+    })
+    strings = {k: json.dumps(v, default=str) for k, v in meta.items()}
+    strings.update(format=FORMAT, format_version=str(FORMAT_VERSION))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=strings)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_adapter(path: str | Path) -> tuple[dict, dict]:
+    """(state dict, metadata) of an adapter file; a TmergeError when it is missing or not an adapter."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise TmergeError(f"adapter {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise TmergeError(f"adapter {path} could not be read ({type(e).__name__}: {e})") from e
+    if raw.get("format") != FORMAT:
+        raise TmergeError(f"{path} is not a tmerge adapter (no '{FORMAT}' metadata); make one with `tmerge train`")
+    if int(raw.get("format_version", "0")) > FORMAT_VERSION:
+        raise TmergeError(f"adapter {path} has format version {raw['format_version']}; this tmerge reads <= {FORMAT_VERSION}")
+    meta = {}
+    for k, v in raw.items():
+        if k in ("format", "format_version"):
+            continue
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return state, meta
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> dict:
+    """Load an adapter into a model patched with the same method and schedule; returns its metadata.
+
+    Errors (TmergeError, one line each) when the model is not merged, or the adapter was trained for
+    another method, other backbone weights, another per-block schedule or proportional-attention
+    setting, or its tensors do not fit the method (e.g. other options).
+    """
+    info = _require_patched(model, "--adapter")
+    state, meta = read_adapter(path)
+    name = Path(path).name
+    if meta.get("method") != info["method"]:
+        raise TmergeError(
+            f"adapter {name} was trained for method {meta.get('method')!r} but the model uses {info['method']!r}; "
+            f"pass --method {meta.get('method')}"
+        )
+    sha = backbone_sha256(model)
+    if meta.get("weights_sha256") != sha:
+        trained_on = meta.get("model") or meta.get("arch") or "another model"
+        raise TmergeError(
+            f"adapter {name} was trained on {trained_on} (weights sha256 {str(meta.get('weights_sha256'))[:12]}) "
+            f"but this model's weights are {sha[:12]} ({_arch(model)}); train an adapter for this model"
+        )
+    if list(meta.get("r") or []) != list(info["r"]):
+        raise TmergeError(
+            f"adapter {name} was trained with schedule {meta.get('schedule')} (r per block {meta.get('r')}) "
+            f"but the model uses {info['schedule']} (r per block {info['r']}); pass the same --r/--schedule"
+        )
+    if bool(meta.get("prop_attn")) != bool(info["prop_attn"]):
+        flag = "--prop-attn" if meta.get("prop_attn") else "--no-prop-attn"
+        raise TmergeError(f"adapter {name} was trained with proportional attention "
+                          f"{'on' if meta.get('prop_attn') else 'off'}; pass {flag}")
+    method = model.tmerge_method
+    expected = method.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        detail = "; ".join(x for x in (
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+            f"shape {', '.join(shapes[:3])}" if shapes else "",
+        ) if x)
+        raise TmergeError(f"adapter {name} does not fit this {info['method']} configuration "
+                          f"(options {meta.get('options')} vs {info['options']}): {detail}")
+    ref = next(iter(expected.values()))
+    method.load_state_dict({k: v.to(device=ref.device, dtype=expected[k].dtype) for k, v in state.items()})
+    method.adapter = {"path": str(path), **{k: meta.get(k) for k in ("model", "steps", "final_loss", "data")}}
+    return meta

@@ -1,0 +1,96 @@
+"""`tmerge train`: learn a DTEM embedding or an LTM mask by distillation; writes an adapter."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+
+from ..cli import app, print_json
+from ..cli_common import (CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOptionsOpt, ModelOpt,
+                          PropAttnOpt, ROpt, ScheduleOpt, parse_method_options, schedule_kwargs)
+from ..errors import TmergeError
+
+
+@app.command("train")
+def train_command(
+    method: Annotated[str, typer.Option("--method", help="learned method to train: dtem or ltm")] = "dtem",
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    r: ROpt = None,
+    inflection: InflectionOpt = None,
+    schedule: ScheduleOpt = None,
+    keep_ratio: KeepRatioOpt = None,
+    prop_attn: PropAttnOpt = None,
+    option: MethodOptionsOpt = None,
+    data: Annotated[str, typer.Option("--data", help="training images: a folder, 'samples' or 'fashion-mnist[:split]'")] = "samples",
+    n_images: Annotated[Optional[int], typer.Option("--n-images", help="training images to load (default 256 sample views; 1000 Fashion-MNIST; a whole folder)")] = None,
+    heldout: Annotated[int, typer.Option("--heldout", help="images held out (from the same source unless --heldout-data) for the periodic drift; 0 = none")] = 32,
+    heldout_data: Annotated[Optional[str], typer.Option("--heldout-data", help="a separate source for the held-out images")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="passes over the training images (default 1)")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="optimiser steps (instead of --epochs)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="images per step (per process under torchrun)")] = 16,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (cosine decay to 0)")] = 1e-2,
+    ib_weight: Annotated[float, typer.Option("--ib-weight", help="LTM: weight of the information-bottleneck cluster term")] = 0.1,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the data choice and order: the same seed, the same adapter")] = 0,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="held-out drift every N steps (0: only at start and end)")] = 25,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="write <out>.ckpt.pt every N steps")] = 50,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from <out>.ckpt.pt")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")] = "auto",
+    out: Annotated[str, typer.Option("--out", "-o", help="adapter file to write (.safetensors)")] = "adapter.safetensors",
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a DTEM embedding or an LTM mask (backbone frozen) to follow the unmerged model.
+
+    Loss: KL to the unmerged model's logits, or 1 - cosine to its features for headless backbones
+    (LTM adds the information-bottleneck cluster term). Load the result with --adapter in
+    export / profile / sweep, with the same --method and schedule.
+    """
+    import torch
+
+    from ..data import load_images
+    from ..models import load_model, model_label
+    from ..train import train_adapter
+
+    if not out.endswith(".safetensors"):
+        raise TmergeError(f"--out must end with .safetensors, got {out!r}")
+    if heldout < 0:
+        raise TmergeError("--heldout must be >= 0")
+    net = load_model(model, checkpoint=checkpoint)
+    n_train = n_images if n_images is not None else (256 if data == "samples" else None)
+    if heldout_data is None and heldout:
+        want = None if n_train is None else n_train + heldout
+        images, _labels, _names = load_images(data, net, n=want, seed=seed)
+        if images.shape[0] <= heldout:
+            raise TmergeError(f"{data} gave {images.shape[0]} images: not enough for {heldout} held-out ones")
+        order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+        held, images = images[order[:heldout]], images[order[heldout:].sort().values]
+    else:
+        images, _labels, _names = load_images(data, net, n=n_train, seed=seed)
+        held = load_images(heldout_data, net, n=heldout, seed=seed + 1).images if heldout else None
+    data_summary = {"source": data, "n_images": int(images.shape[0]), "seed": seed,
+                    "heldout": heldout_data or (f"{heldout} images of {data}" if heldout else None)}
+    summary = train_adapter(
+        net, method, images=images, heldout=held, out=out, prop_attn=prop_attn,
+        options=parse_method_options(option), **schedule_kwargs(r, inflection, schedule, keep_ratio),
+        steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, ib_weight=ib_weight,
+        eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume, progress=not no_progress,
+        model_name=model_label(model, checkpoint), data_summary=data_summary, device=device,
+    )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
+    if as_json:
+        print_json({k: v for k, v in summary.items() if k != "loss_history"})
+        return
+    from rich.console import Console
+
+    console = Console()
+    drift0 = (summary.get("heldout_drift_at_init") or {}).get("cosine_distance_mean")
+    drift1 = (summary.get("heldout_drift") or {}).get("cosine_distance_mean")
+    console.print(f"trained {method} for {summary['steps']} steps ({summary['epochs']} epochs, "
+                  f"{summary['train_seconds']} s): loss {summary['initial_loss']:.4g} -> {summary['final_loss']:.4g}")
+    if drift0 is not None:
+        console.print(f"held-out drift (cosine distance): {drift0:.4g} untrained -> {drift1:.4g} trained")
+    console.print(f"adapter: {out} (load with --method {method} --adapter {out})")

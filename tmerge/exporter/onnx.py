@@ -365,6 +365,7 @@ def build_graph(model: nn.Module, *, ops: str = "portable", batch_size: int = 2,
         try:
             proto = _torch_onnx_export(wrapper, (example,), dynamic_batch=dynamic_batch, opset=opset,
                                        input_names=["images"], output_names=output_names, custom_table=custom)
+            _strip_wrapper_prefix(proto)
             if ops == "plugin":
                 proto = _attach_functions(proto, model, handles, dynamic_batch=dynamic_batch, opset=opset)
         finally:
@@ -373,6 +374,23 @@ def build_graph(model: nn.Module, *, ops: str = "portable", batch_size: int = 2,
     if not with_slots:
         proto = strip_slots(proto)
     return proto, merged_layers
+
+
+def _strip_wrapper_prefix(proto, prefix: str = "model.") -> None:
+    """Initializers keep the model's state-dict names (``head.bias``, not ``model.head.bias``)."""
+    names = {i.name for i in proto.graph.initializer}
+    taken = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input} | names
+    rename = {n: n[len(prefix):] for n in names if n.startswith(prefix) and n[len(prefix):] not in taken}
+    if not rename:
+        return
+    for init in proto.graph.initializer:
+        init.name = rename.get(init.name, init.name)
+    for node in proto.graph.node:
+        for i, v in enumerate(node.input):
+            if v in rename:
+                node.input[i] = rename[v]
+    for vi in proto.graph.value_info:
+        vi.name = rename.get(vi.name, vi.name)
 
 
 def _attach_functions(proto, model, handles, *, dynamic_batch: bool, opset: int):

@@ -96,6 +96,8 @@ def test_folder_subset_is_seeded(tmp_path, model):
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
     with pytest.raises(TmergeError, match="has 10 images, asked for 11"):
         data.load_images(root, model, n=11)
+    with pytest.raises(TmergeError, match="at least 1, got 0"):
+        data.load_images(root, model, n=0)
 
 
 def test_flat_folder_has_no_labels(tmp_path, model):
@@ -168,6 +170,9 @@ def test_read_idx_plain_and_gzipped(tmp_path):
     (tmp_path / "cut").write_bytes(raw[:-5])
     with pytest.raises(TmergeError, match="truncated"):
         data.read_idx(tmp_path / "cut")
+    (tmp_path / "cut.gz").write_bytes((tmp_path / "x-idx3-ubyte.gz").read_bytes()[:-9])
+    with pytest.raises(TmergeError, match="cannot read"):
+        data.read_idx(tmp_path / "cut.gz")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -146,8 +146,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (the MNIST format), plain or gzipped."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # missing, unreadable, or a damaged gzip stream
+        raise TmergeError(f"cannot read {path}: {e}") from e
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
         raise TmergeError(f"{path} is not an IDX file")
     ndim = data[3]
@@ -246,22 +249,26 @@ def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed
             f"unknown image source {text!r}: use 'samples', 'fashion-mnist', 'fashion-mnist:test' or a folder"
         )
     if text == "samples":
-        return ImageSet(sample_views(n or DEFAULT_COUNT["samples"], model, seed), None, None)
+        return ImageSet(sample_views(_default(n, DEFAULT_COUNT["samples"]), model, seed), None, None)
     if text == "fashion-mnist" or text.startswith("fashion-mnist:"):
         split = text.partition(":")[2] or "train"
         pixels, labels = fashion_mnist(split)
-        chosen = _subset(len(labels), n or DEFAULT_COUNT["fashion-mnist"], seed, f"Fashion-MNIST {split}")
+        chosen = _subset(len(labels), _default(n, DEFAULT_COUNT["fashion-mnist"]), seed, f"Fashion-MNIST {split}")
         from PIL import Image
 
         transform = model_transform(model)
         images = torch.stack([transform(Image.fromarray(pixels[i])) for i in chosen])
         return ImageSet(images, torch.from_numpy(labels[chosen]), list(FASHION_MNIST_CLASSES))
     files, labels, class_names = image_folder(text)
-    chosen = _subset(len(files), n or len(files), seed, text)
+    chosen = _subset(len(files), _default(n, len(files)), seed, text)
     transform = model_transform(model)
     images = torch.stack([transform(_open_image(files[i])) for i in chosen])
     label_tensor = torch.tensor([labels[i] for i in chosen], dtype=torch.int64) if labels is not None else None
     return ImageSet(images, label_tensor, class_names)
+
+
+def _default(n: int | None, default: int) -> int:
+    return default if n is None else n
 
 
 def _is_named_source(text: str) -> bool:
@@ -331,9 +338,12 @@ class LinearProbe:
 
 
 def fit_linear_probe(features: Tensor, labels: Tensor, class_names: list[str] | None = None, *,
-                     l2: float = 1e-3, max_iter: int = 300, info: dict | None = None) -> LinearProbe:
-    """Multinomial logistic regression on standardised features: mean cross-entropy + l2/2 |W|^2,
-    full-batch L-BFGS in float64 from zeros on one thread, so the same data gives the same probe on
+                     l2: float = 0.03, max_iter: int = 300, info: dict | None = None) -> LinearProbe:
+    """Multinomial logistic regression on standardised features: mean cross-entropy + l2/2 |W|^2.
+
+    l2 = 0.03: on DINOv2 ViT-S/14 features of 1000 Fashion-MNIST training images it gives 81%
+    held-out top-1 (1e-3: 78%, with 100% training accuracy; 0.01 to 0.1: 80-81%).
+    Full-batch L-BFGS in float64 from zeros on one thread, so the same data gives the same probe on
     any machine (a probe is small: one thread is also faster than contended threads). The
     standardisation is folded into the returned weights: the probe takes raw features."""
     x, y = features.detach().double(), labels.detach().long()
@@ -370,13 +380,14 @@ def fit_linear_probe(features: Tensor, labels: Tensor, class_names: list[str] | 
 
 
 def cached_linear_probe(model: nn.Module, source: str = "fashion-mnist", n: int = 1000, seed: int = 0,
-                        *, batch_size: int = 64) -> LinearProbe:
+                        *, l2: float = 0.03, batch_size: int = 64) -> LinearProbe:
     """A probe fit on the features of ``model`` (pass the UNMERGED model) for ``n`` labelled images
-    of ``source``; trained once, then read from the cache, keyed by (weights sha256, source, n, seed)."""
+    of ``source``; trained once, then read from the cache, keyed by (weights sha256, source, n,
+    seed, l2). A folder source is keyed by its path: the cache does not see its files change."""
     if not _is_named_source(str(source)):
         source = str(Path(source).resolve())
     weights = weights_sha256(model)
-    key = hashlib.sha256(json.dumps([weights, str(source), n, seed]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([weights, str(source), n, seed, l2]).encode()).hexdigest()[:24]
     path = cache_dir() / "probes" / f"probe-{key}.safetensors"
     if path.is_file():
         try:
@@ -386,8 +397,8 @@ def cached_linear_probe(model: nn.Module, source: str = "fashion-mnist", n: int 
     images, labels, class_names = load_images(source, model, n=n, seed=seed)
     if labels is None:
         raise TmergeError(f"a linear probe needs labelled images; {source} has no labels")
-    info = {"source": str(source), "n": n, "seed": seed, "weights_sha256": weights}
-    probe = fit_linear_probe(extract_features(model, images, batch_size), labels, class_names, info=info)
+    info = {"source": str(source), "n": n, "seed": seed, "l2": l2, "weights_sha256": weights}
+    probe = fit_linear_probe(extract_features(model, images, batch_size), labels, class_names, l2=l2, info=info)
     try:
         probe.save(path)
     except OSError:

@@ -12,7 +12,7 @@ from ..cli_common import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, Kee
                           parse_method_options)
 
 OutOpt = Annotated[Optional[str], typer.Option("--out", help="output file: .onnx, or .engine/.plan with --format trt")]
-OpsOpt = Annotated[str, typer.Option("--ops", help="portable: standard ONNX ops only; plugin: one tmerge:: node per merge (+ local function)")]
+OpsOpt = Annotated[Optional[str], typer.Option("--ops", help="portable: standard ONNX ops only; plugin: one tmerge:: node per merge (+ local function). Default: portable for onnx, plugin for trt")]
 BatchOpt = Annotated[int, typer.Option("--batch", help="batch size of the export and of the parity check (TensorRT: opt batch)")]
 DynamicBatchOpt = Annotated[bool, typer.Option("--dynamic-batch", help="make the batch dimension dynamic (always on for --format trt)")]
 MaxBatchOpt = Annotated[Optional[int], typer.Option("--max-batch", help="--format trt: largest batch of the optimisation profile (default 4x --batch)")]
@@ -35,7 +35,7 @@ def export_command(
     option: MethodOptionsOpt = None,
     adapter: AdapterOpt = None,
     out: OutOpt = None,
-    ops: OpsOpt = "portable",
+    ops: OpsOpt = None,
     batch: BatchOpt = 2,
     dynamic_batch: DynamicBatchOpt = False,
     max_batch: MaxBatchOpt = None,
@@ -50,8 +50,6 @@ def export_command(
 
     if out is None:
         raise TmergeError("--out is required")
-    if fmt == "trt" and ops == "portable":
-        ops = "plugin"  # TensorRT engines are built from the plugin graph
     result = export(
         model_name=model, checkpoint=checkpoint, pretrained=pretrained, method=method, r=r, inflection=inflection,
         schedule=schedule, keep_ratio=keep_ratio, prop_attn=prop_attn, method_options=parse_method_options(option),

@@ -26,7 +26,7 @@ def export(
     prop_attn: bool | None = None,
     method_options: dict | None = None,
     out: str | os.PathLike | None = None,
-    ops: str = "portable",
+    ops: str | None = None,
     batch: int = 2,
     dynamic_batch: bool = False,
     opset: int = 18,
@@ -40,7 +40,7 @@ def export(
 ) -> ExportResult:
     """Load a model, merge it, export it and verify it; what ``tmerge export`` runs.
 
-    ``format="onnx"`` writes ``out`` (+ ``out.json``). ``format="trt"`` exports the plugin ONNX
+    ``ops`` defaults to "portable" for ONNX and "plugin" for TensorRT. ``format="onnx"`` writes ``out`` (+ ``out.json``). ``format="trt"`` exports the plugin ONNX
     beside ``out`` (same stem, ``.onnx``), then builds and checks a TensorRT engine at ``out``
     (needs TensorRT >= 10.9 and an NVIDIA GPU). Every input problem is a :class:`TmergeError`
     raised before anything is written; a failed parity check is a ``VerificationError``.
@@ -49,6 +49,8 @@ def export(
 
     if format not in FORMATS:
         raise TmergeError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if ops is None:
+        ops = "plugin" if format == "trt" else "portable"
     if ops not in OPS_FORMS:
         raise TmergeError(f"--ops must be one of {', '.join(OPS_FORMS)}, got {ops!r}")
     if out is None:
@@ -66,7 +68,7 @@ def export(
         out_path = check_out_path(out, ENGINE_SUFFIXES)
         onnx_path = check_out_path(out_path.with_suffix(".onnx"))
         if ops != "plugin":
-            raise TmergeError("--format trt builds from the plugin graph: use --ops plugin (the default for trt)")
+            raise TmergeError("--format trt builds from the plugin graph: use --ops plugin (the default with --format trt)")
         from .tensorrt import require_tensorrt
 
         require_tensorrt()

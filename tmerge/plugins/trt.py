@@ -16,8 +16,12 @@ an IPluginV3 C++ library.
   the shared PyTorch merge core, on TensorRT's buffers: correct by construction, for parity
   checks and for machines without the AOT kernel; engines built with it need Python + tmerge.
 * The ONNX parser binds a node to a QDP plugin through ``plugin_namespace`` / ``plugin_version``
-  (the node's op type is the plugin name); a node attribute ``aot`` (int) picks the AOT
-  implementation when both exist. :func:`prepare_onnx_for_trt` sets it on a copy of the graph.
+  (the node's op type is the plugin name; parsing QDP nodes needs TensorRT >= 10.6, and since
+  10.10 the namespace may also come from the node's domain, ``tmerge`` here). Since TensorRT 10.7
+  the parser prefers a registered plugin over an ONNX local function of the same name (before,
+  it always inlined the function); without the plugin it still falls back to the function body,
+  i.e. the portable merge. A node attribute ``aot`` (int) picks the AOT implementation when both
+  exist. :func:`prepare_onnx_for_trt` sets it on a copy of the graph.
 
 Nothing here imports TensorRT at module import; :func:`register_plugins` does, once.
 """

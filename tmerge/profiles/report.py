@@ -150,6 +150,14 @@ def save_report(report: dict, path: str | Path) -> Path:
     return path
 
 
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages when the report is made: a busy machine explains noisy times."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
@@ -186,6 +194,8 @@ def environment(torch_threads: int | None = None, ort_threads: int | None = None
         "cpu": cpu_name(),
         "cpu_count": usable_cpus(),
         "gpu": gpu,
+        "loadavg": _loadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "threads": {"torch": torch_threads if torch_threads is not None else torch.get_num_threads(),
                     "onnxruntime": ort_threads},
     }
@@ -222,7 +232,6 @@ def wide_console(stderr: bool = False):
 
 def render_report(report: dict, console=None) -> None:
     """The report as rich tables (summary, latency, drift)."""
-    from rich.console import Console
     from rich.table import Table
 
     console = console or wide_console()
@@ -241,7 +250,8 @@ def render_report(report: dict, console=None) -> None:
         summary.add_row("parameters", f"{params.get('merged'):,} merged · {params.get('unmerged'):,} unmerged")
     env = report["env"]
     summary.add_row("env", f"{env.get('cpu')} · {env.get('cpu_count')} cpus · torch {env['versions'].get('torch')} · "
-                    f"ort {env['versions'].get('onnxruntime')} · threads {env.get('threads')}")
+                    f"ort {env['versions'].get('onnxruntime')} · threads "
+                    + ", ".join(f"{k}={v}" for k, v in (env.get("threads") or {}).items() if v is not None))
     console.print(summary)
 
     if report["latency"]:

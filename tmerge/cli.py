@@ -45,8 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: errors become one line on stderr and an exit code (2 bad input, 1 failed check)."""
     _register_commands()
     try:
-        app(args=list(argv) if argv is not None else None, standalone_mode=False)
-        return 0
+        code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        return code if isinstance(code, int) else 0  # click returns typer.Exit's code here
     except TmergeError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return exc.exit_code

@@ -34,7 +34,11 @@ from tmerge.data import (FASHION_MNIST_CLASSES, extract_features, fashion_mnist,
                          model_transform, sample_images)
 from tmerge.models import load_model
 from tmerge.profiles.drift import output_drift
+from tmerge.adapters import load_adapter
+from tmerge.merging import available
 from tmerge.train import train_adapter
+
+available()  # import every method now: later edits to the source cannot mix into a long run
 
 TRAIN_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")
 HELDOUT_PHOTOS = ("immunohistochemistry", "retina", "stereo_motorcycle")
@@ -164,8 +168,6 @@ def main() -> int:
                 # the adapter must load into a freshly patched model and give the same outputs
                 check = copy.deepcopy(base)
                 tmerge.apply(check, method, r=r)
-                from tmerge.adapters import load_adapter
-
                 load_adapter(check, out)
                 model = check
             else:

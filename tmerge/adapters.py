@@ -112,8 +112,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict:
     """Load an adapter into a model patched with the same method and schedule; returns its metadata.
 
     Errors (TmergeError, one line each) when the model is not merged, or the adapter was trained for
-    another method, other backbone weights, another per-block schedule or proportional-attention
-    setting, or its tensors do not fit the method (e.g. other options).
+    another method, other backbone weights, another per-block schedule, proportional-attention
+    setting or method options, or its tensors do not fit the method.
     """
     info = _require_patched(model, "--adapter")
     state, meta = read_adapter(path)
@@ -139,6 +139,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict:
         flag = "--prop-attn" if meta.get("prop_attn") else "--no-prop-attn"
         raise TmergeError(f"adapter {name} was trained with proportional attention "
                           f"{'on' if meta.get('prop_attn') else 'off'}; pass {flag}")
+    if meta.get("options") is not None and meta["options"] != info["options"]:
+        given = " ".join(f"-o {k}={json.dumps(v)}" for k, v in meta["options"].items() if v is not None)
+        raise TmergeError(f"adapter {name} was trained with method options {meta['options']} but the model "
+                          f"uses {info['options']}; pass {given or 'the same options'}")
     method = model.tmerge_method
     expected = method.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -385,13 +385,13 @@ def train_adapter(
                 if not math.isfinite(value):
                     raise TmergeError(f"training diverged at step {step} (loss {value}); lower --lr")
                 history.append(value)
-                if on_step is not None:
-                    on_step(step, value)
                 bar.advance(value)
                 if dist.main and eval_every and step % eval_every == 0 and step < total:
                     bar.set_drift(measure())
                 if checkpoint_every and step % checkpoint_every == 0:
                     save_checkpoint()
+                if on_step is not None:
+                    on_step(step, value)
             final_drift = measure() if dist.main else None
             bar.set_drift(final_drift)
         finally:

@@ -52,8 +52,10 @@ def train_command(
 
     from ..data import load_images
     from ..models import load_model, model_label
-    from ..train import train_adapter
+    from ..train import TRAINABLE_METHODS, train_adapter
 
+    if method not in TRAINABLE_METHODS:
+        raise TmergeError(f"only learned methods can be trained ({', '.join(TRAINABLE_METHODS)}); got {method!r}")
     if not out.endswith(".safetensors"):
         raise TmergeError(f"--out must end with .safetensors, got {out!r}")
     if heldout < 0:
@@ -64,7 +66,8 @@ def train_command(
         want = None if n_train is None else n_train + heldout
         images, _labels, _names = load_images(data, net, n=want, seed=seed)
         if images.shape[0] <= heldout:
-            raise TmergeError(f"{data} gave {images.shape[0]} images: not enough for {heldout} held-out ones")
+            raise TmergeError(f"{data} gave {images.shape[0]} images: not enough for {heldout} held-out ones "
+                              "(lower --heldout or give --heldout-data)")
         order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
         held, images = images[order[:heldout]], images[order[heldout:].sort().values]
     else:

@@ -45,6 +45,7 @@ from .base import BlockInput, MergePlan, Option, bipartite_slots
 from .tome import ToMe
 
 KEEP_EPS = 1e-4  # smallest share of its size an A token keeps during soft training merges
+PICKED_EPS = 1e-20  # log(1 - picked) floor: -46 / tau2 outweighs any score gap (scores / tau1 <= 10)
 
 
 class DTEM(ToMe):
@@ -163,7 +164,7 @@ def soft_top_r(logits: Tensor, r: int, tau: float) -> Tensor:
     total = torch.zeros_like(logits)
     picked = logits.new_zeros(*logits.shape[:-1], 1)
     for _ in range(r):
-        z = logits + torch.log((1 - picked).clamp_min(KEEP_EPS))
+        z = logits + torch.log((1 - picked).clamp_min(PICKED_EPS))
         q = torch.softmax((z / tau).reshape(bsz, -1), dim=-1).reshape_as(logits)
         total = total + q
         picked = picked + q.sum(-1, keepdim=True)

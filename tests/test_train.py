@@ -1,0 +1,212 @@
+"""Training learned merges: loss goes down, determinism, resume, adapters, errors, CLI, DDP."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import tmerge
+from conftest import tiny_vit
+from tmerge.adapters import load_adapter, read_adapter, save_adapter
+from tmerge.train import distill_loss, forward_with_features, train_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(32, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
+
+
+def _train(model, out, data, method="dtem", **kw):
+    images, held = data
+    args = dict(images=images, heldout=held, out=out, r=3, steps=8, batch_size=8, lr=1e-2, progress=False,
+                eval_every=4, checkpoint_every=4, seed=0)
+    args.update(kw)
+    return train_adapter(model, method, **args)
+
+
+def _soft_loss(model, teacher, images, headless):
+    """The training objective on all images (method in training mode)."""
+    with torch.no_grad():
+        target = forward_with_features(teacher, images)[0]
+        model.tmerge_method.train()
+        out = forward_with_features(model, images)[0]
+        model.tmerge_method.eval()
+    return float(distill_loss(out, target, headless))
+
+
+@pytest.mark.parametrize("method,kwargs", [("dtem", {}), ("dtem", {"num_classes": 0}),
+                                           ("ltm", {"num_classes": 0, "global_pool": "avg"})])
+def test_training_reduces_the_loss(method, kwargs, data, tmp_path):
+    base = tiny_vit("plain", **kwargs)
+    headless = base.num_classes == 0
+    before = tmerge.apply(copy.deepcopy(base), method, r=3)
+    loss_before = _soft_loss(before, base, data[0], headless)
+    model = copy.deepcopy(base)
+    # full-batch steps: gradient descent on exactly the objective measured here
+    summary = _train(model, tmp_path / "a.safetensors", data, method, steps=6, lr=5e-3, batch_size=32)
+    loss_after = _soft_loss(model, base, data[0], headless)
+    assert loss_after < loss_before
+    assert summary["steps"] == 6 and len(summary["loss_history"]) == 6
+    assert summary["heldout_drift"]["n"] == 8 and summary["drift_history"][0]["step"] == 0
+    assert summary["loss"] == ("cosine_features" if headless else "kl_logits")
+    assert not model.tmerge_method.training  # ends in inference mode, merged
+
+
+def test_same_seed_same_adapter_and_resume(data, tmp_path):
+    base = tiny_vit("plain")
+    _train(copy.deepcopy(base), tmp_path / "full.safetensors", data)
+    full, meta = read_adapter(tmp_path / "full.safetensors")
+    _train(copy.deepcopy(base), tmp_path / "again.safetensors", data)
+    again, _ = read_adapter(tmp_path / "again.safetensors")
+    assert all(torch.equal(full[k], again[k]) for k in full)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step, _loss):
+        if step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _train(copy.deepcopy(base), tmp_path / "cut.safetensors", data, on_step=interrupt)
+    assert (tmp_path / "cut.safetensors.ckpt.pt").is_file() and not (tmp_path / "cut.safetensors").exists()
+    summary = _train(copy.deepcopy(base), tmp_path / "cut.safetensors", data, resume=True)
+    resumed, _ = read_adapter(tmp_path / "cut.safetensors")
+    assert summary["steps"] == 8
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    # a checkpoint of another run is refused
+    with pytest.raises(tmerge.TmergeError, match="different run"):
+        _train(copy.deepcopy(base), tmp_path / "cut.safetensors", data, resume=True, lr=5e-3, steps=9)
+    assert meta["method"] == "dtem" and meta["r"] == [3, 3, 3] and meta["steps"] == 8
+    assert meta["data"] == {"n_images": 32} and "final_loss" in meta and meta["weights_sha256"]
+
+
+def test_adapter_round_trip_and_mismatches(data, tmp_path):
+    base = tiny_vit("plain")
+    trained = copy.deepcopy(base)
+    path = tmp_path / "ltm.safetensors"
+    _train(trained, path, data, "ltm", steps=4)
+    fresh = tmerge.apply(copy.deepcopy(base), "ltm", r=3)
+    meta = load_adapter(fresh, path)
+    assert meta["method"] == "ltm"
+    x = data[1]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
+    for k, v in trained.tmerge_method.state_dict().items():
+        assert torch.equal(fresh.tmerge_method.state_dict()[k], v)
+
+    cases = [
+        (tmerge.apply(copy.deepcopy(base), "dtem", r=3), "trained for method 'ltm'"),
+        (tmerge.apply(copy.deepcopy(base), "ltm", r=2), "schedule"),
+        (tmerge.apply(copy.deepcopy(base), "ltm", r=3, prop_attn=False), "proportional attention"),
+        (tmerge.apply(tiny_vit("plain", seed=1), "ltm", r=3), "weights"),
+        (tmerge.apply(copy.deepcopy(base), "ltm", r=3, topk=2), "options"),
+        (tmerge.apply(copy.deepcopy(base), "ltm", r=3, mask_dim=8), "options"),
+        (copy.deepcopy(base), "needs a merged model"),
+    ]
+    for model, message in cases:
+        with pytest.raises(tmerge.TmergeError, match=message):
+            load_adapter(model, path)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    fresh = tmerge.apply(copy.deepcopy(base), "ltm", r=3)
+    with pytest.raises(tmerge.TmergeError, match="could not be read"):
+        load_adapter(fresh, bad)
+    with pytest.raises(tmerge.TmergeError, match="does not exist"):
+        load_adapter(fresh, tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(tmerge.TmergeError, match="not a tmerge adapter"):
+        load_adapter(fresh, tmp_path / "other.safetensors")
+    with pytest.raises(tmerge.TmergeError, match="no learned parameters"):
+        save_adapter(tmerge.apply(copy.deepcopy(base), "tome", r=3), tmp_path / "tome.safetensors")
+
+
+def test_training_errors(data, tmp_path):
+    base = tiny_vit("plain")
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(tmerge.TmergeError, match="only learned methods"):
+        _train(copy.deepcopy(base), out, data, "tome")
+    with pytest.raises(tmerge.TmergeError, match="merges no tokens"):
+        _train(copy.deepcopy(base), out, data, r=0)
+    with pytest.raises(tmerge.TmergeError, match="not both"):
+        _train(copy.deepcopy(base), out, data, epochs=1)
+    with pytest.raises(tmerge.TmergeError, match="learning rate"):
+        _train(copy.deepcopy(base), out, data, lr=0.0)
+
+
+def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    import tmerge.models
+    from tmerge.cli import main
+
+    monkeypatch.setattr(tmerge.models, "load_model", lambda name=None, **kw: tiny_vit("plain"))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        pixels = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "cli.safetensors"
+    args = ["train", "--method", "dtem", "--r", "2", "--data", str(folder), "--heldout", "4", "--steps", "3",
+            "--batch-size", "4", "--out", str(out), "--no-progress", "--json", "--seed", "1"]
+    assert main(args) == 0
+    summary = __import__("json").loads(capsys.readouterr().out)
+    assert summary["steps"] == 3 and summary["data"]["n_images"] == 8 and out.is_file()
+    # --adapter in every command goes through build_merged_model
+    from tmerge.cli_common import build_merged_model
+
+    net = build_merged_model(None, None, False, "dtem", r=2, adapter=str(out))
+    assert net.tmerge_method.adapter["steps"] == 3
+    with pytest.raises(tmerge.TmergeError, match="schedule"):
+        build_merged_model(None, None, False, "dtem", r=3, adapter=str(out))
+    assert main(["train", "--method", "tome", "--r", "2", "--data", str(folder), "--steps", "1",
+                 "--out", str(tmp_path / "t.safetensors"), "--no-progress"]) == 2
+    assert "only learned methods" in capsys.readouterr().err
+    assert main(["train", "--method", "dtem", "--r", "2", "--data", str(folder), "--out", "x.pt"]) == 2
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, hashlib, torch
+    sys.path.insert(0, {tests!r})
+    import tmerge
+    from conftest import tiny_vit
+    from tmerge.train import train_adapter
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, 32, 32, generator=g)
+    model = tiny_vit("plain", num_classes=0)
+    summary = train_adapter(model, "dtem", images=images, heldout=images[:4], out={out!r}, r=3, steps=3,
+                            batch_size=4, lr=1e-2, progress=False, checkpoint_every=0, device="cpu")
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in model.tmerge_method.state_dict().values()))
+    rank = os.environ["RANK"]
+    open({out!r} + ".rank" + rank, "w").write(digest.hexdigest() + " " + str(summary["world_size"]))
+""")
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    out = str(tmp_path / "ddp.safetensors")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=out))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [Path(out + f".rank{r}").read_text().split() for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # DDP kept both replicas identical
+    assert ranks[0][1] == "2"
+    _state, meta = read_adapter(out)
+    assert meta["world_size"] == 2 and meta["steps"] == 3

@@ -1,6 +1,7 @@
 """ONNX Runtime latency of exported merged ViT-S/16 vs the exported unmerged model (run by hand).
 
-    python benchmarks/onnx_latency.py [--configs tome:8,tome:16,pitome:16] [--batch 8] [--threads 2]
+    python benchmarks/onnx_latency.py [--configs tome:8,tome:16,pitome:16,tome:16:onehot] [--batch 8]
+                                      [--threads 2]
                                       [--iters 40] [--out benchmarks/results/onnx_latency.json]
                                       [--export-vit-b]
 
@@ -12,6 +13,7 @@
 * Merge share: a separate profiling session per merged model (``enable_profiling``); every node
   whose export stack trace comes from the merge step (``merge_step(`` in ``patch.py``) counts as
   merge, ``size.log()`` as proportional attention. Nodes ORT fused and renamed count as "other".
+* ``method:r:onehot`` exports the scatter-free one-hot matmul merge (``merge_form="onehot"``).
 * ``--export-vit-b``: wall and CPU time of exporting ViT-B/16 (ToMe r=16, portable, verified).
 """
 
@@ -34,11 +36,11 @@ import timm
 from tmerge.exporter import export_onnx
 
 
-def export_model(arch: str, method: str, r: int | None, out: Path, batch: int) -> dict:
+def export_model(arch: str, method: str, r: int | None, out: Path, batch: int, form: str = "scatter") -> dict:
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False).eval()
     if method != "none":
-        tmerge.apply(model, method, r=r)
+        tmerge.apply(model, method, r=r, merge_form=form)
     t0, c0 = time.perf_counter(), time.process_time()
     result = export_onnx(model, out, batch_size=batch, dynamic_batch=False, ops="portable", model_name=arch)
     return {"path": out, "manifest": result.manifest, "export_wall_s": time.perf_counter() - t0,
@@ -115,12 +117,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    configs = [("none", None)] + [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",") if c]
+    configs = [("none", None, "scatter")]
+    for c in filter(None, args.configs.split(",")):
+        parts = c.split(":")  # method:r[:scatter|onehot]
+        configs.append((parts[0], int(parts[1]), parts[2] if len(parts) > 2 else "scatter"))
     tmpdir = tempfile.mkdtemp(prefix="tmerge-bench-")
     models = {}
-    for method, r in configs:
-        label = "unmerged" if method == "none" else f"{method} r={r}"
-        info = export_model(args.arch, method, r, Path(tmpdir) / f"{method}_{r}.onnx", args.batch)
+    for method, r, form in configs:
+        label = "unmerged" if method == "none" else f"{method} r={r}" + ("" if form == "scatter" else f" {form}")
+        info = export_model(args.arch, method, r, Path(tmpdir) / f"{method}_{r}_{form}.onnx", args.batch, form)
         models[label] = info
         print(f"exported {label}: {info['export_wall_s']:.1f} s wall, {info['export_cpu_s']:.1f} s CPU, "
               f"parity {info['manifest']['parity']['max_abs_diff']:.2e}", flush=True)
@@ -159,11 +164,11 @@ def main(argv=None) -> int:
         results["models"][k] = entry
 
     print(f"\n{args.arch} · batch {args.batch} · {args.threads} threads · {args.iters} interleaved rounds")
-    print(f"{'model':<14}{'median ms':>10}{'p90 ms':>9}{'lat.ratio':>10}{'p90 ratio':>10}{'FLOPs ratio':>12}"
+    print(f"{'model':<20}{'median ms':>10}{'p90 ms':>9}{'lat.ratio':>10}{'p90 ratio':>10}{'FLOPs ratio':>12}"
           f"{'merge %':>9}{'propattn %':>11}")
     for k, e in results["models"].items():
         share = e.get("share", {})
-        print(f"{k:<14}{e['median_ms']:>10.1f}{e['p90_ms']:>9.1f}{e['latency_ratio_median']:>10.3f}"
+        print(f"{k:<20}{e['median_ms']:>10.1f}{e['p90_ms']:>9.1f}{e['latency_ratio_median']:>10.3f}"
               f"{e['latency_ratio_p90']:>10.3f}{e['flops_ratio']:>12.3f}"
               f"{100 * share.get('merge', 0):>9.2f}{100 * share.get('prop_attn', 0):>11.2f}")
     for k, e in results["models"].items():

@@ -271,10 +271,11 @@ def checkpoint(tmp_path_factory):
 
 
 def test_cli_export_avg_pool_static_batch_with_checkpoint(checkpoint, tmp_path, capsys):
-    """CLI end to end: avg-pool model without class token, .safetensors weights, static batch 3."""
+    """CLI end to end: avg-pool model without class token, .safetensors weights, static batch 3,
+    one-hot merge form."""
     out = tmp_path / "cli.onnx"
     rc = main(["export", "--model", "tmt_vit_avg", "--checkpoint", str(checkpoint / "avg.safetensors"),
-               "--method", "tome", "--r", "2", "--batch", "3", "--out", str(out), "--json"])
+               "--method", "tome", "--r", "2", "--batch", "3", "--merge-form", "onehot", "--out", str(out), "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     data = json.loads(captured.out)
@@ -282,6 +283,7 @@ def test_cli_export_avg_pool_static_batch_with_checkpoint(checkpoint, tmp_path, 
     assert data["checkpoint"].endswith("avg.safetensors") and data["method"] == "tome"
     assert data["dynamic_batch"] is False and data["parity"]["batches"] == [3]
     assert data["tokens"] == [16, 14, 12]  # no class token: 16 patches, 2 merged per block
+    assert data["merge_form"] == "onehot"
     from tmerge.models import weights_sha256
 
     torch.manual_seed(1)
@@ -289,6 +291,9 @@ def test_cli_export_avg_pool_static_batch_with_checkpoint(checkpoint, tmp_path, 
     assert data["weights_sha256"] == weights_sha256(reference)
     proto = onnx.load(str(out))
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
+    reductions = [a.s for n in proto.graph.node if n.op_type == "ScatterElements" for a in n.attribute
+                  if a.name == "reduction"]
+    assert b"add" not in reductions  # the merge itself is a matmul, no ScatterElements(add)
     tmerge.apply(reference, "tome", r=2)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

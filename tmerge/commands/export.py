@@ -18,6 +18,7 @@ DynamicBatchOpt = Annotated[bool, typer.Option("--dynamic-batch", help="make the
 MaxBatchOpt = Annotated[Optional[int], typer.Option("--max-batch", help="--format trt: largest batch of the optimisation profile (default 4x --batch)")]
 OpsetOpt = Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18)")]
 FormatOpt = Annotated[str, typer.Option("--format", help="onnx or trt (TensorRT engine built from the plugin graph)")]
+MergeFormOpt = Annotated[str, typer.Option("--merge-form", help="scatter (ScatterElements) or onehot (one-hot matmul: same result, faster on ONNX Runtime CPU)")]
 Fp16Opt = Annotated[bool, typer.Option("--fp16", help="--format trt: build an fp16 engine")]
 
 
@@ -42,6 +43,7 @@ def export_command(
     opset: OpsetOpt = 18,
     fmt: FormatOpt = "onnx",
     fp16: Fp16Opt = False,
+    merge_form: MergeFormOpt = "scatter",
     as_json: JsonOpt = False,
 ) -> None:
     """Export a merged model, verify it against PyTorch, write it with a manifest (<out>.json)."""
@@ -54,7 +56,7 @@ def export_command(
         model_name=model, checkpoint=checkpoint, pretrained=pretrained, method=method, r=r, inflection=inflection,
         schedule=schedule, keep_ratio=keep_ratio, prop_attn=prop_attn, method_options=parse_method_options(option),
         adapter=adapter, out=out, ops=ops, batch=batch, dynamic_batch=dynamic_batch, max_batch=max_batch,
-        opset=opset, format=fmt, fp16=fp16,
+        opset=opset, format=fmt, fp16=fp16, merge_form=merge_form,
     )
     if as_json:
         print_json({"path": str(result.path), "manifest_path": str(result.manifest_path), **result.manifest})

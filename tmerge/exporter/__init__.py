@@ -37,9 +37,12 @@ def export(
     adapter: str | None = None,
     max_batch: int | None = None,
     atol: float = 1e-4,
+    merge_form: str = "scatter",
 ) -> ExportResult:
     """Load a model, merge it, export it and verify it; what ``tmerge export`` runs.
 
+    ``merge_form="onehot"`` merges with a one-hot matmul instead of ScatterElements: the same
+    result, and on ONNX Runtime CPU much faster (ScatterElements(add) is its slowest merge op).
     ``ops`` defaults to "portable" for ONNX and "plugin" for TensorRT. ``format="onnx"`` writes ``out`` (+ ``out.json``). ``format="trt"`` exports the plugin ONNX
     beside ``out`` (same stem, ``.onnx``), then builds and checks a TensorRT engine at ``out``
     (needs TensorRT >= 10.9 and an NVIDIA GPU). Every input problem is a :class:`TmergeError`
@@ -78,7 +81,7 @@ def export(
         registry.get(method)  # unknown method: fail before loading anything
 
     model = _build(model_name, checkpoint, pretrained, method, r, inflection, schedule, keep_ratio, prop_attn,
-                   method_options, adapter)
+                   method_options, adapter, merge_form)
     from ..models import model_label
 
     label = model_label(model_name, checkpoint)
@@ -94,7 +97,7 @@ def export(
 
 
 def _build(model_name, checkpoint, pretrained, method, r, inflection, schedule, keep_ratio, prop_attn,
-           method_options, adapter):
+           method_options, adapter, merge_form="scatter"):
     from ..cli_common import build_merged_model
 
     if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
@@ -102,7 +105,8 @@ def _build(model_name, checkpoint, pretrained, method, r, inflection, schedule, 
     options = [f"{k}={json.dumps(v)}" for k, v in (method_options or {}).items()]
     model = build_merged_model(model_name, None if checkpoint is None else str(checkpoint), pretrained, method,
                                r=r, inflection=inflection, schedule=schedule, keep_ratio=keep_ratio,
-                               prop_attn=prop_attn, options=options, adapter=adapter)
+                               prop_attn=prop_attn, options=options, adapter=adapter,
+                               **({} if method == "none" else {"merge_form": merge_form}))
     check_schedule_possible(model, model_name)
     return model
 

@@ -36,7 +36,7 @@ class MergingBlocks(nn.Sequential):
     """Drop-in replacement for ``model.blocks`` that merges ``schedule.r[l]`` tokens in block l."""
 
     def __init__(self, blocks: nn.Sequential, method: MergeMethod, schedule: ResolvedSchedule,
-                 num_prefix: int, prop_attn: bool, merge_form: str = "scatter") -> None:
+                 num_prefix: int, prop_attn: bool, merge_form: str = "scatter_nd") -> None:
         super().__init__(*blocks)
         # Not a submodule of the sequence (nn.Sequential runs every child): the model owns it as
         # ``model.tmerge_method`` so learned methods' parameters live in the model's state dict.
@@ -96,7 +96,7 @@ class MergingBlocks(nn.Sequential):
         return x
 
 
-def merge_step(method: MergeMethod, block: BlockInput, form: str = "scatter"):
+def merge_step(method: MergeMethod, block: BlockInput, form: str = "scatter_nd"):
     """One block's merge: the method chooses, the shared primitive merges. Returns (x, size, plan)."""
     plan = method.plan(block)
     x, size = merge_tokens(block.x, block.size, plan.slots, plan.num_out, plan.weights, form=form)
@@ -162,7 +162,7 @@ def apply(
     schedule: Any = None,
     keep_ratio: float | None = None,
     prop_attn: bool | None = None,
-    merge_form: str = "scatter",
+    merge_form: str = "scatter_nd",
     **method_options: Any,
 ) -> nn.Module:
     """Patch a timm VisionTransformer in place to merge tokens; returns the same model.
@@ -171,6 +171,9 @@ def apply(
     :class:`MergeMethod`. Exactly one of ``r`` (int, ``(r, inflection)`` or a list), ``schedule``
     (list or "8,8,4") or ``keep_ratio`` sets the reduction schedule. ``prop_attn=None`` uses the
     method's default (on for ToMe, off for PiToMe, always off by default for MAE-style weights).
+    ``merge_form`` picks the ops an exported graph merges with (see
+    :func:`tmerge.merging.ops.merge_tokens`): ``"scatter_nd"`` (default, fastest in ONNX Runtime),
+    ``"scatter"`` (ScatterElements, what TensorRT parses) or ``"onehot"`` (no scatter).
     ``method="none"`` restores the unmodified model.
     """
     unpatch(model)

@@ -18,7 +18,7 @@ DynamicBatchOpt = Annotated[bool, typer.Option("--dynamic-batch", help="make the
 MaxBatchOpt = Annotated[Optional[int], typer.Option("--max-batch", help="--format trt: largest batch of the optimisation profile (default 4x --batch)")]
 OpsetOpt = Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18)")]
 FormatOpt = Annotated[str, typer.Option("--format", help="onnx or trt (TensorRT engine built from the plugin graph)")]
-MergeFormOpt = Annotated[str, typer.Option("--merge-form", help="scatter (ScatterElements) or onehot (one-hot matmul: same result, faster on ONNX Runtime CPU)")]
+MergeFormOpt = Annotated[Optional[str], typer.Option("--merge-form", help="scatter_nd (ScatterND, default for onnx: fastest on ONNX Runtime), scatter (ScatterElements, default for trt) or onehot (one-hot matmul)")]
 Fp16Opt = Annotated[bool, typer.Option("--fp16", help="--format trt: build an fp16 engine")]
 
 
@@ -43,7 +43,7 @@ def export_command(
     opset: OpsetOpt = 18,
     fmt: FormatOpt = "onnx",
     fp16: Fp16Opt = False,
-    merge_form: MergeFormOpt = "scatter",
+    merge_form: MergeFormOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a merged model, verify it against PyTorch, write it with a manifest (<out>.json)."""

@@ -37,12 +37,13 @@ def export(
     adapter: str | None = None,
     max_batch: int | None = None,
     atol: float = 1e-4,
-    merge_form: str = "scatter",
+    merge_form: str | None = None,
 ) -> ExportResult:
     """Load a model, merge it, export it and verify it; what ``tmerge export`` runs.
 
-    ``merge_form="onehot"`` merges with a one-hot matmul instead of ScatterElements: the same
-    result, and on ONNX Runtime CPU much faster (ScatterElements(add) is its slowest merge op).
+    ``merge_form`` (see :func:`tmerge.merging.ops.merge_tokens`) defaults to ``"scatter_nd"``
+    (ScatterND(add) over token rows, the fastest in ONNX Runtime) for ONNX and to ``"scatter"``
+    (ScatterElements(add), which TensorRT's parser supports with reduction) for TensorRT.
     ``ops`` defaults to "portable" for ONNX and "plugin" for TensorRT. ``format="onnx"`` writes ``out`` (+ ``out.json``). ``format="trt"`` exports the plugin ONNX
     beside ``out`` (same stem, ``.onnx``), then builds and checks a TensorRT engine at ``out``
     (needs TensorRT >= 10.9 and an NVIDIA GPU). Every input problem is a :class:`TmergeError`
@@ -80,6 +81,8 @@ def export(
 
         registry.get(method)  # unknown method: fail before loading anything
 
+    if merge_form is None:
+        merge_form = "scatter" if format == "trt" else "scatter_nd"
     model = _build(model_name, checkpoint, pretrained, method, r, inflection, schedule, keep_ratio, prop_attn,
                    method_options, adapter, merge_form)
     from ..models import model_label
@@ -97,7 +100,7 @@ def export(
 
 
 def _build(model_name, checkpoint, pretrained, method, r, inflection, schedule, keep_ratio, prop_attn,
-           method_options, adapter, merge_form="scatter"):
+           method_options, adapter, merge_form="scatter_nd"):
     from ..cli_common import build_merged_model
 
     if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):

@@ -232,7 +232,7 @@ def _patched_merge_step(model: nn.Module, ops: str, slots: list, forced: list | 
     handles: list[int] = []
     class_token = getattr(model, "cls_token", None) is not None
 
-    def step(method, block, form="scatter"):
+    def step(method, block, form="scatter_nd"):
         if forced is not None:
             s = forced[block.layer]
             num_out = block.x.shape[1] - block.r

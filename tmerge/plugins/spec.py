@@ -12,7 +12,7 @@ One merge = one node ``tmerge::<op_type>`` with
   output ``slots`` (B, N) int64 (where each input token went), stripped before the file is written;
 * attributes: ``plugin_namespace`` ("tmerge"), ``plugin_version`` ("1"), ``r``, ``num_tokens`` (N),
   ``num_prefix`` (class/distillation/register tokens that never merge), ``class_token`` (0/1),
-  ``layer``, ``depth``, ``merge_form`` ("scatter"/"onehot") and the method's own parameters
+  ``layer``, ``depth``, ``merge_form`` ("scatter"/"scatter_nd"/"onehot") and the method's own parameters
   (PiToMe: ``margin`` of this layer, ``alpha``, ``bsm``).
 """
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import TmergeError
+from ..merging.ops import MERGE_FORMS
 
 PLUGIN_NAMESPACE = "tmerge"
 PLUGIN_VERSION = "1"
@@ -33,7 +34,7 @@ OUTPUTS = ("x_out", "size_out")
 VERIFY_OUTPUTS = (*OUTPUTS, "slots")
 
 # method name -> ONNX op type / TensorRT plugin name
-OP_TYPES = {"tome": "BipartiteMerge", "pitome": "PiToMeMerge"}
+OP_TYPES = {"tome": "BipartiteMerge", "dtem": "BipartiteMerge", "pitome": "PiToMeMerge"}
 
 # attribute name -> python type, per op type (common ones first)
 _COMMON_ATTRS: dict[str, type] = {
@@ -68,7 +69,7 @@ def supported_methods() -> tuple[str, ...]:
 
 
 def node_spec(method, *, layer: int, depth: int, r: int, num_tokens: int, num_prefix: int,
-              class_token: bool, merge_form: str = "scatter") -> MergeNodeSpec:
+              class_token: bool, merge_form: str = "scatter_nd") -> MergeNodeSpec:
     """The plugin node for ``method`` (a :class:`tmerge.merging.MergeMethod`) at one block."""
     name = getattr(method, "name", str(method))
     if name not in OP_TYPES:
@@ -108,7 +109,7 @@ def check_attrs(op_type: str, attrs: dict[str, Any]) -> dict[str, Any]:
                           f"{PLUGIN_NAMESPACE}/{PLUGIN_VERSION}")
     if not 0 < out["r"] <= (out["num_tokens"] - out["num_prefix"]) // 2:
         raise TmergeError(f"{op_type}: r={out['r']} is impossible for {out['num_tokens']} tokens")
-    if out["merge_form"] not in ("scatter", "onehot"):
+    if out["merge_form"] not in MERGE_FORMS:
         raise TmergeError(f"{op_type}: merge_form {out['merge_form']!r}")
     return out
 

@@ -105,30 +105,27 @@ def bipartite_slots(metric: Tensor, r: int, num_protected: int, slot_offset: int
     protected tokens: the unmerged A tokens in sequence order, then the B tokens in sequence order.
     """
     bsz, n, _ = metric.shape
+    device = metric.device
     a, b = metric[:, ::2], metric[:, 1::2]
     n_a, n_b = a.shape[1], b.shape[1]
     prot_a, prot_b = (num_protected + 1) // 2, num_protected // 2
-    scores = a @ b.transpose(1, 2)
-    if num_protected:
-        scores[:, :prot_a, :] = -torch.inf
-        scores[:, :, :prot_b] = -torch.inf
+    # Constant masks (no data dependence): exported graphs fold them instead of slice-assigning.
+    a_protected = torch.arange(n_a, device=device) < prot_a
+    b_protected = torch.arange(n_b, device=device) < prot_b
+    scores = (a @ b.transpose(1, 2)).masked_fill(a_protected.unsqueeze(1) | b_protected, -torch.inf)
     best_score, best_b = scores.max(dim=-1)  # (B, n_a)
     merged_a = torch.topk(best_score, r, dim=-1).indices
-    is_merged = torch.zeros(bsz, n_a, dtype=torch.bool, device=metric.device).scatter(1, merged_a, True)
+    is_merged = torch.zeros(bsz, n_a, dtype=torch.bool, device=device).scatter(1, merged_a, True)
 
     first = slot_offset + num_protected
-    keep_a = (~is_merged).to(torch.long)
-    keep_a[:, :prot_a] = 0
-    unmerged_slot = first + torch.cumsum(keep_a, dim=1) - 1
-    b_rank = torch.arange(n_b, device=metric.device) - prot_b
-    b_slots = (first + (n_a - prot_a - r) + b_rank).expand(bsz, n_b)
-    a_slots = torch.where(is_merged, b_slots.gather(1, best_b), unmerged_slot)
-
-    protected_slots = slot_offset + torch.arange(num_protected, device=metric.device)
-    a_slots[:, :prot_a] = protected_slots[0::2]
-    b_slots = b_slots.clone()
-    b_slots[:, :prot_b] = protected_slots[1::2]
-    return interleave(a_slots, b_slots, n)
+    unmerged_slot = first + torch.cumsum((~is_merged & ~a_protected).to(torch.long), dim=1) - 1
+    b_slots = first + (n_a - prot_a - r) + torch.arange(n_b, device=device) - prot_b
+    merged_slot = b_slots.expand(bsz, n_b).gather(1, best_b)
+    # protected tokens keep slots slot_offset + 0, 1, 2, ... in sequence order (A gets the even ones)
+    a_slots = torch.where(a_protected, slot_offset + 2 * torch.arange(n_a, device=device),
+                          torch.where(is_merged, merged_slot, unmerged_slot))
+    b_slots = torch.where(b_protected, slot_offset + 2 * torch.arange(n_b, device=device) + 1, b_slots)
+    return interleave(a_slots, b_slots.expand(bsz, n_b), n)
 
 
 def interleave(even: Tensor, odd: Tensor, n: int) -> Tensor:

@@ -38,7 +38,7 @@ def train_command(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="write <out>.ckpt.pt every N steps")] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="continue from <out>.ckpt.pt")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")] = "auto",
-    out: Annotated[str, typer.Option("--out", "-o", help="adapter file to write (.safetensors)")] = "adapter.safetensors",
+    out: Annotated[str, typer.Option("--out", help="adapter file to write (.safetensors)")] = "adapter.safetensors",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     as_json: JsonOpt = False,
 ) -> None:

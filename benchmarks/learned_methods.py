@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 
 import tmerge
 from tmerge.data import (FASHION_MNIST_CLASSES, extract_features, fashion_mnist, fit_linear_probe,
-                         model_transform, sample_images)
+                         model_transform, sample_views)
 from tmerge.models import load_model
 from tmerge.profiles.drift import output_drift
 from tmerge.adapters import load_adapter
@@ -46,25 +45,7 @@ HELDOUT_PHOTOS = ("immunohistochemistry", "retina", "stereo_motorcycle")
 
 def crops(model, names, n, seed):
     """n random crops (30-100% area, 3:4-4:3, random flip) of the named sample photos."""
-    from PIL import Image
-
-    photos = [img for name, img in sample_images() if name in names]
-    transform = model_transform(model)
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        w0, h0 = photo.size
-        area = rng.uniform(0.3, 1.0) * w0 * h0
-        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w = min(w0, max(1, round(math.sqrt(area * aspect))))
-        h = min(h0, max(1, round(math.sqrt(area / aspect))))
-        left, top = int(rng.integers(0, w0 - w + 1)), int(rng.integers(0, h0 - h + 1))
-        view = photo.crop((left, top, left + w, top + h))
-        if rng.random() < 0.5:
-            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out.append(transform(view))
-    return torch.stack(out)
+    return sample_views(n, model, seed, photos=names)
 
 
 def fmnist(model, split, indices):

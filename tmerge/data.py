@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -106,8 +106,10 @@ def _load_sample_images() -> tuple[tuple[str, Image.Image], ...]:
     return tuple(photos)
 
 
-def sample_views(n: int, model: nn.Module, seed: int = 0) -> Tensor:
+def sample_views(n: int, model: nn.Module, seed: int = 0, photos: Sequence[str] | None = None) -> Tensor:
     """``n`` views of the sample photos as a (n, 3, H, W) batch for ``model``; the same for a seed.
+
+    ``photos`` restricts the views to those sample photos (by name), e.g. to hold some out.
 
     View i crops photo i mod P (so every photo is used) at a random position, area (30-100%) and
     aspect ratio (3:4 to 4:3), flipped left-right half the time, then the model's transform.
@@ -116,7 +118,10 @@ def sample_views(n: int, model: nn.Module, seed: int = 0) -> Tensor:
 
     if n < 1:
         raise TmergeError(f"the number of sample views must be at least 1, got {n}")
-    photos = [image for _name, image in sample_images()]
+    chosen = [image for name, image in sample_images() if photos is None or name in photos]
+    if not chosen:
+        raise TmergeError(f"none of the sample photos {list(photos or [])} exists; have {list(SAMPLE_PHOTOS)}")
+    photos = chosen
     transform = model_transform(model)
     rng = np.random.default_rng(seed)
     views = []

@@ -116,7 +116,8 @@ def pair_from_manifest(manifest: dict, onnx_path: Path, *, model: str | None = N
     """
     from ..profiles.profile import build_pair
 
-    name = manifest.get("model") if model is None else model
+    # "model_name" is what was asked for (e.g. "dinov2-s14"); "model" is a human-readable label
+    name = (manifest.get("model_name") or manifest.get("model")) if model is None else model
     if isinstance(name, dict):
         name = name.get("name")
     layers = manifest.get("layers")

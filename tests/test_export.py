@@ -299,6 +299,19 @@ def test_cli_export_avg_pool_static_batch_with_checkpoint(checkpoint, tmp_path, 
     with torch.no_grad():
         assert np.abs(run_ort(out, images) - reference(images).numpy()).max() <= 1e-4
 
+    # `tmerge profile --onnx` rebuilds the pair from the manifest's model_name (its "model" is a label)
+    manifest_path = Path(str(out) + ".json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "model": "tmt_vit_avg (a display label)"}))
+    args = ["profile", "--onnx", str(out), "--backends", "onnxruntime", "--warmup", "1", "--iters", "2", "--no-drift"]
+    assert main([*args, "--batch-sizes", "1"]) == 2
+    assert "exported with a static batch of 3: use --batch-sizes 3" in capsys.readouterr().err
+    rc = main([*args, "--batch-sizes", "3", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads(captured.out)
+    assert report["schedule"] == [2, 2] and report["latency"][0]["ratio_p50"] > 0
+
 
 def test_cli_export_rich_summary(exported, tmp_path, capsys, monkeypatch):
     """The human summary renders from an export result (export itself reused from a fixture)."""

@@ -201,6 +201,10 @@ def profile_command(
         if not onnx.is_file():
             raise TmergeError(f"{onnx} does not exist")
         manifest = read_manifest(onnx)
+        static = manifest.get("export_batch") if manifest.get("dynamic_batch") is False else None
+        if static is not None and any(b != static for b in config.batch_sizes) and "onnxruntime" in config.backends:
+            raise TmergeError(f"{onnx} was exported with a static batch of {static}: use --batch-sizes {static} "
+                              "or export with --dynamic-batch")
         merged, unmerged, name = pair_from_manifest(manifest, onnx, model=model, checkpoint=checkpoint,
                                                     model_kwargs=kwargs, adapter=adapter)
         config.onnx_merged = str(onnx)

@@ -28,7 +28,7 @@ def merge_tokens(
     slots: Tensor,
     num_out: int,
     weights: Tensor | None = None,
-    form: str = "scatter",
+    form: str = "scatter_nd",
 ) -> tuple[Tensor, Tensor]:
     """Size-weighted merge of ``x`` (B, N, C) with sizes ``size`` (B, N, 1) into ``num_out`` slots.
 

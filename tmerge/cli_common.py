@@ -23,18 +23,29 @@ AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="trained DT
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 
 
-def parse_method_options(items: list[str] | None) -> dict[str, Any]:
-    """``["margin=0.9", "bsm_layers=6"]`` -> {"margin": 0.9, "bsm_layers": 6} (JSON values, else strings)."""
+def parse_key_values(items: str | list[str] | None, what: str, *, split_commas: bool = False) -> dict[str, Any]:
+    """``["margin=0.9", "bsm_layers=6"]`` -> {"margin": 0.9, "bsm_layers": 6} (JSON values, else strings).
+
+    With ``split_commas`` each item may hold several pairs: "img_size=32,patch_size=8".
+    """
+    if isinstance(items, str):
+        items = [items]
+    pairs = [p for item in items or [] for p in (item.split(",") if split_commas else [item]) if p.strip()]
     options: dict[str, Any] = {}
-    for item in items or []:
+    for item in pairs:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise TmergeError(f"--option takes KEY=VALUE, got {item!r}")
+        if not sep or not key.strip():
+            raise TmergeError(f"{what} takes KEY=VALUE, got {item!r}")
         try:
             options[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             options[key.strip()] = raw
     return options
+
+
+def parse_method_options(items: list[str] | None) -> dict[str, Any]:
+    """``-o KEY=VALUE`` method options."""
+    return parse_key_values(items, "--option")
 
 
 def schedule_kwargs(r: int | None, inflection: float | None, schedule: str | None, keep_ratio: float | None) -> dict:

@@ -56,25 +56,9 @@ class Progress:
 
 def parse_kv(items: str | list[str] | None, what: str = "--model-kwargs") -> dict[str, Any]:
     """"img_size=32,patch_size=8" (or a list of such) -> {"img_size": 32, "patch_size": 8}."""
-    import json
+    from ..cli_common import parse_key_values
 
-    if not items:
-        return {}
-    if isinstance(items, str):
-        items = [items]
-    out: dict[str, Any] = {}
-    for chunk in items:
-        for item in chunk.split(","):
-            if not item.strip():
-                continue
-            key, sep, raw = item.partition("=")
-            if not sep or not key.strip():
-                raise TmergeError(f"{what} takes KEY=VALUE[,KEY=VALUE...], got {item!r}")
-            try:
-                out[key.strip()] = json.loads(raw)
-            except json.JSONDecodeError:
-                out[key.strip()] = raw
-    return out
+    return parse_key_values(items, what, split_commas=True)
 
 
 def build_pair(model: str | None = None, *, checkpoint: str | None = None, pretrained: bool = False,

@@ -69,13 +69,21 @@ def build_merged_model(
     prop_attn: bool | None = None,
     options: list[str] | None = None,
     adapter: str | None = None,
+    model_kwargs: dict | None = None,
     **apply_kwargs: Any,
 ):
-    """Load the model and patch it in place. Returns the patched model (eval mode)."""
-    from . import apply
+    """Load the model (``model_kwargs`` go to timm) and patch it in place; eval mode."""
     from .models import load_model
 
-    net = load_model(model, checkpoint=checkpoint, pretrained=pretrained)
+    net = load_model(model, checkpoint=checkpoint, pretrained=pretrained, **(model_kwargs or {}))
+    return patch_model(net, method, r, inflection, schedule, keep_ratio, prop_attn, options, adapter, **apply_kwargs)
+
+
+def patch_model(net, method: str, r=None, inflection=None, schedule=None, keep_ratio=None, prop_attn=None,
+                options: list[str] | None = None, adapter: str | None = None, **apply_kwargs: Any):
+    """Apply the CLI's method/schedule/options (and a trained adapter) to an already loaded model."""
+    from . import apply
+
     apply(net, method, prop_attn=prop_attn, **schedule_kwargs(r, inflection, schedule, keep_ratio),
           **parse_method_options(options), **apply_kwargs)
     if adapter is not None:

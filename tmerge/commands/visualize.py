@@ -37,7 +37,10 @@ def visualize_command(
 ) -> None:
     """Track which input patches end up in each token and draw the groups over the image."""
     from ..errors import TmergeError
-    from ..profiles.profile import build_pair, parse_kv
+    import torch
+
+    from ..cli_common import build_merged_model
+    from ..profiles.profile import parse_kv
     from ..profiles.visualize import visualize
 
     layer_list = None
@@ -48,9 +51,9 @@ def visualize_command(
             raise TmergeError(f"--layers takes a comma list of block indices, got {layers!r}") from None
     if out.suffix.lower() != ".png":
         raise TmergeError(f"--out must be a .png file, got {out}")
-    merged, _ = build_pair(model, checkpoint=checkpoint, pretrained=pretrained, method=method, r=r,
-                           inflection=inflection, schedule=schedule, keep_ratio=keep_ratio, prop_attn=prop_attn,
-                           options=option, adapter=adapter, model_kwargs=parse_kv(model_kwargs))
+    torch.manual_seed(0)  # random-init models draw the same weights as `tmerge profile` builds
+    merged = build_merged_model(model, checkpoint, pretrained, method, r, inflection, schedule, keep_ratio,
+                                prop_attn, option, adapter, model_kwargs=parse_kv(model_kwargs))
     summary = visualize(merged, image, out, per_layer=per_layer, layers=layer_list, style=style,
                         title=f"{model or 'dinov2-s14'} · {method} · {Path(image).name}")
     if as_json:

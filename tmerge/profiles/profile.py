@@ -70,21 +70,15 @@ def build_pair(model: str | None = None, *, checkpoint: str | None = None, pretr
 
     ``seed`` seeds torch before the model is built, so random-init models (no --pretrained, no
     --checkpoint) get the same weights in every run and reports stay comparable."""
-    from .. import apply
-    from ..cli_common import parse_method_options, schedule_kwargs
+    from ..cli_common import patch_model
     from ..models import load_model
 
     if seed is not None:
         torch.manual_seed(seed)
     unmerged = load_model(model, checkpoint=checkpoint, pretrained=pretrained, **(model_kwargs or {}))
-    merged = copy.deepcopy(unmerged)
-    apply(merged, method, prop_attn=prop_attn, **schedule_kwargs(r, inflection, schedule, keep_ratio),
-          **parse_method_options(options))
-    if adapter is not None:
-        from ..adapters import load_adapter
-
-        load_adapter(merged, adapter)
-    return merged.eval(), unmerged.eval()
+    merged = patch_model(copy.deepcopy(unmerged), method, r, inflection, schedule, keep_ratio, prop_attn,
+                         options, adapter)
+    return merged, unmerged.eval()
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:

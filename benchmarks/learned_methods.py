@@ -32,10 +32,10 @@ import tmerge
 from tmerge.data import (FASHION_MNIST_CLASSES, extract_features, fashion_mnist, fit_linear_probe,
                          model_transform, sample_views)
 from tmerge.models import load_model
-from tmerge.profiles.drift import output_drift
-from tmerge.adapters import load_adapter
+from tmerge.profiling.drift import output_drift
+from tmerge.training.adapters import load_adapter
 from tmerge.merging import available
-from tmerge.train import train_adapter
+from tmerge.training import train_adapter
 
 available()  # import every method now: later edits to the source cannot mix into a long run
 

@@ -6,18 +6,18 @@ features, 257 tokens at 224x224). Rows:
 * ToMe and PiToMe at constant r = 4, 8, 12, 16 per block and PiToMe-style keep ratios 0.9, 0.95
   (each block keeps that share of its non-prefix tokens; used for ToMe too);
 * DTEM and LTM at r = 8 and 16 with the trained adapters (``benchmarks/results/adapters_long`` for
-  r=16, ``benchmarks/results/adapters`` for r=8), loaded with ``tmerge.adapters.load_adapter`` into
+  r=16, ``benchmarks/results/adapters`` for r=8), loaded with ``tmerge.training.adapters.load_adapter`` into
   a freshly patched model; an adapter that does not load is reported and its row skipped (nothing is
   retrained here).
 
 Per row:
 
-* FLOPs ratio merged / unmerged: ``tmerge.profiles.flops.count_flops`` at batch 1 (FLOPs = 2 x MACs,
+* FLOPs ratio merged / unmerged: ``tmerge.profiling.flops.count_flops`` at batch 1 (FLOPs = 2 x MACs,
   matmul/attention only).
 * ONNX Runtime CPU latency ratio p50 merged / unmerged at batch 8: both models exported with the
-  project exporter (``export_onnx`` through ``tmerge.profiles.profile.export_for_runtime``, verified
+  project exporter (``export_onnx`` through ``tmerge.profiling.profile.export_for_runtime``, verified
   against torch; the unmerged model is exported once and its session reused), timed with
-  ``tmerge.profiles.latency.measure_pair`` (interleaved, order flipped each round, ORT intra-op
+  ``tmerge.profiling.latency.measure_pair`` (interleaved, order flipped each round, ORT intra-op
   threads = --threads, spinning off). Merged models use ``merge_form="onehot"`` by default (same
   math as the scatter form; ORT's ScatterElements is slow, see benchmarks/results/onnx_latency_*.json).
 * Photo cosine: mean cosine similarity of merged vs unmerged features on ``load_images("samples",
@@ -53,17 +53,17 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import tmerge  # noqa: E402
-from tmerge.adapters import read_adapter  # noqa: E402
+from tmerge.training.adapters import read_adapter  # noqa: E402
 from tmerge.errors import TmergeError  # noqa: E402
-from tmerge.adapters import load_adapter  # noqa: E402
+from tmerge.training.adapters import load_adapter  # noqa: E402
 from tmerge.data import SAMPLE_PHOTOS, cached_linear_probe, extract_features, load_images  # noqa: E402
 from tmerge.models import load_model, weights_sha256  # noqa: E402
-from tmerge.profiles import latency as lat  # noqa: E402
-from tmerge.profiles.drift import output_drift  # noqa: E402
-from tmerge.profiles.flops import FLOPS_CONVENTION, count_flops  # noqa: E402
-from tmerge.profiles.profile import export_for_runtime  # noqa: E402
-from tmerge.profiles.report import environment, now_iso  # noqa: E402
-from tmerge.profiles.sweep import plot_pareto  # noqa: E402
+from tmerge.profiling import latency as lat  # noqa: E402
+from tmerge.profiling.drift import output_drift  # noqa: E402
+from tmerge.profiling.flops import FLOPS_CONVENTION, count_flops  # noqa: E402
+from tmerge.profiling.profile import export_for_runtime  # noqa: E402
+from tmerge.profiling.report import environment, now_iso  # noqa: E402
+from tmerge.profiling.sweep import plot_pareto  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 ADAPTERS = {
@@ -332,7 +332,7 @@ def main() -> int:
         f"FLOPs: {FLOPS_CONVENTION}; batch 1, per image.",
         f"Latency: ONNX Runtime {result['env']['versions'].get('onnxruntime')} CPU, batch {args.batch}, "
         f"{args.threads} intra-op threads, warmup {args.warmup}, {args.iters} timed iterations per model, merged and "
-        f"unmerged interleaved in one process (tmerge.profiles.latency.measure_pair); ratio of p50s. Merged graphs "
+        f"unmerged interleaved in one process (tmerge.profiling.latency.measure_pair); ratio of p50s. Merged graphs "
         f"use merge_form={args.merge_form}. Shared 2-core machine (load average {load_start[0]:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} at end): latency ratios are noisy, roughly ±0.05.",
         f"Photo cosine: mean over {len(photos)} views from load_images('samples', seed={PHOTO_SEED}) (crops of all "

@@ -5,7 +5,7 @@
                                       [--iters 40] [--out benchmarks/results/onnx_latency.json]
                                       [--export-vit-b]
 
-* Every model is exported with ``tmerge.exporter.export_onnx`` (portable ops, static batch, verified
+* Every model is exported with ``tmerge.export.export_onnx`` (portable ops, static batch, verified
   against PyTorch), random-init weights (weights do not change latency), 224 px.
 * Timing: one process, one ORT session per model (intra-op threads = --threads, inter-op 1,
   sequential), warm-up, then rounds that run every model once in rotating order; per model
@@ -33,7 +33,7 @@ import torch
 
 import tmerge
 import timm
-from tmerge.exporter import export_onnx
+from tmerge.export import export_onnx
 
 
 def export_model(arch: str, method: str, r: int | None, out: Path, batch: int, form: str = "scatter_nd") -> dict:

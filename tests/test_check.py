@@ -8,8 +8,8 @@ import json
 import pytest
 
 from tmerge.cli import main
-from tmerge.profiles.check import compare, parse_threshold
-from tmerge.profiles.report import SCHEMA_VERSION, load_report, save_report, validate_report
+from tmerge.profiling.check import compare, parse_threshold
+from tmerge.profiling.report import SCHEMA_VERSION, load_report, save_report, validate_report
 from tmerge.errors import TmergeError
 
 

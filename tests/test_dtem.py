@@ -9,7 +9,7 @@ import torch
 
 import tmerge
 from conftest import tiny_vit
-from tmerge.merging.dtem import DTEM, soft_top_r
+from tmerge.merging.methods.dtem import DTEM, soft_top_r
 
 
 def _run(model, x):
@@ -105,7 +105,7 @@ def test_unbound_method_errors():
 @pytest.mark.parametrize("form", ["portable", "plugin"])
 def test_export_both_forms(form, tmp_path):
     pytest.importorskip("onnxruntime")
-    from tmerge.exporter.onnx import export_onnx
+    from tmerge.export.onnx import export_onnx
     from tmerge.plugins import spec
 
     if form == "plugin" and "dtem" not in spec.OP_TYPES:

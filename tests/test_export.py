@@ -21,8 +21,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from tmerge.cli import main  # noqa: E402
 from tmerge.errors import TmergeError, VerificationError  # noqa: E402
-from tmerge.exporter import export, export_onnx  # noqa: E402
-from tmerge.exporter import onnx as exonnx  # noqa: E402
+from tmerge.export import export, export_onnx  # noqa: E402
+from tmerge.export import onnx as exonnx  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
 MERGE_OPS = {"TopK", "ArgMax", "ScatterElements", "GatherElements", "CumSum"}
@@ -204,14 +204,14 @@ class _FakeSession:
 
 
 def _plans(model, images):
-    from tmerge.exporter.verify import torch_reference
+    from tmerge.export.verify import torch_reference
 
     out, plans = torch_reference(model, images)
     return out, [p.numpy().copy() for p in plans]
 
 
 def test_verify_tells_near_ties_from_bugs():
-    from tmerge.exporter.verify import compare_once, torch_replay
+    from tmerge.export.verify import compare_once, torch_replay
 
     model = tiny("tmt_vit", "tome")
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -315,7 +315,7 @@ def test_cli_export_avg_pool_static_batch_with_checkpoint(checkpoint, tmp_path, 
 
 def test_cli_export_rich_summary(exported, tmp_path, capsys, monkeypatch):
     """The human summary renders from an export result (export itself reused from a fixture)."""
-    import tmerge.exporter as exporter_pkg
+    import tmerge.export as exporter_pkg
 
     _, result = exported("plugin", "tome")
     monkeypatch.setattr(exporter_pkg, "export", lambda **kwargs: result)

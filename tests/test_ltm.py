@@ -9,7 +9,7 @@ import torch
 
 import tmerge
 from conftest import tiny_vit
-from tmerge.train import cluster_assign, ib_loss, kmeans
+from tmerge.training import cluster_assign, ib_loss, kmeans
 
 
 def _perturb(model, seed=3):
@@ -60,7 +60,7 @@ def test_gradients_reach_the_mask_even_with_closed_gates(tiny_images):
 
 def test_onnx_runtime_parity(tmp_path, tiny_images):
     ort = pytest.importorskip("onnxruntime")
-    from tmerge.exporter.onnx import export_onnx
+    from tmerge.export.onnx import export_onnx
 
     model = _perturb(tmerge.apply(tiny_vit("distilled"), "ltm", r=3)).eval()
     result = export_onnx(model, tmp_path / "ltm.onnx", ops="portable", batch_size=2)

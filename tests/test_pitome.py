@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from tmerge.merging.base import BlockInput
 from tmerge.merging.ops import merge_tokens
-from tmerge.merging.pitome import PiToMe
+from tmerge.merging.methods.pitome import PiToMe
 
 
 def reference_pitome(keys, x, size, r, num_prefix, margin, bsm):

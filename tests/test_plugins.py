@@ -173,7 +173,7 @@ def test_prepare_onnx_for_trt_sets_aot_on_plugin_nodes():
 
 
 def test_profile_shapes():
-    from tmerge.exporter.tensorrt import profile_shapes
+    from tmerge.export.tensorrt import profile_shapes
 
     assert profile_shapes((2, 3, 224, 224), 8, None) == ((1, 3, 224, 224), (8, 3, 224, 224), (32, 3, 224, 224))
     assert profile_shapes((2, 3, 32, 32), 4, 16)[2] == (16, 3, 32, 32)
@@ -191,7 +191,7 @@ def _has_trt() -> bool:
 
 @pytest.mark.skipif(_has_trt(), reason="TensorRT is installed")
 def test_without_tensorrt_errors_say_what_to_install():
-    from tmerge.exporter.tensorrt import TRT_MISSING, require_tensorrt
+    from tmerge.export.tensorrt import TRT_MISSING, require_tensorrt
 
     for call in (require_tensorrt, trtdefs.register_plugins):
         with pytest.raises(TmergeError) as info:
@@ -205,8 +205,8 @@ def test_without_tensorrt_errors_say_what_to_install():
 @pytest.mark.parametrize("method", ["tome", "pitome"])
 @pytest.mark.parametrize("fp16", [False, True])
 def test_trt_engine_end_to_end(tmp_path, method, fp16):  # pragma: no cover - not run on the build machines
-    from tmerge.exporter import export_onnx
-    from tmerge.exporter.tensorrt import build_engine
+    from tmerge.export import export_onnx
+    from tmerge.export.tensorrt import build_engine
 
     model = _model(method, depth=2)
     result = export_onnx(model, tmp_path / "m.onnx", ops="plugin", dynamic_batch=True)

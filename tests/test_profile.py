@@ -12,9 +12,9 @@ from conftest import tiny_vit
 from tmerge import apply
 from tmerge.cli import main
 from tmerge.errors import TmergeError
-from tmerge.profiles import latency as lat
-from tmerge.profiles.profile import ProfileConfig, drift_between, profile_pair
-from tmerge.profiles.report import load_report, save_report, validate_report
+from tmerge.profiling import latency as lat
+from tmerge.profiling.profile import ProfileConfig, drift_between, profile_pair
+from tmerge.profiling.report import load_report, save_report, validate_report
 
 TINY_KWARGS = "img_size=32,patch_size=8,depth=3,embed_dim=48,num_heads=3,num_classes=10"
 TINY_CLI = ["--model", "vit_tiny_patch16_224", "--model-kwargs", TINY_KWARGS]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from tmerge.cli import main
-from tmerge.profiles.report import load_report
+from tmerge.profiling.report import load_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from tmerge.merging.base import BlockInput
 from tmerge.merging.ops import merge_tokens
-from tmerge.merging.tome import ToMe
+from tmerge.merging.methods.tome import ToMe
 
 
 def plan(keys, r, num_prefix):

@@ -14,8 +14,8 @@ import torch
 
 import tmerge
 from conftest import tiny_vit
-from tmerge.adapters import load_adapter, read_adapter, save_adapter
-from tmerge.train import distill_loss, forward_with_features, train_adapter
+from tmerge.training.adapters import load_adapter, read_adapter, save_adapter
+from tmerge.training import distill_loss, forward_with_features, train_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
     summary = __import__("json").loads(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["data"]["n_images"] == 8 and out.is_file()
     # --adapter in every command goes through build_merged_model
-    from tmerge.cli_common import build_merged_model
+    from tmerge.cli.options import build_merged_model
 
     net = build_merged_model(None, None, False, "dtem", r=2, adapter=str(out))
     assert net.tmerge_method.adapter["steps"] == 3
@@ -183,7 +183,7 @@ DDP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import tmerge
     from conftest import tiny_vit
-    from tmerge.train import train_adapter
+    from tmerge.training import train_adapter
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(16, 3, 32, 32, generator=g)

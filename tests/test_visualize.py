@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_VARIANTS, tiny_vit
 from tmerge import apply
 from tmerge.cli import main
-from tmerge.profiles.visualize import patch_groups, render_groups
+from tmerge.profiling.visualize import patch_groups, render_groups
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

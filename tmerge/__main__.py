@@ -1,3 +1,3 @@
-from .cli import entry
+from .cli.app import entry
 
 entry()

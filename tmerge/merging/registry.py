@@ -28,10 +28,10 @@ def get(name: str) -> type[MergeMethod]:
 def _load_builtin() -> None:
     if _METHODS:
         return
-    from .dtem import DTEM
-    from .ltm import LTM
-    from .pitome import PiToMe
-    from .tome import ToMe
+    from .methods.dtem import DTEM
+    from .methods.ltm import LTM
+    from .methods.pitome import PiToMe
+    from .methods.tome import ToMe
 
     for cls in (ToMe, PiToMe, DTEM, LTM):
         register(cls)

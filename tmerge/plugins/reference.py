@@ -17,7 +17,7 @@ from .spec import check_attrs
 
 def method_from_attrs(op_type: str, attrs: dict[str, Any]):
     """A :class:`~tmerge.merging.MergeMethod` that plans exactly like the node's method at its layer."""
-    from ..merging.tome import ToMe
+    from ..merging.methods.tome import ToMe
 
     a = check_attrs(op_type, attrs)
     if op_type == "BipartiteMerge":
@@ -28,7 +28,7 @@ def method_from_attrs(op_type: str, attrs: dict[str, Any]):
 
 
 def _fixed_pitome_class():
-    from ..merging.pitome import PiToMe
+    from ..merging.methods.pitome import PiToMe
 
     class FixedPiToMe(PiToMe):
         """PiToMe at one layer with the margin and step read from the node (not recomputed)."""

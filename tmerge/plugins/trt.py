@@ -125,7 +125,7 @@ def register_plugins(aot: bool | None = None) -> dict[str, bool]:
     try:
         import tensorrt.plugin as trtp
     except ImportError as e:
-        from ..exporter.tensorrt import TRT_MISSING
+        from ..export.tensorrt import TRT_MISSING
 
         raise TmergeError(TRT_MISSING) from e
     from typing import Tuple

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import BlockInput, MergeMethod, MergePlan, Option, bipartite_slots, interleave, key_metric
+from ..base import BlockInput, MergeMethod, MergePlan, Option, bipartite_slots, interleave, key_metric
 
 
 class PiToMe(MergeMethod):

@@ -6,7 +6,7 @@ which for DTEM selects its continuous relaxation). Loss:
 
 * classifiers: KL(teacher softmax || student softmax) of the logits ("batchmean");
 * headless backbones (``num_classes == 0``): 1 - cosine(student features, teacher features);
-* LTM adds ``ib_weight`` x the information-bottleneck cluster term (see :mod:`tmerge.merging.ltm`).
+* LTM adds ``ib_weight`` x the information-bottleneck cluster term (see :mod:`tmerge.merging.methods.ltm`).
 
 Optimiser AdamW (no weight decay), cosine learning-rate decay to 0 over the run. The data order is a
 function of (seed, epoch) only and the step counter, so a run resumed from its checkpoint
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .errors import TmergeError
+from ..errors import TmergeError
 
 TRAINABLE_METHODS = ("dtem", "ltm")
 IB_CLUSTERS = 16
@@ -186,7 +186,7 @@ def _teacher_outputs(teacher: nn.Module, images: Tensor, batch_size: int, device
 @torch.no_grad()
 def heldout_drift(model: nn.Module, images: Tensor, reference: Tensor, headless: bool, batch_size: int,
                   device) -> dict:
-    from .profiles.drift import output_drift
+    from ..profiling.drift import output_drift
 
     method = model.tmerge_method
     was_training = method.training
@@ -247,9 +247,9 @@ def train_adapter(
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it. ``max_seconds``
     stops early once the training loop has run that long (the summary says so; not deterministic).
     """
-    from . import apply
+    from .. import apply
     from .adapters import backbone_sha256, save_adapter
-    from .patch import merge_info
+    from ..patch import merge_info
 
     if method not in TRAINABLE_METHODS:
         raise TmergeError(f"only learned methods can be trained ({', '.join(TRAINABLE_METHODS)}); got {method!r}")

@@ -1,6 +1,6 @@
 """``tmerge profile`` as a library: build the merged/unmerged pair, measure, return a report dict.
 
-The report follows :mod:`tmerge.profiles.report` (schema version 1). Everything is measured in this
+The report follows :mod:`tmerge.profiling.report` (schema version 1). Everything is measured in this
 process: FLOPs with ``torch.utils.flop_counter`` (batch 1, per image), drift with the torch models on
 the same images, latency per (backend, batch size) with the merged and unmerged models interleaved.
 """
@@ -56,7 +56,7 @@ class Progress:
 
 def parse_kv(items: str | list[str] | None, what: str = "--model-kwargs") -> dict[str, Any]:
     """"img_size=32,patch_size=8" (or a list of such) -> {"img_size": 32, "patch_size": 8}."""
-    from ..cli_common import parse_key_values
+    from ..cli.options import parse_key_values
 
     return parse_key_values(items, what, split_commas=True)
 
@@ -70,7 +70,7 @@ def build_pair(model: str | None = None, *, checkpoint: str | None = None, pretr
 
     ``seed`` seeds torch before the model is built, so random-init models (no --pretrained, no
     --checkpoint) get the same weights in every run and reports stay comparable."""
-    from ..cli_common import patch_model
+    from ..cli.options import patch_model
     from ..models import load_model
 
     if seed is not None:
@@ -178,7 +178,7 @@ def export_for_runtime(model: nn.Module, path: Path, *, model_name: str | None, 
     """Export ``model`` (merged or not) to ONNX with the project exporter (verified against torch);
     returns {path, parity}. Falls back to a plain dynamo export when the exporter is unavailable."""
     try:
-        from ..exporter.onnx import export_onnx
+        from ..export.onnx import export_onnx
     except ImportError:
         export_onnx = None
     if export_onnx is not None:

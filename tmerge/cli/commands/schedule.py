@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..cli import app, print_json
-from ..cli_common import (CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt, MethodOptionsOpt,
+from ..app import app, print_json
+from ..options import (CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt, MethodOptionsOpt,
                           ModelOpt, PropAttnOpt, ROpt, ScheduleOpt, build_merged_model)
 
 
@@ -21,7 +21,7 @@ def schedule_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Show how many tokens each block merges and keeps."""
-    from ..patch import merge_info
+    from ...patch import merge_info
 
     net = build_merged_model(model, checkpoint, False, method, r, inflection, schedule, keep_ratio, prop_attn, option)
     info = merge_info(net)

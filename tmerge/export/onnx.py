@@ -19,7 +19,7 @@ is replaced by a ``torch.library.custom_op`` (``tmerge::merge_step``) that is tr
 merge step exported on its own (inputs x, size, keys; dynamic batch), i.e. exactly the portable
 subgraph.
 
-Verification (see :mod:`tmerge.exporter.verify`) runs a graph that also outputs every layer's
+Verification (see :mod:`tmerge.export.verify`) runs a graph that also outputs every layer's
 slots (where each token went), compares outputs and chosen indices with PyTorch, then strips the
 slot outputs and checks the final graph once more before it is written atomically.
 """
@@ -603,7 +603,7 @@ def build_manifest(model: nn.Module, *, model_name: str | None, ops: str, opset:
                    dynamic_batch: bool, parity: dict, proto, path: Path, extra: dict | None = None) -> dict:
     from ..models import weights_sha256
     from ..patch import merge_info
-    from ..profiles.flops import count_flops
+    from ..profiling.flops import count_flops
 
     info = merge_info(model)
     shape = model_input_shape(model, 1)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import TmergeError
+from ..errors import TmergeError
 
 FORMAT = "tmerge-adapter"
 FORMAT_VERSION = 1
@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 
 def backbone_sha256(model: nn.Module) -> str:
     """sha256 of the model's weights without any attached merge method (see models.weights_sha256)."""
-    from .models import weights_sha256
+    from ..models import weights_sha256
 
     method = model._modules.pop("tmerge_method", None)
     try:
@@ -41,7 +41,7 @@ def _arch(model: nn.Module) -> str | None:
 
 
 def _require_patched(model: nn.Module, what: str):
-    from .patch import merge_info
+    from ..patch import merge_info
 
     info = merge_info(model)
     if info["method"] == "none":

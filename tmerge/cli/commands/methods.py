@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..cli import app, print_json
-from ..cli_common import JsonOpt
+from ..app import app, print_json
+from ..options import JsonOpt
 
 
 @app.command("methods")
@@ -12,7 +12,7 @@ def methods_command(as_json: JsonOpt = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..merging import available
+    from ...merging import available
 
     rows = []
     for name, cls in sorted(available().items()):

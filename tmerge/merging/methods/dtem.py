@@ -15,7 +15,7 @@ merges exactly like ToMe. This equality needs ``attn.k_norm`` to be the identity
 (e.g. ``qk_norm=True``) ToMe's metric is the mean of *normalised* keys, which no linear map equals;
 DTEM then starts from the un-normalised key projection (close, not identical) and training adapts it.
 
-Training (``method.train()``; the backbone stays frozen and in eval mode, see :mod:`tmerge.train`)
+Training (``method.train()``; the backbone stays frozen and in eval mode, see :mod:`tmerge.training`)
 uses the continuous relaxation of the paper, so the embedding gets gradients:
 
 * the block holds all N tokens; the first ``n_l`` (the count the block has at inference, from the
@@ -40,8 +40,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import TmergeError
-from .base import BlockInput, MergePlan, Option, bipartite_slots
+from ...errors import TmergeError
+from ..base import BlockInput, MergePlan, Option, bipartite_slots
 from .tome import ToMe
 
 KEEP_EPS = 1e-4  # smallest share of its size an A token keeps during soft training merges

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..cli import app, print_json
-from ..cli_common import CheckpointOpt, JsonOpt, ModelOpt, PretrainedOpt
-from ..errors import TmergeError
+from ..app import app, print_json
+from ..options import CheckpointOpt, JsonOpt, ModelOpt, PretrainedOpt
+from ...errors import TmergeError
 from .profile import (BackendsOpt, BatchSizesOpt, DataOpt, DeviceOpt, ModelKwargsOpt, NoDriftOpt, NumImagesOpt,
                       ThreadsOpt, parse_backends, parse_int_list)
 
@@ -48,13 +48,13 @@ def sweep_command(
     """Profile a grid of methods x schedules and plot drift against FLOPs and latency ratios."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..models import model_label, weights_sha256
-    from ..profiles.latency import check_backend
-    from ..profiles.profile import ProfileConfig, build_pair, parse_kv
-    from ..profiles.report import wide_console
-    from ..profiles.sweep import DRIFT_METRICS, grid, render_summary, run_sweep
+    from ...models import model_label, weights_sha256
+    from ...profiling.latency import check_backend
+    from ...profiling.profile import ProfileConfig, build_pair, parse_kv
+    from ...profiling.report import wide_console
+    from ...profiling.sweep import DRIFT_METRICS, grid, render_summary, run_sweep
 
-    from ..merging import registry
+    from ...merging import registry
 
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in method_list if m not in registry.available()]

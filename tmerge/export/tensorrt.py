@@ -146,7 +146,7 @@ def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
 
 def build_engine(onnx_result, model: nn.Module, out_path: Path, *, batch: int, max_batch: int | None = None,
                  fp16: bool = False, aot: bool | None = None):
-    """Build, check and write the engine for an :class:`~tmerge.exporter.onnx.ExportResult` of the
+    """Build, check and write the engine for an :class:`~tmerge.export.onnx.ExportResult` of the
     plugin graph. Returns an ExportResult for the engine (manifest ``<engine>.json``)."""
     import tensorrt as trt
 

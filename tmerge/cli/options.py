@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .errors import TmergeError
+from ..errors import TmergeError
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="timm model name; default: the embedded DINOv2 ViT-S/14 (dinov2-s14)")]
 CheckpointOpt = Annotated[Optional[str], typer.Option("--checkpoint", help="state dict (.pth/.pt/.safetensors, timm keys) for --model")]
@@ -73,7 +73,7 @@ def build_merged_model(
     **apply_kwargs: Any,
 ):
     """Load the model (``model_kwargs`` go to timm) and patch it in place; eval mode."""
-    from .models import load_model
+    from ..models import load_model
 
     net = load_model(model, checkpoint=checkpoint, pretrained=pretrained, **(model_kwargs or {}))
     return patch_model(net, method, r, inflection, schedule, keep_ratio, prop_attn, options, adapter, **apply_kwargs)
@@ -82,12 +82,12 @@ def build_merged_model(
 def patch_model(net, method: str, r=None, inflection=None, schedule=None, keep_ratio=None, prop_attn=None,
                 options: list[str] | None = None, adapter: str | None = None, **apply_kwargs: Any):
     """Apply the CLI's method/schedule/options (and a trained adapter) to an already loaded model."""
-    from . import apply
+    from .. import apply
 
     apply(net, method, prop_attn=prop_attn, **schedule_kwargs(r, inflection, schedule, keep_ratio),
           **parse_method_options(options), **apply_kwargs)
     if adapter is not None:
-        from .adapters import load_adapter
+        from ..training.adapters import load_adapter
 
         load_adapter(net, adapter)
     return net.eval()

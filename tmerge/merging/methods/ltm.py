@@ -23,7 +23,7 @@ tmerge makes the following choices (each one the paper leaves open):
 4. **Normalisation of M.** Size-weighted, like every tmerge merge: token a sends share w_aj of its
    size s_a to destination j; destination x_j = sum(share * x) / sum(share) (the shared primitive
    with (B, N, K) slots and weights), so sizes are conserved and proportional attention stays valid.
-5. **Training** (see :mod:`tmerge.train`): backbone frozen; loss = distillation (KL to the unmerged
+5. **Training** (see :mod:`tmerge.training`): backbone frozen; loss = distillation (KL to the unmerged
    model's logits, or 1 - cosine to its features for headless backbones) + lambda * IB term
    (lambda = 0.1, ``--ib-weight``). The IB term is the cluster-level cross-entropy of the paper's code:
    K = 16 k-means centroids of the unmerged model's (L2-normalised) output features on the training
@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..errors import TmergeError
-from .base import BlockInput, MergePlan, Option, bipartite_slots, key_metric
+from ...errors import TmergeError
+from ..base import BlockInput, MergePlan, Option, bipartite_slots, key_metric
 from .dtem import interleave_k
 from .tome import ToMe
 

@@ -1,6 +1,6 @@
 """The ``tmerge`` command line. Thin: parse, call the library, render with rich or print JSON.
 
-Each command lives in its own module under ``tmerge/commands`` and registers itself on ``app``.
+Each command lives in its own module under ``tmerge/cli/commands`` and registers itself on ``app``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ try:  # typer >= 0.17 vendors click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_exceptions
 
-from .errors import TmergeError
+from ..errors import TmergeError
 
 app = typer.Typer(
     name="tmerge",

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..cli import app, print_json
-from ..cli_common import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
+from ..app import app, print_json
+from ..options import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
                           MethodOptionsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt)
 from .profile import ModelKwargsOpt
 
@@ -36,12 +36,12 @@ def visualize_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Track which input patches end up in each token and draw the groups over the image."""
-    from ..errors import TmergeError
+    from ...errors import TmergeError
     import torch
 
-    from ..cli_common import build_merged_model
-    from ..profiles.profile import parse_kv
-    from ..profiles.visualize import visualize
+    from ..options import build_merged_model
+    from ...profiling.profile import parse_kv
+    from ...profiling.visualize import visualize
 
     layer_list = None
     if layers:

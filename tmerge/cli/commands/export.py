@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..cli import app, print_json
-from ..cli_common import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
+from ..app import app, print_json
+from ..options import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
                           MethodOptionsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt,
                           parse_method_options)
 
@@ -47,8 +47,8 @@ def export_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Export a merged model, verify it against PyTorch, write it with a manifest (<out>.json)."""
-    from ..errors import TmergeError
-    from ..exporter import export
+    from ...errors import TmergeError
+    from ...export import export
 
     if out is None:
         raise TmergeError("--out is required")

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _compat  # noqa: F401  (must precede the timm import)
-from .errors import TmergeError, missing_extra
-from .models import cache_dir, weights_sha256
+from .. import _compat  # noqa: F401  (must precede the timm import)
+from ..errors import TmergeError, missing_extra
+from ..models import cache_dir, weights_sha256
 
 if TYPE_CHECKING:
     from PIL import Image

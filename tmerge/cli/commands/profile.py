@@ -9,10 +9,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..cli import app, print_json
-from ..cli_common import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
+from ..app import app, print_json
+from ..options import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
                           MethodOptionsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt)
-from ..errors import TmergeError
+from ...errors import TmergeError
 
 ModelKwargsOpt = Annotated[Optional[str], typer.Option(
     "--model-kwargs", help="extra timm.create_model arguments, e.g. img_size=32,patch_size=8,depth=3")]
@@ -43,7 +43,7 @@ def parse_int_list(text: str, what: str) -> list[int]:
 
 
 def parse_backends(text: str) -> list[str]:
-    from ..profiles.latency import BACKENDS
+    from ...profiling.latency import BACKENDS
 
     backends = [b.strip().lower() for b in text.split(",") if b.strip()]
     aliases = {"ort": "onnxruntime", "trt": "tensorrt", "eager": "torch"}
@@ -114,7 +114,7 @@ def pair_from_manifest(manifest: dict, onnx_path: Path, *, model: str | None = N
     to the manifest's ``weights_sha256``, so a mismatched rebuild is an error, never a silent
     comparison against other weights.
     """
-    from ..profiles.profile import build_pair
+    from ...profiling.profile import build_pair
 
     # "model_name" is what was asked for (e.g. "dinov2-s14"); "model" is a human-readable label
     name = (manifest.get("model_name") or manifest.get("model")) if model is None else model
@@ -130,7 +130,7 @@ def pair_from_manifest(manifest: dict, onnx_path: Path, *, model: str | None = N
     model_kwargs = model_kwargs or manifest.get("model_kwargs") or {}
     adapter = adapter or manifest.get("adapter")
     if method == "none":
-        from ..models import load_model
+        from ...models import load_model
 
         import torch
         torch.manual_seed(0)
@@ -142,7 +142,7 @@ def pair_from_manifest(manifest: dict, onnx_path: Path, *, model: str | None = N
             options=[f"{k}={json.dumps(v)}" for k, v in options.items()], adapter=adapter, model_kwargs=model_kwargs)
     expected = manifest.get("weights_sha256")
     if expected:
-        from ..models import weights_sha256
+        from ...models import weights_sha256
 
         if weights_sha256(merged) != expected:
             raise TmergeError(f"rebuilding {name} here gives other weights than {onnx_path} was exported with "
@@ -181,9 +181,9 @@ def profile_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Profile a merged model against its unmerged self: FLOPs, latency, memory, drift."""
-    from ..models import model_label
-    from ..profiles.profile import ProfileConfig, build_pair, parse_kv, profile_pair
-    from ..profiles.report import render_report, save_report
+    from ...models import model_label
+    from ...profiling.profile import ProfileConfig, build_pair, parse_kv, profile_pair
+    from ...profiling.report import render_report, save_report
 
     config = ProfileConfig(
         backends=parse_backends(backends), device=device, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
@@ -192,7 +192,7 @@ def profile_command(
     )
     if iters < 1 or warmup < 0:
         raise TmergeError("--iters must be >= 1 and --warmup >= 0")
-    from ..profiles.latency import check_backend
+    from ...profiling.latency import check_backend
 
     for backend in config.backends:  # fail fast, before loading anything
         check_backend(backend, device)
@@ -215,7 +215,7 @@ def profile_command(
                                       inflection=inflection, schedule=schedule, keep_ratio=keep_ratio,
                                       prop_attn=prop_attn, options=option, adapter=adapter, model_kwargs=kwargs)
         name, label, ckpt = model or "dinov2-s14", model_label(model, checkpoint), checkpoint
-    from ..models import weights_sha256
+    from ...models import weights_sha256
 
     info = {"label": label, "checkpoint": ckpt, "model_kwargs": kwargs or None, "adapter": adapter,
             "weights_sha256": weights_sha256(unmerged), "onnx": str(onnx) if onnx else None}

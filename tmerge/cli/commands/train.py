@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..cli import app, print_json
-from ..cli_common import (CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOptionsOpt, ModelOpt,
+from ..app import app, print_json
+from ..options import (CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOptionsOpt, ModelOpt,
                           PropAttnOpt, ROpt, ScheduleOpt, parse_method_options, schedule_kwargs)
-from ..errors import TmergeError
+from ...errors import TmergeError
 
 
 @app.command("train")
@@ -50,9 +50,9 @@ def train_command(
     """
     import torch
 
-    from ..data import load_images
-    from ..models import load_model, model_label
-    from ..train import TRAINABLE_METHODS, train_adapter
+    from ...data import load_images
+    from ...models import load_model, model_label
+    from ...training import TRAINABLE_METHODS, train_adapter
 
     if method not in TRAINABLE_METHODS:
         raise TmergeError(f"only learned methods can be trained ({', '.join(TRAINABLE_METHODS)}); got {method!r}")

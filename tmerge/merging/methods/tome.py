@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import BlockInput, MergeMethod, MergePlan, bipartite_slots, key_metric
+from ..base import BlockInput, MergeMethod, MergePlan, bipartite_slots, key_metric
 
 
 class ToMe(MergeMethod):

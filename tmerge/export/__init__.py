@@ -101,7 +101,7 @@ def export(
 
 def _build(model_name, checkpoint, pretrained, method, r, inflection, schedule, keep_ratio, prop_attn,
            method_options, adapter, merge_form="scatter_nd"):
-    from ..cli_common import build_merged_model
+    from ..cli.options import build_merged_model
 
     if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
         r, inflection = r

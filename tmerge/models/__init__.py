@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _compat  # noqa: F401  (must precede the timm import)
-from .errors import TmergeError, missing_extra
+from .. import _compat  # noqa: F401  (must precede the timm import)
+from ..errors import TmergeError, missing_extra
 
 log = logging.getLogger(__name__)
 

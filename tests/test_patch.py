@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import tmerge
-from conftest import TINY_VARIANTS, tiny_vit
+from tests.helpers import TINY_VARIANTS, tiny_vit
 from tmerge.errors import TmergeError
 from tmerge.patch import MergingBlocks, merge_info
 

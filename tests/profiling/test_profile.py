@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_vit
+from tests.helpers import tiny_vit
 from tmerge import apply
 from tmerge.cli import main
 from tmerge.errors import TmergeError

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_VARIANTS, tiny_vit
+from tests.helpers import TINY_VARIANTS, tiny_vit
 from tmerge import apply
 from tmerge.cli import main
 from tmerge.profiling.visualize import patch_groups, render_groups

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tmerge
-from conftest import tiny_vit
+from tests.helpers import tiny_vit
 from tmerge.merging.methods.dtem import DTEM, soft_top_r
 
 

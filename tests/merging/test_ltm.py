@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tmerge
-from conftest import tiny_vit
+from tests.helpers import tiny_vit
 from tmerge.training import cluster_assign, ib_loss, kmeans
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import tmerge
-from conftest import tiny_vit
+from tests.helpers import tiny_vit
 from tmerge.training.adapters import load_adapter, read_adapter, save_adapter
 from tmerge.training import distill_loss, forward_with_features, train_adapter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +180,9 @@ def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
 
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, hashlib, torch
-    sys.path.insert(0, {tests!r})
+    sys.path.insert(0, {root!r})
     import tmerge
-    from conftest import tiny_vit
+    from tests.helpers import tiny_vit
     from tmerge.training import train_adapter
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -199,7 +199,7 @@ DDP_SCRIPT = textwrap.dedent("""
 def test_ddp_two_cpu_processes(tmp_path):
     out = str(tmp_path / "ddp.safetensors")
     script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=out))
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=out))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",

@@ -47,3 +47,33 @@ def test_bad_input_is_one_line_and_exit_2(capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(expected) and err.count("\n") == 1, (argv, err)
+
+
+import pytest
+
+TINY = ["--model", "vit_tiny_patch16_224", "--r", "2"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "pitome", "-o", "margin=abc"], "pitome option margin must be a number, got 'abc'"),
+    (["--method", "pitome", "-o", "alpha=abc"], "pitome option alpha must be a number"),
+    (["--method", "pitome", "-o", "bsm_layers=abc"], "pitome option bsm_layers must be an integer"),
+    (["--method", "pitome", "-o", "margin=nan"], "pitome option margin must be a number, got 'nan'"),
+    (["--method", "pitome", "-o", "bsm_layers=-3"], "pitome option bsm_layers must be >= 0 and <= 12"),
+    (["--method", "pitome", "-o", "bsm_layers=100"], "pitome option bsm_layers must be >= 0 and <= 12"),
+    (["--method", "pitome", "-o", "bsm_layers=1.5"], "pitome option bsm_layers must be an integer"),
+    (["--method", "dtem", "-o", "feat_dim=abc"], "dtem option feat_dim must be an integer"),
+    (["--method", "ltm", "-o", "mask_dim=-1"], "ltm option mask_dim must be >= 1"),
+    (["--method", "ltm", "-o", "topk=0"], "ltm option topk must be >= 1"),
+    (["--method", "pitome", "-o", "margin=1", "-o", "margin=2"], "--option margin is given twice"),
+])
+def test_method_options_are_validated(capsys, args, message):
+    assert main(["schedule", *TINY, *args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {message}" + err[len("error: ") + len(message):] and err.count("\n") == 1, err
+
+
+def test_method_option_values_are_typed(capsys):
+    assert main(["schedule", *TINY, "--method", "pitome", "-o", "margin=0.5", "-o", "bsm_layers=3", "--json"]) == 0
+    options = json.loads(capsys.readouterr().out)["options"]
+    assert options == {"margin": 0.5, "bsm_layers": 3, "alpha": 1.0}

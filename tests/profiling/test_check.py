@@ -13,6 +13,9 @@ from tmerge.profiling.report import SCHEMA_VERSION, load_report, save_report, va
 from tmerge.errors import TmergeError
 
 
+SETTINGS = {"threads": 2, "warmup": 5, "iters": 50, "compile": False}
+
+
 def synthetic_report(**over) -> dict:
     stats = lambda p50: {"p50_ms": p50, "p90_ms": p50 * 1.1, "p99_ms": p50 * 1.2, "mean_ms": p50, "std_ms": 0.1,
                          "min_ms": p50 * 0.9, "max_ms": p50 * 1.3, "throughput_ips": 8 / p50 * 1e3, "iters": 50,
@@ -30,14 +33,16 @@ def synthetic_report(**over) -> dict:
         "flops": {"merged": 2.3e9, "unmerged": 4.6e9, "ratio": 0.5},
         "latency": [
             {"backend": "torch", "device": "cpu", "batch_size": 8, "merged": stats(60.0), "unmerged": stats(100.0),
-             "ratio_p50": 0.6, "ratio_mean": 0.6},
+             "ratio_p50": 0.6, "ratio_mean": 0.6, **SETTINGS},
             {"backend": "onnxruntime", "device": "cpu", "batch_size": 8, "merged": stats(50.0),
-             "unmerged": stats(100.0), "ratio_p50": 0.5, "ratio_mean": 0.5},
+             "unmerged": stats(100.0), "ratio_p50": 0.5, "ratio_mean": 0.5, **SETTINGS},
         ],
         "drift": {"source": "samples", "n": 16, "seed": 0, "outputs": "logits", "agreement_top1": 0.9,
                   "kl_mean": 0.05, "cosine_mean": 0.98, "cosine_distance_mean": 0.02, "knn_agreement": 1.0,
                   "accuracy_top1_delta": None},
-        "env": {"versions": {"torch": "2.13"}, "threads": {"torch": 2}, "cpu": "test", "gpu": None},
+        "merge_form": "scatter_nd",
+        "env": {"versions": {"torch": "2.13", "onnxruntime": "1.23"}, "threads": {"torch": 2}, "cpu": "test",
+                "gpu": None},
     }
     report.update(over)
     return report
@@ -157,3 +162,80 @@ def test_validate_rejects_non_finite():
     report["latency"][0]["ratio_p50"] = float("nan")
     with pytest.raises(TmergeError, match="ratio_p50"):
         validate_report(report)
+
+
+def _set_latency(report, **fields):
+    for entry in report["latency"]:
+        entry.update(fields)
+    return report
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda r: _set_latency(r, threads=1), "threads"),
+    (lambda r: _set_latency(r, warmup=0), "warmup"),
+    (lambda r: _set_latency(r, iters=3), "iters"),
+    (lambda r: _set_latency(r, compile=True), "compile"),
+    (lambda r: r.update(merge_form="onehot"), "merge_form"),
+    (lambda r: r["env"].update(cpu="another CPU"), "cpu model"),
+    (lambda r: r["env"]["versions"].update(onnxruntime="1.99"), "onnxruntime version"),
+    (lambda r: r["env"]["versions"].update(torch="9.0"), "torch version"),
+])
+def test_check_refuses_reports_measured_differently(files, capsys, change, field):
+    base = files("base.json", synthetic_report())
+    new = synthetic_report()
+    change(new)
+    new["latency"][0]["ratio_p50"] = 0.5  # would read as "improved" if compared
+    assert main(["check", files("new.json", new), "--baseline", base]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and f"different {field}" in err, err
+
+
+def test_check_warns_when_the_sample_is_too_small_for_the_limit(files, capsys):
+    noisy = synthetic_report()
+    for entry in noisy["latency"]:
+        entry["iters"] = 3
+        for side in ("merged", "unmerged"):
+            entry[side].update(iters=3, std_ms=entry[side]["mean_ms"] * 0.2)
+    base = files("base.json", noisy)
+    assert main(["check", files("new.json", noisy), "--baseline", base]) == 0
+    err = capsys.readouterr().err
+    assert "warning: latency torch/cpu/b8" in err and "more --iters" in err
+    quiet = synthetic_report()  # 50 runs, std 0.1 ms on 60-100 ms: far below 10 %
+    base = files("base2.json", quiet)
+    assert main(["check", files("new2.json", quiet), "--baseline", base]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["10", "5", "1"])
+def test_check_rejects_ambiguous_limits(files, capsys, limit):
+    base = files("base.json", synthetic_report())
+    assert main(["check", base, "--baseline", base, "--max-latency-regression", limit]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ambiguous" in err and f"{limit}%" in err
+
+
+def test_zero_drift_baseline_allows_one_image(files, capsys):
+    def with_agreement(value):
+        r = synthetic_report()
+        r["drift"].update(agreement_top1=value, knn_agreement=1.0)
+        return r
+    base = files("base.json", with_agreement(1.0))
+    assert main(["check", files("one.json", with_agreement(15 / 16)), "--baseline", base]) == 0
+    capsys.readouterr()
+    assert main(["check", files("two.json", with_agreement(14 / 16)), "--baseline", base]) == 1
+    assert "drift 1-agreement_top1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(kind="tmerge.sweep"), "kind"),
+    (lambda r: r["latency"][0].update(ratio_p50=-0.5), "ratio_p50"),
+    (lambda r: r["flops"].update(ratio=-1.0), "flops.ratio"),
+    (lambda r: r["latency"].append(copy.deepcopy(r["latency"][0])), "repeats torch/cpu/batch 8"),
+])
+def test_check_rejects_malformed_reports(files, capsys, change, message):
+    bad = synthetic_report()
+    change(bad)
+    base = files("base.json", synthetic_report())
+    assert main(["check", files("bad.json", bad), "--baseline", base]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

@@ -151,3 +151,19 @@ def test_cli_profile_empty_or_unreadable_data(tmp_path, capsys):
         rc = main(["profile", *TINY_CLI, "--r", "2", "--iters", "1", "--threads", "1", "--data", str(folder)])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_cli_profile_records_threads_and_no_fake_cpu_memory(capsys):
+    """Without --threads the report names the thread count used; CPU peak memory is n/a, not 0.0;
+    both table rows say which model they are."""
+    args = ["profile", *TINY_CLI, "--r", "2", "--iters", "2", "--warmup", "0", "--no-drift"]
+    assert main(args + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    entry = report["latency"][0]
+    assert entry["threads"] == torch.get_num_threads() and report["config"]["threads"] == entry["threads"]
+    assert entry["merged"]["peak_mem_mb"] is None and entry["unmerged"]["peak_mem_mb"] is None
+    assert entry["memory_method"] == "n/a on cpu"
+    assert main(args) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "n/a" in line]
+    assert sum(" unmerged │" in row for row in rows) == 1 and sum(" merged │" in row for row in rows) == 1
+    assert len(rows) == 2, rows

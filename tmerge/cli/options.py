@@ -36,6 +36,8 @@ def parse_key_values(items: str | list[str] | None, what: str, *, split_commas: 
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise TmergeError(f"{what} takes KEY=VALUE, got {item!r}")
+        if key.strip() in options:
+            raise TmergeError(f"{what} {key.strip()} is given twice")
         try:
             options[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,8 +41,46 @@ class MergePlan:
 
 @dataclass(frozen=True)
 class Option:
+    """One method option: its default, help, type and allowed range.
+
+    ``high="depth"`` bounds an integer by the model's number of blocks. ``None`` is accepted only
+    where it is the default (it then means "the method decides").
+    """
+
     default: Any
     help: str
+    type: type = float
+    low: float | None = None
+    high: float | str | None = None
+    low_open: bool = False  # True: ``low`` itself is not allowed
+
+    def parse(self, name: str, value: Any, method: str, depth: int) -> Any:
+        """``value`` checked and converted (e.g. "0.9" -> 0.9); a one-line TmergeError otherwise."""
+        import math
+
+        from ..errors import TmergeError
+
+        if value is None and self.default is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        what = "an integer" if self.type is int else "a number"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and self.type is int:
+            ok = float(value).is_integer()
+        if not ok or not math.isfinite(value):
+            raise TmergeError(f"{method} option {name} must be {what}, got {value!r}")
+        value = self.type(value)
+        high = depth if self.high == "depth" else self.high
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        if below or (high is not None and value > high):
+            lo = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+            hi = "" if high is None else f"<= {high:g}"
+            raise TmergeError(f"{method} option {name} must be {' and '.join(p for p in (lo, hi) if p)}, got {value!r}")
+        return value
 
 
 class MergeMethod(nn.Module):
@@ -65,7 +104,8 @@ class MergeMethod(nn.Module):
 
             known = ", ".join(sorted(self.options)) or "none"
             raise TmergeError(f"unknown option(s) for method {self.name}: {', '.join(unknown)} (known: {known})")
-        self.config = {k: options.get(k, opt.default) for k, opt in self.options.items()}
+        self.config = {k: opt.parse(k, options[k], self.name, depth) if k in options else opt.default
+                       for k, opt in self.options.items()}
 
     def max_r(self, layer: int, tokens: int, num_prefix: int) -> int:
         """The most tokens block ``layer`` can remove from ``tokens`` tokens."""

@@ -11,14 +11,20 @@ is oriented so that larger is worse:
   ``-accuracy_top1_delta`` (accuracy lost), whichever both reports have.
 
 A regression is ``report > baseline + allowed`` with ``allowed = pct * |baseline|`` (relative) or
-the number itself (absolute), plus a tiny floor (1e-9) so identical values never fail.
+the number itself (absolute), plus a tiny floor (1e-9) so identical values never fail; for drift
+metrics that count images (top-1, k-NN, accuracy) the allowance is at least one image in n. A bare
+number of 1 or more is refused as ambiguous ("10" meant as 10 % would switch the gate off).
+Reports whose latencies were measured under other settings (threads, warm-up, iterations,
+torch.compile, merge form, CPU/GPU model, runtime version) are refused too, and a comparison whose
+timing noise (from the recorded std and iterations) is as large as the allowed change is warned about.
 Reports for a different model, weights, method, schedule or drift data cannot be compared: that is
 bad input (exit 2), not a regression.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import TmergeError
@@ -51,6 +57,11 @@ def parse_threshold(text: str | float | Threshold, what: str = "threshold") -> T
         raise TmergeError(f"{what} must be a percentage like 10% or a number like 0.05, got {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise TmergeError(f"{what} must be a finite non-negative number, got {text!r}")
+    if not relative and value >= 1:
+        # ratios and drift metrics live below 1: "10" almost surely means 10 %, and as an absolute
+        # limit it would switch the gate off
+        raise TmergeError(f"{what} {raw} is ambiguous: write {raw}% for a relative limit, or an absolute "
+                          "change below 1 (e.g. 0.05)")
     return Threshold(value / 100 if relative else value, relative)
 
 
@@ -73,6 +84,7 @@ class Row:
 @dataclass
 class CheckResult:
     rows: list[Row]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -83,7 +95,7 @@ class CheckResult:
         return [r for r in self.rows if r.status == "REGRESSION"]
 
     def as_dict(self) -> dict:
-        return {"passed": self.passed,
+        return {"passed": self.passed, "warnings": list(self.warnings),
                 "rows": [{**asdict(r), "change": r.change} for r in self.rows]}
 
 
@@ -117,6 +129,57 @@ def check_comparable(report: dict, baseline: dict) -> None:
                                   f"vs baseline {db.get(key)!r})")
     if db and not da:
         raise TmergeError("the baseline has drift measurements but the report has none (was it run with --no-drift?)")
+    check_same_settings(report, baseline)
+
+
+# fields of each latency entry that change what a ratio means; a report that differs in one of them
+# measured something else
+LATENCY_SETTINGS = ("threads", "warmup", "iters", "compile")
+# the runtime whose version each backend's timings depend on (env.versions key)
+BACKEND_RUNTIME = {"torch": "torch", "torch.compile": "torch", "onnxruntime": "onnxruntime",
+                   "openvino": "openvino", "tensorrt": "tensorrt"}
+
+
+def check_same_settings(report: dict, baseline: dict) -> None:
+    """TmergeError (exit 2) naming the first setting the two reports' latencies were measured under
+    differently: threads, warm-up, iterations, torch.compile, merge form, CPU/GPU model, runtime version."""
+    new = {_latency_key(e): e for e in report["latency"]}
+    shared = [key for key in (_latency_key(e) for e in baseline["latency"]) if key in new]
+    if not shared:
+        return
+
+    def refuse(field: str, a: Any, b: Any, where: str = "") -> None:
+        raise TmergeError(f"report and baseline were measured with different {field}{where} ({_short(a)} vs "
+                          f"baseline {_short(b)}); profile with the baseline's settings or use --update-baseline")
+
+    if report.get("merge_form") != baseline.get("merge_form"):
+        refuse("merge_form", report.get("merge_form"), baseline.get("merge_form"))
+    env_new, env_base = report.get("env") or {}, baseline.get("env") or {}
+    devices = {key[1] for key in shared}
+    machine = [("cpu", env_new.get("cpu"), env_base.get("cpu"))]
+    if "cuda" in devices:
+        machine.append(("gpu", (env_new.get("gpu") or {}).get("name"), (env_base.get("gpu") or {}).get("name")))
+    for field, a, b in machine:
+        if a != b:
+            refuse(f"{field} model", a, b)
+    base_entries = {_latency_key(e): e for e in baseline["latency"]}
+    for key in shared:
+        where = f" for {key[0]}/{key[1]}/b{key[2]}"
+        for field in LATENCY_SETTINGS:
+            a, b = new[key].get(field), base_entries[key].get(field)
+            if field == "warmup":  # older reports keep it in config only
+                a = a if a is not None else (report.get("config") or {}).get("warmup")
+                b = b if b is not None else (baseline.get("config") or {}).get("warmup")
+            if field == "iters":
+                a = a if a is not None else new[key]["merged"].get("iters")
+                b = b if b is not None else base_entries[key]["merged"].get("iters")
+            if a != b:
+                refuse(field, a, b, where)
+        runtime = BACKEND_RUNTIME.get(key[0], key[0])
+        a = (env_new.get("versions") or {}).get(runtime)
+        b = (env_base.get("versions") or {}).get(runtime)
+        if a != b:
+            refuse(f"{runtime} version", a, b, where)
 
 
 def _short(value: Any) -> str:
@@ -124,17 +187,20 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:16] + "…"
 
 
-def _row(metric: str, base: float | None, new: float | None, threshold: Threshold) -> Row:
+def _row(metric: str, base: float | None, new: float | None, threshold: Threshold, resolution: float = 0.0) -> Row:
+    """``resolution``: the smallest change the metric can show (one image of a top-1 count); the
+    limit is never finer than that, so a baseline of zero still allows what one image moves."""
     if base is None and new is None:
         return Row(metric, None, None, None, str(threshold), "skipped")
     if base is None:
         return Row(metric, None, new, None, str(threshold), "new")
     if new is None:
         raise TmergeError(f"the report has no {metric}, which the baseline has")
-    limit = base + threshold.allowed(base)
+    allowed = max(threshold.allowed(base), resolution + FLOOR)
+    limit = base + allowed
     if new > limit:
         status = "REGRESSION"
-    elif new < base - threshold.allowed(base):
+    elif new < base - allowed:
         status = "improved"
     else:
         status = "ok"
@@ -143,6 +209,47 @@ def _row(metric: str, base: float | None, new: float | None, threshold: Threshol
 
 def _latency_key(entry: dict) -> tuple:
     return (entry["backend"], entry["device"], int(entry["batch_size"]))
+
+
+# drift metrics that count images (their resolution is one image in n)
+COUNTED_DRIFT = ("drift 1-agreement_top1", "drift 1-knn_agreement", "drift accuracy lost")
+
+
+def ratio_uncertainty(entry: dict) -> float | None:
+    """Relative standard error of an entry's merged/unmerged ratio, from the recorded spread (std /
+    mean of each model) and the number of timed runs; None when the report lacks them."""
+    try:
+        n = int(entry.get("iters") or entry["merged"]["iters"])
+        cvs = [float(entry[side]["std_ms"]) / float(entry[side]["mean_ms"]) for side in ("merged", "unmerged")]
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if n < 2:
+        return math.inf
+    return math.sqrt(sum(cv * cv for cv in cvs) / n)
+
+
+def sample_warnings(report: dict, baseline: dict, threshold: Threshold) -> list[str]:
+    """Latency comparisons whose noise (about two standard errors of the difference of the two
+    ratios) is as large as the allowed change: with so few runs a pass or a fail is mostly chance."""
+    warnings = []
+    base_entries = {_latency_key(e): e for e in baseline["latency"]}
+    for entry in report["latency"]:
+        key = _latency_key(entry)
+        if key not in base_entries:
+            continue
+        se_new, se_base = ratio_uncertainty(entry), ratio_uncertainty(base_entries[key])
+        if se_new is None or se_base is None:
+            continue
+        base_ratio = float(base_entries[key]["ratio_p50"])
+        noise = 2 * math.sqrt(se_new ** 2 + se_base ** 2)  # relative
+        allowed = threshold.allowed(base_ratio) / abs(base_ratio) if base_ratio else math.inf
+        if noise >= allowed:
+            iters = (entry.get("iters"), base_entries[key].get("iters"))
+            warnings.append(
+                f"latency {key[0]}/{key[1]}/b{key[2]}: with {iters[0]} and {iters[1]} timed runs and the recorded "
+                f"spread, the ratio is known only to about ±{noise * 100:.1f}%, not finer than the allowed "
+                f"{allowed * 100:.1f}%; profile with more --iters (and --warmup)")
+    return warnings
 
 
 def _drift_badness(drift: dict | None) -> dict[str, float | None]:
@@ -181,11 +288,13 @@ def compare(report: dict, baseline: dict, *, latency: str | float = DEFAULTS["la
             rows.append(_row(f"latency ratio_p50 {key[0]}/{key[1]}/b{key[2]}", None, float(entry["ratio_p50"]), t_lat))
     rows.append(_row("flops ratio", float(baseline["flops"]["ratio"]), float(report["flops"]["ratio"]), t_flops))
     base_drift, new_drift = _drift_badness(baseline.get("drift")), _drift_badness(report.get("drift"))
+    n_images = int((baseline.get("drift") or {}).get("n") or 0)
     for metric in base_drift or new_drift:
-        row = _row(metric, base_drift.get(metric), new_drift.get(metric), t_drift)
+        resolution = 1 / n_images if metric in COUNTED_DRIFT and n_images else 0.0
+        row = _row(metric, base_drift.get(metric), new_drift.get(metric), t_drift, resolution)
         if row.status != "skipped":
             rows.append(row)
-    return CheckResult(rows)
+    return CheckResult(rows, sample_warnings(report, baseline, t_lat))
 
 
 def render(result: CheckResult, console=None) -> None:

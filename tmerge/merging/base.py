@@ -94,6 +94,12 @@ class MergeMethod(nn.Module):
     summary: ClassVar[str] = ""
     options: ClassVar[dict[str, Option]] = {}
     prop_attn_default: ClassVar[bool] = True
+    # The merge plugin node (see tmerge.plugins.spec): its op type, which is also the TensorRT plugin
+    # name, and the method's own node attributes (name -> int, float or str). None: no plugin node.
+    # Methods that share an op type plan the same way from the node's attributes; the class that
+    # declares plugin_op itself rebuilds that plan (from_plugin_attrs).
+    plugin_op: ClassVar[str | None] = None
+    plugin_attrs: ClassVar[dict[str, type]] = {}
 
     def __init__(self, depth: int, **options: Any) -> None:
         super().__init__()
@@ -125,6 +131,16 @@ class MergeMethod(nn.Module):
 
     def plan(self, block: BlockInput) -> MergePlan:
         raise NotImplementedError
+
+    def plugin_attr_values(self, layer: int) -> dict[str, Any]:
+        """Values of :attr:`plugin_attrs` for the merge node of block ``layer``."""
+        return {}
+
+    @classmethod
+    def from_plugin_attrs(cls, attrs: dict[str, Any]) -> "MergeMethod":
+        """A method that plans exactly like one merge node, from the node's checked attributes alone
+        (what a TensorRT plugin sees)."""
+        return cls(attrs["depth"])
 
     def describe(self) -> dict:
         return {"method": self.name, "options": dict(self.config)}

@@ -12,42 +12,12 @@ from typing import Any
 
 from torch import Tensor
 
-from .spec import check_attrs
+from .spec import check_attrs, plugin_methods
 
 
 def method_from_attrs(op_type: str, attrs: dict[str, Any]):
     """A :class:`~tmerge.merging.MergeMethod` that plans exactly like the node's method at its layer."""
-    from ..merging.methods.tome import ToMe
-
-    a = check_attrs(op_type, attrs)
-    if op_type == "BipartiteMerge":
-        return ToMe(a["depth"])
-    if op_type == "PiToMeMerge":
-        return _FixedPiToMe(a["depth"], margin_l=a["margin"], bsm=bool(a["bsm"]), alpha=a["alpha"])
-    raise AssertionError(op_type)  # check_attrs rejects others
-
-
-def _fixed_pitome_class():
-    from ..merging.methods.pitome import PiToMe
-
-    class FixedPiToMe(PiToMe):
-        """PiToMe at one layer with the margin and step read from the node (not recomputed)."""
-
-        def __init__(self, depth: int, *, margin_l: float, bsm: bool, alpha: float):
-            super().__init__(depth, alpha=alpha)
-            self._margin_l, self._bsm = margin_l, bsm
-
-        def margin(self, layer: int) -> float:
-            return self._margin_l
-
-        def uses_bsm(self, layer: int) -> bool:
-            return self._bsm
-
-    return FixedPiToMe
-
-
-def _FixedPiToMe(depth: int, **kwargs):  # noqa: N802  (a factory that reads like a class)
-    return _fixed_pitome_class()(depth, **kwargs)
+    return plugin_methods()[op_type].from_plugin_attrs(check_attrs(op_type, attrs))
 
 
 def reference_merge(op_type: str, attrs: dict[str, Any], x: Tensor, size: Tensor, keys: Tensor,

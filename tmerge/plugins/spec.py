@@ -12,8 +12,9 @@ One merge = one node ``tmerge::<op_type>`` with
   output ``slots`` (B, N) int64 (where each input token went), stripped before the file is written;
 * attributes: ``plugin_namespace`` ("tmerge"), ``plugin_version`` ("1"), ``r``, ``num_tokens`` (N),
   ``num_prefix`` (class/distillation/register tokens that never merge), ``class_token`` (0/1),
-  ``layer``, ``depth``, ``merge_form`` ("scatter"/"scatter_nd"/"onehot") and the method's own parameters
-  (PiToMe: ``margin`` of this layer, ``alpha``, ``bsm``).
+  ``layer``, ``depth``, ``merge_form`` ("scatter"/"scatter_nd"/"onehot") and the method's own
+  ``plugin_attrs`` (declared in its file under :mod:`tmerge.merging.methods`; PiToMe: ``margin`` of
+  this layer, ``alpha``, ``bsm``).
 """
 
 from __future__ import annotations
@@ -33,18 +34,51 @@ INPUTS = ("x", "size", "keys")
 OUTPUTS = ("x_out", "size_out")
 VERIFY_OUTPUTS = (*OUTPUTS, "slots")
 
-# method name -> ONNX op type / TensorRT plugin name
-OP_TYPES = {"tome": "BipartiteMerge", "dtem": "BipartiteMerge", "pitome": "PiToMeMerge"}
-
-# attribute name -> python type, per op type (common ones first)
-_COMMON_ATTRS: dict[str, type] = {
+# attributes every merge node carries (name -> python type); each op adds its method's plugin_attrs
+COMMON_ATTRS: dict[str, type] = {
     "plugin_namespace": str, "plugin_version": str, "r": int, "num_tokens": int, "num_prefix": int,
     "class_token": int, "layer": int, "depth": int, "merge_form": str,
 }
-ATTRIBUTES: dict[str, dict[str, type]] = {
-    "BipartiteMerge": dict(_COMMON_ATTRS),
-    "PiToMeMerge": {**_COMMON_ATTRS, "margin": float, "alpha": float, "bsm": int},
-}
+
+
+def plugin_methods() -> dict[str, type]:
+    """ONNX op type (= TensorRT plugin name) -> the method class that declares it (its
+    ``plugin_op``; subclasses that inherit it, like DTEM from ToMe, export the same node)."""
+    from ..merging import registry
+
+    owners: dict[str, type] = {}
+    for cls in registry.available().values():
+        op = cls.__dict__.get("plugin_op")
+        if op is None:
+            continue
+        if op in owners and owners[op] is not cls:
+            raise TmergeError(f"merge op {op!r} is declared by both {owners[op].name} and {cls.name}")
+        owners[op] = cls
+    return owners
+
+
+def op_types() -> dict[str, str]:
+    """Method name -> op type of its merge node, for the methods that have one."""
+    from ..merging import registry
+
+    return {name: cls.plugin_op for name, cls in registry.available().items() if cls.plugin_op}
+
+
+def attributes(op_type: str) -> dict[str, type]:
+    """Attribute name -> python type of an op's node, in node (and TensorRT signature) order."""
+    owners = plugin_methods()
+    if op_type not in owners:
+        raise TmergeError(f"unknown merge op {op_type!r}; known: {', '.join(owners)}")
+    return {**COMMON_ATTRS, **owners[op_type].plugin_attrs}
+
+
+def __getattr__(name: str):
+    # live views over the registered methods (a method registered later appears too)
+    if name == "OP_TYPES":
+        return op_types()
+    if name == "ATTRIBUTES":
+        return {op: attributes(op) for op in plugin_methods()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -64,17 +98,14 @@ class MergeNodeSpec:
         return int(self.attrs["num_tokens"]) - int(self.attrs["r"])
 
 
-def supported_methods() -> tuple[str, ...]:
-    return tuple(OP_TYPES)
-
-
 def node_spec(method, *, layer: int, depth: int, r: int, num_tokens: int, num_prefix: int,
               class_token: bool, merge_form: str = "scatter_nd") -> MergeNodeSpec:
     """The plugin node for ``method`` (a :class:`tmerge.merging.MergeMethod`) at one block."""
     name = getattr(method, "name", str(method))
-    if name not in OP_TYPES:
+    op_type = getattr(method, "plugin_op", None)
+    if op_type is None:
         raise TmergeError(
-            f"method {name!r} has no merge plugin (plugins exist for {', '.join(OP_TYPES)}); use --ops portable"
+            f"method {name!r} has no merge plugin (plugins exist for {', '.join(op_types())}); use --ops portable"
         )
     if not 0 < r <= (num_tokens - num_prefix) // 2:
         raise TmergeError(f"layer {layer}: r={r} is impossible for {num_tokens} tokens with {num_prefix} prefix tokens")
@@ -83,17 +114,16 @@ def node_spec(method, *, layer: int, depth: int, r: int, num_tokens: int, num_pr
         "num_tokens": int(num_tokens), "num_prefix": int(num_prefix), "class_token": int(bool(class_token)),
         "layer": int(layer), "depth": int(depth), "merge_form": str(merge_form),
     }
-    if name == "pitome":
-        attrs.update(margin=float(method.margin(layer)), alpha=float(method.config["alpha"]),
-                     bsm=int(bool(method.uses_bsm(layer))))
-    return MergeNodeSpec(OP_TYPES[name], attrs)
+    attrs.update(method.plugin_attr_values(layer))
+    return MergeNodeSpec(op_type, attrs)
 
 
 def check_attrs(op_type: str, attrs: dict[str, Any]) -> dict[str, Any]:
-    """Validate and normalise the attributes of a node (as read back from ONNX or by TensorRT)."""
-    if op_type not in ATTRIBUTES:
-        raise TmergeError(f"unknown merge op {op_type!r}; known: {', '.join(ATTRIBUTES)}")
-    expected = ATTRIBUTES[op_type]
+    """Validate and normalise the attributes of a node (as read back from ONNX or by TensorRT).
+
+    Strings may arrive as bytes and with the trailing NUL that TensorRT's ONNX parser appends;
+    numbers may arrive as one-element arrays (the parser's plugin fields)."""
+    expected = attributes(op_type)
     missing = sorted(set(expected) - set(attrs))
     extra = sorted(set(attrs) - set(expected))
     if missing or extra:
@@ -101,8 +131,12 @@ def check_attrs(op_type: str, attrs: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, typ in expected.items():
         value = attrs[key]
-        if isinstance(value, bytes):
-            value = value.decode()
+        if typ is str:
+            value = (value.decode() if isinstance(value, bytes) else str(value)).rstrip("\x00")
+        elif getattr(value, "ndim", 0):  # a one-element numpy array
+            if value.size != 1:
+                raise TmergeError(f"{op_type}: attribute {key} has {value.size} values, expected one")
+            value = value.reshape(-1)[0]
         out[key] = typ(value)
     if out["plugin_namespace"] != PLUGIN_NAMESPACE or out["plugin_version"] != PLUGIN_VERSION:
         raise TmergeError(f"{op_type}: plugin {out['plugin_namespace']}/{out['plugin_version']} is not "

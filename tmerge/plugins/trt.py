@@ -1,86 +1,104 @@
-"""TensorRT plugin definitions for the merge nodes (``tmerge::BipartiteMerge``, ``tmerge::PiToMeMerge``).
+"""TensorRT plugin definitions for the merge nodes, generated from :mod:`tmerge.plugins.spec`.
 
 Design choice: TensorRT's Python ``tensorrt.plugin`` API (Quickly Deployable Plugins, "QDP"), not
 an IPluginV3 C++ library.
 
-* The node's output shapes are symbolic expressions of its input shapes and integer attributes
-  (``N - r``); with ``@trtp.register`` they are a few lines of Python that reuse
-  :func:`tmerge.plugins.spec.output_shapes` — the same function the ONNX exporter and the tests
-  use — instead of a second C++ implementation of the shape logic, the attribute parsing
-  (PluginFieldCollection) and serialisation that IPluginV3 needs per op.
-* ``@trtp.aot_impl`` (TensorRT >= 10.9) embeds a compiled kernel (PTX from Triton) in the engine:
-  the serialized engine then runs without Python, from C++ (trtexec, Triton Inference Server) —
-  the property that made a C++ library attractive. The kernel is the Triton merge kernel of the
-  GPU issue; this module only defines the launch contract (:data:`AOT_KERNEL_MODULE`).
-* ``@trtp.impl`` (JIT, Python at run time) runs :func:`tmerge.plugins.reference.reference_merge`,
-  the shared PyTorch merge core, on TensorRT's buffers: correct by construction, for parity
-  checks and for machines without the AOT kernel; engines built with it need Python + tmerge.
-* The ONNX parser binds a node to a QDP plugin through ``plugin_namespace`` / ``plugin_version``
-  (the node's op type is the plugin name; parsing QDP nodes needs TensorRT >= 10.6, and since
-  10.10 the namespace may also come from the node's domain, ``tmerge`` here). Since TensorRT 10.7
-  the parser prefers a registered plugin over an ONNX local function of the same name (before,
-  it always inlined the function); without the plugin it still falls back to the function body,
-  i.e. the portable merge. A node attribute ``aot`` (int) picks the AOT implementation when both
-  exist. :func:`prepare_onnx_for_trt` sets it on a copy of the graph.
+* One plugin per merge op of :func:`tmerge.plugins.spec.plugin_methods` (``tmerge::BipartiteMerge``,
+  ``tmerge::PiToMeMerge``, ...). Its functions are generated from the op's attribute list, so a
+  method that declares ``plugin_op`` / ``plugin_attrs`` in its own file gets a plugin with no code here.
+* The output shapes are symbolic expressions of the input shapes and integer attributes (``N - r``),
+  computed by :func:`tmerge.plugins.spec.output_shapes`, the function the ONNX exporter and the tests use.
+* ``@trtp.aot_impl`` (TensorRT >= 10.9) embeds a compiled kernel (PTX) in the engine, which then runs
+  without Python (trtexec, Triton Inference Server). The kernel comes from :data:`AOT_KERNEL_MODULE`
+  (GPU work, not part of this module); without it only the JIT implementation is registered.
+* ``@trtp.impl`` (JIT, Python at run time) runs :func:`tmerge.plugins.reference.reference_merge`, the
+  shared PyTorch merge core, on TensorRT's buffers and stream; engines built with it need Python + tmerge.
 
-Nothing here imports TensorRT at module import; :func:`register_plugins` does, once.
+What TensorRT's own code requires (read in NVIDIA/TensorRT ``python/packaging/bindings_wheel/tensorrt/
+plugin/`` 10.9 - 11.4 and onnx-tensorrt; checked in CI by ``tests/plugins/test_trt_contract.py``, which
+runs that code on CPU):
+
+* The decorators read annotations with ``inspect.signature`` and call ``issubclass`` on them: real
+  classes, so no ``from __future__ import annotations`` in this module. Parameter names are checked
+  too (tensors, then attributes in registration order, then ``outputs`` / ``stream`` / ``tactic``).
+* ``aot_impl`` needs its return annotation (the 4-tuple); TensorRT calls it with every attribute.
+* The ONNX parser forwards only the attributes the plugin declares, INT as int32[1], FLOAT as
+  float32[1] and STRING as its bytes plus a trailing NUL. Numbers are declared as one-element numpy
+  arrays: with ``int``/``float`` annotations TensorRT < 11.3 converts them with ``int(array)``, which
+  NumPy >= 2.4 rejects. :func:`tmerge.plugins.spec.check_attrs` unwraps them and strips the NUL.
+* The parser binds a node carrying ``plugin_namespace`` to the registered plugin; ONNX local functions
+  are looked up by op type only, so the per-layer function bodies would all collapse to the first
+  layer's. :func:`prepare_onnx_for_trt` therefore drops them: without the plugins, parsing fails
+  with TensorRT's "Plugin not found" instead of building a wrong engine.
+
+Nothing here imports TensorRT at module import; :func:`register_tensorrt_plugins` does.
 """
 
-from __future__ import annotations
-
 import importlib
-from typing import Any
+import importlib.util
+import inspect
+from typing import Any, Callable, List, Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
 
 from ..errors import TmergeError
-from .spec import ATTRIBUTES, OP_TYPES, PLUGIN_NAMESPACE, PLUGIN_VERSION, check_attrs, output_shapes
+from .spec import INPUTS, PLUGIN_NAMESPACE, PLUGIN_VERSION, attributes, check_attrs, output_shapes, plugin_methods
 
-# The module that provides the ahead-of-time kernels (GPU issue). Contract:
+# The module that provides the ahead-of-time kernels (GPU work). Contract:
 #   compile_merge_kernel(op_type: str, attrs: dict, dtype: "float32"|"float16")
-#       -> (kernel_name: bytes, ptx: bytes, launch: dict(grid=(gx, gy, gz) ints or callables of
-#          the symbolic batch, block=(bx, by, bz), shared_mem=int), extra_args: list[int | str])
+#       -> (kernel_name: str | bytes, ptx: str | bytes, launch: dict(grid=(gx, gy, gz) ints or callables
+#          of the symbolic batch, block=(bx, by, bz), shared_mem=int), extra_args: list[int | "B"])
 #   where an extra arg "B" means the batch size (a symbolic shape expression at build time).
 AOT_KERNEL_MODULE = "tmerge.plugins.triton_merge"
 
-TRT_ATTRS = {op: {k: t for k, t in attrs.items() if k not in ("plugin_namespace", "plugin_version")}
-             for op, attrs in ATTRIBUTES.items()}
-_REGISTERED: dict[str, bool] = {}
+# How each attribute type is declared to TensorRT (see the module docstring).
+TRT_ANNOTATIONS = {int: npt.NDArray[np.int32], float: npt.NDArray[np.float32], str: str}
 
 
 def plugin_id(op_type: str) -> str:
     return f"{PLUGIN_NAMESPACE}::{op_type}"
 
 
+def trt_attributes(op_type: str) -> dict[str, type]:
+    """The attributes TensorRT hands the plugin, in signature order (the parser consumes
+    plugin_namespace / plugin_version to find the plugin)."""
+    return {k: t for k, t in attributes(op_type).items() if k not in ("plugin_namespace", "plugin_version")}
+
+
 def full_attrs(op_type: str, trt_attrs: dict[str, Any]) -> dict[str, Any]:
-    """Attributes as TensorRT hands them to the plugin (the parser consumes plugin_namespace and
-    plugin_version) -> the checked attribute dict of :mod:`tmerge.plugins.spec`."""
-    attrs = {k: v for k, v in trt_attrs.items() if k in TRT_ATTRS[op_type]}
-    attrs.update(plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
-    return check_attrs(op_type, attrs)
+    """Attributes as TensorRT hands them to the plugin -> the checked attribute dict of
+    :mod:`tmerge.plugins.spec`."""
+    return check_attrs(op_type, {**trt_attrs, "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION})
+
+
+def _dim(expr):
+    """A TensorRT shape expression as an int when it is a build-time constant, else unchanged."""
+    if isinstance(expr, int) or getattr(expr, "is_fake", True) or not expr.is_constant:
+        return expr
+    return int(expr.constant_value())
 
 
 def output_dims(op_type: str, trt_attrs: dict[str, Any], x_dims, size_dims, keys_dims) -> list[tuple]:
-    """Output dims from input dims (ints or TensorRT ShapeExpr objects)."""
-    return output_shapes(op_type, full_attrs(op_type, trt_attrs), tuple(x_dims), tuple(size_dims), tuple(keys_dims))
+    """Output dims from input dims (ints or TensorRT shape expressions)."""
+    return output_shapes(op_type, full_attrs(op_type, trt_attrs), *(tuple(_dim(d) for d in dims)
+                                                                    for dims in (x_dims, size_dims, keys_dims)))
 
 
 def type_combinations() -> str:
-    """The autotune type/format string: 3 inputs + 2 outputs, all fp32 or all fp16, linear."""
-    return ", ".join(["FP32|FP16"] * 5)
+    """The autotune type string: every input and output fp32, or every one fp16."""
+    return ", ".join(["FP32|FP16"] * (len(INPUTS) + 2))
 
 
 def aot_kernel_available() -> bool:
     return importlib.util.find_spec(AOT_KERNEL_MODULE) is not None
 
 
-def _dims(desc) -> list:
-    return [desc.shape_expr[i] for i in range(desc.ndim)]
-
-
-def _descs(op_type: str, x, size, keys, attrs: dict):
-    x_out_dims, size_out_dims = output_dims(op_type, attrs, _dims(x), _dims(size), _dims(keys))
+def _output_descs(op_type: str, x, size, keys, attrs: dict):
+    (_, n_out, _), _ = output_dims(op_type, attrs, x.shape_expr, size.shape_expr, keys.shape_expr)
     x_out, size_out = x.like(), size.like()
-    x_out.shape_expr[1] = x_out_dims[1]
-    size_out.shape_expr[1] = size_out_dims[1]
+    x_out.shape_expr[1] = n_out
+    size_out.shape_expr[1] = n_out
     return x_out, size_out
 
 
@@ -96,112 +114,102 @@ def _jit(op_type: str, x, size, keys, attrs: dict, outputs, stream: int) -> None
         torch.as_tensor(outputs[1], device="cuda").copy_(out_size)
 
 
-def _aot(op_type: str, x, size, keys, attrs: dict, outputs):
-    import tensorrt as trt
-    import tensorrt.plugin as trtp
-
-    try:
-        kernels = importlib.import_module(AOT_KERNEL_MODULE)
-    except ImportError as e:
-        raise TmergeError(
-            f"no ahead-of-time kernel for {plugin_id(op_type)} ({AOT_KERNEL_MODULE} is missing); "
-            "build with aot=False to use the Python (JIT) plugin"
-        ) from e
+def _aot(trt, trtp, op_type: str, x, attrs: dict):
+    kernels = importlib.import_module(AOT_KERNEL_MODULE)
     dtype = "float16" if x.dtype == trt.float16 else "float32"
     name, ptx, launch, extra = kernels.compile_merge_kernel(op_type, full_attrs(op_type, attrs), dtype)
     batch = x.shape_expr[0]
     params = trtp.KernelLaunchParams()
-    grid = [g(batch) if callable(g) else g for g in launch["grid"]]
-    params.grid_x, params.grid_y, params.grid_z = grid
+    params.grid_x, params.grid_y, params.grid_z = (g(batch) if callable(g) else g for g in launch["grid"])
     params.block_x, params.block_y, params.block_z = launch["block"]
     params.shared_mem = launch.get("shared_mem", 0)
     args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(batch if a == "B" else a) for a in extra])
     return name, ptx, params, args
 
 
-def register_plugins(aot: bool | None = None) -> dict[str, bool]:
-    """Register both merge plugins with TensorRT (idempotent). ``aot`` None: AOT when the kernel
-    module exists. Returns {plugin_id: aot}."""
+def _function(name: str, params: list, returns, body: Callable[[dict], Any]):
+    """A function whose signature is exactly ``params`` (name, annotation) -> ``returns`` (TensorRT
+    inspects both) and that passes its arguments to ``body`` as one dict by name."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    signature = inspect.Signature([inspect.Parameter(n, kind, annotation=a) for n, a in params],
+                                  return_annotation=returns)
+
+    def function(*args, **kwargs):
+        return body(signature.bind(*args, **kwargs).arguments)
+
+    function.__signature__ = signature
+    function.__name__ = function.__qualname__ = name
+    return function
+
+
+def plugin_functions(trt, trtp, op_type: str) -> dict[str, Callable]:
+    """The functions of one plugin, by decorator name: register (output descriptors), autotune,
+    impl (JIT) and aot_impl."""
+    attrs = [(k, TRT_ANNOTATIONS[t]) for k, t in trt_attributes(op_type).items()]
+    descs = [(n, trtp.TensorDesc) for n in INPUTS]
+    out_descs = ("outputs", Tuple[trtp.TensorDesc, trtp.TensorDesc])
+
+    def attr_values(a: dict) -> dict:
+        return {k: a[k] for k, _ in attrs}
+
+    return {
+        "register": _function(
+            f"{op_type}_outputs", descs + attrs, Tuple[trtp.TensorDesc, trtp.TensorDesc],
+            lambda a: _output_descs(op_type, a["x"], a["size"], a["keys"], attr_values(a))),
+        "autotune": _function(
+            f"{op_type}_autotune", [*descs, out_descs], List[trtp.AutoTuneCombination],
+            lambda a: [trtp.AutoTuneCombination(type_combinations(), "LINEAR")]),
+        "impl": _function(
+            f"{op_type}_jit", [(n, trtp.Tensor) for n in INPUTS] + attrs
+            + [("outputs", Tuple[trtp.Tensor, trtp.Tensor]), ("stream", int)], None,
+            lambda a: _jit(op_type, a["x"], a["size"], a["keys"], attr_values(a), a["outputs"], a["stream"])),
+        "aot_impl": _function(
+            f"{op_type}_aot", descs + attrs + [out_descs, ("tactic", int)],
+            Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs],
+            lambda a: _aot(trt, trtp, op_type, a["x"], attr_values(a))),
+    }
+
+
+def _is_registered(trtp, op_type: str) -> bool:
+    return hasattr(getattr(trtp.op, PLUGIN_NAMESPACE, None), op_type)
+
+
+def register_tensorrt_plugins(aot: bool | None = None) -> dict[str, bool]:
+    """Register every merge plugin with TensorRT: what building or running an engine of a plugin
+    graph needs first. Safe to call again, also after a failed attempt.
+
+    ``aot``: None registers the ahead-of-time implementation when its kernel module is installed;
+    True requires it (TmergeError otherwise); False registers the JIT implementation only.
+    Returns {plugin id: whether the AOT implementation is registered}.
+    """
     try:
+        import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError as e:
         from ..export.tensorrt import TRT_MISSING
 
         raise TmergeError(TRT_MISSING) from e
-    from typing import Tuple
-
-    if aot is None:
-        aot = aot_kernel_available()
-    if _REGISTERED:
-        return dict(_REGISTERED)
-
-    # --- tmerge::BipartiteMerge (ToMe) ---
-    @trtp.register(plugin_id("BipartiteMerge"))
-    def _bm_desc(x: trtp.TensorDesc, size: trtp.TensorDesc, keys: trtp.TensorDesc, r: int, num_tokens: int,
-                 num_prefix: int, class_token: int, layer: int, depth: int, merge_form: str
-                 ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        return _descs("BipartiteMerge", x, size, keys, dict(
-            r=r, num_tokens=num_tokens, num_prefix=num_prefix, class_token=class_token, layer=layer, depth=depth,
-            merge_form=merge_form))
-
-    @trtp.autotune(plugin_id("BipartiteMerge"))
-    def _bm_tune(x, size, keys, outputs):
-        return [trtp.AutoTuneCombination(type_combinations(), "LINEAR")]
-
-    @trtp.impl(plugin_id("BipartiteMerge"))
-    def _bm_impl(x: trtp.Tensor, size: trtp.Tensor, keys: trtp.Tensor, r: int, num_tokens: int, num_prefix: int,
-                 class_token: int, layer: int, depth: int, merge_form: str, outputs: Tuple[trtp.Tensor],
-                 stream: int) -> None:
-        _jit("BipartiteMerge", x, size, keys, dict(
-            r=r, num_tokens=num_tokens, num_prefix=num_prefix, class_token=class_token, layer=layer, depth=depth,
-            merge_form=merge_form), outputs, stream)
-
-    @trtp.aot_impl(plugin_id("BipartiteMerge"))
-    def _bm_aot(x: trtp.TensorDesc, size: trtp.TensorDesc, keys: trtp.TensorDesc, r: int, num_tokens: int,
-                num_prefix: int, class_token: int, layer: int, depth: int, merge_form: str,
-                outputs: Tuple[trtp.TensorDesc], tactic: int):
-        return _aot("BipartiteMerge", x, size, keys, dict(
-            r=r, num_tokens=num_tokens, num_prefix=num_prefix, class_token=class_token, layer=layer, depth=depth,
-            merge_form=merge_form), outputs)
-
-    # --- tmerge::PiToMeMerge ---
-    @trtp.register(plugin_id("PiToMeMerge"))
-    def _pm_desc(x: trtp.TensorDesc, size: trtp.TensorDesc, keys: trtp.TensorDesc, r: int, num_tokens: int,
-                 num_prefix: int, class_token: int, layer: int, depth: int, merge_form: str, margin: float,
-                 alpha: float, bsm: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        return _descs("PiToMeMerge", x, size, keys, dict(
-            r=r, num_tokens=num_tokens, num_prefix=num_prefix, class_token=class_token, layer=layer, depth=depth,
-            merge_form=merge_form, margin=margin, alpha=alpha, bsm=bsm))
-
-    @trtp.autotune(plugin_id("PiToMeMerge"))
-    def _pm_tune(x, size, keys, outputs):
-        return [trtp.AutoTuneCombination(type_combinations(), "LINEAR")]
-
-    @trtp.impl(plugin_id("PiToMeMerge"))
-    def _pm_impl(x: trtp.Tensor, size: trtp.Tensor, keys: trtp.Tensor, r: int, num_tokens: int, num_prefix: int,
-                 class_token: int, layer: int, depth: int, merge_form: str, margin: float, alpha: float, bsm: int,
-                 outputs: Tuple[trtp.Tensor], stream: int) -> None:
-        _jit("PiToMeMerge", x, size, keys, dict(
-            r=r, num_tokens=num_tokens, num_prefix=num_prefix, class_token=class_token, layer=layer, depth=depth,
-            merge_form=merge_form, margin=margin, alpha=alpha, bsm=bsm), outputs, stream)
-
-    @trtp.aot_impl(plugin_id("PiToMeMerge"))
-    def _pm_aot(x: trtp.TensorDesc, size: trtp.TensorDesc, keys: trtp.TensorDesc, r: int, num_tokens: int,
-                num_prefix: int, class_token: int, layer: int, depth: int, merge_form: str, margin: float,
-                alpha: float, bsm: int, outputs: Tuple[trtp.TensorDesc], tactic: int):
-        return _aot("PiToMeMerge", x, size, keys, dict(
-            r=r, num_tokens=num_tokens, num_prefix=num_prefix, class_token=class_token, layer=layer, depth=depth,
-            merge_form=merge_form, margin=margin, alpha=alpha, bsm=bsm), outputs)
-
-    for op in OP_TYPES.values():
-        _REGISTERED[plugin_id(op)] = bool(aot)
-    return dict(_REGISTERED)
+    available = aot_kernel_available()
+    if aot and not available:
+        raise TmergeError(f"the ahead-of-time merge kernel ({AOT_KERNEL_MODULE}) is not installed; "
+                          "build with aot=False to use the Python (JIT) plugin")
+    aot = available if aot is None else bool(aot)
+    for op_type in plugin_methods():
+        pid = plugin_id(op_type)
+        functions = plugin_functions(trt, trtp, op_type)
+        if not _is_registered(trtp, op_type):  # a plugin name can be registered once per process
+            trtp.register(pid)(functions["register"])
+        trtp.autotune(pid)(functions["autotune"])
+        trtp.impl(pid)(functions["impl"])
+        if aot:
+            trtp.aot_impl(pid)(functions["aot_impl"])
+    return {plugin_id(op): aot for op in plugin_methods()}
 
 
 def prepare_onnx_for_trt(proto, *, aot: bool):
     """A copy of a plugin graph for TensorRT's parser: every ``tmerge`` node gets ``aot`` (int), so
-    the parser picks the ahead-of-time or the JIT implementation. The function bodies stay (the
-    parser prefers the registered plugin for a node carrying ``plugin_namespace``)."""
+    the parser picks the ahead-of-time or the JIT implementation, and the ``tmerge`` local functions
+    are dropped (the parser keys them by op type only: every layer would run layer 0's body)."""
     import onnx
     from onnx import helper
 
@@ -219,9 +227,9 @@ def prepare_onnx_for_trt(proto, *, aot: bool):
                 break
         node.attribute.append(helper.make_attribute("aot", int(bool(aot))))
         count += 1
-    for fn in out.functions:
-        if fn.domain == DOMAIN and "aot" not in fn.attribute:
-            fn.attribute.append("aot")
     if count == 0:
         raise TmergeError("the ONNX graph has no tmerge plugin nodes; export it with --ops plugin")
+    keep = [fn for fn in out.functions if fn.domain != DOMAIN]
+    del out.functions[:]
+    out.functions.extend(keep)
     return out

@@ -208,20 +208,22 @@ def tensorrt_runner(onnx_path: str, inputs: torch.Tensor, device: str) -> Runner
     the tmerge plugins registered, the portable graph runs with TensorRT's own ops.
     """
     check_backend("tensorrt", device)
+    import onnx
     import tensorrt as trt
 
-    try:  # register tmerge's plugins when that module exists
-        from ..plugins import tensorrt as _plugins  # noqa: F401
-    except Exception:
-        pass
+    from ..plugins.spec import DOMAIN
+    from ..plugins.trt import prepare_onnx_for_trt, register_tensorrt_plugins
+
+    proto = onnx.load(str(onnx_path))
+    if any(node.domain == DOMAIN for node in proto.graph.node):  # a plugin graph
+        proto = prepare_onnx_for_trt(proto, aot=any(register_tensorrt_plugins().values()))
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    with open(onnx_path, "rb") as f:
-        if not parser.parse(f.read()):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise TmergeError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    if not parser.parse(proto.SerializeToString()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise TmergeError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
     name = network.get_input(0).name

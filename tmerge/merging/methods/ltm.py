@@ -81,6 +81,7 @@ class LTM(ToMe):
     name = "ltm"
     summary = "learned soft merging mask over ToMe's kept tokens (LTM-style); train it with `tmerge train`"
     prop_attn_default = True
+    plugin_op = None  # soft weights: not ToMe's node
     options = {
         "topk": Option(3, "candidate destinations per merged token", int, 1, 4096),
         "mask_dim": Option(32, "width of the mask module's bilinear projection", int, 1, 65536),

@@ -28,6 +28,8 @@ class PiToMe(MergeMethod):
     name = "pitome"
     summary = "energy-score merging that protects informative tokens (PiToMe)"
     prop_attn_default = False
+    plugin_op = "PiToMeMerge"
+    plugin_attrs = {"margin": float, "alpha": float, "bsm": int}  # margin and step of the node's block
     options = {
         "margin": Option(0.75, "margin m0 of the first block; m_l = m0 - m0*l/L", float, -1.0, 1.0),
         "bsm_layers": Option(None, "number of leading blocks using the 'bsm' step (default ceil(L/2))", int, 0, "depth"),
@@ -46,6 +48,14 @@ class PiToMe(MergeMethod):
     def max_r(self, layer: int, tokens: int, num_prefix: int) -> int:
         return (tokens - num_prefix) // 2
 
+    def plugin_attr_values(self, layer: int) -> dict:
+        return {"margin": float(self.margin(layer)), "alpha": float(self.config["alpha"]),
+                "bsm": int(self.uses_bsm(layer))}
+
+    @classmethod
+    def from_plugin_attrs(cls, attrs: dict) -> "PiToMe":
+        return _NodePiToMe(attrs["depth"], alpha=attrs["alpha"], margin_l=attrs["margin"], bsm=bool(attrs["bsm"]))
+
     def plan(self, block: BlockInput) -> MergePlan:
         p, r = block.num_prefix, block.r
         metric = key_metric(block.keys)[:, p:]  # non-prefix tokens only
@@ -61,6 +71,20 @@ class PiToMe(MergeMethod):
         prefix = torch.arange(p, device=slots.device).expand(slots.shape[0], p)
         slots = torch.cat([prefix, slots], dim=1)
         return MergePlan(slots=slots, num_out=slots.shape[1] - r)
+
+
+class _NodePiToMe(PiToMe):
+    """PiToMe at one block with the margin and step read from its node (not recomputed)."""
+
+    def __init__(self, depth: int, *, alpha: float, margin_l: float, bsm: bool):
+        super().__init__(depth, alpha=alpha)
+        self._margin_l, self._bsm = margin_l, bsm
+
+    def margin(self, layer: int) -> float:
+        return self._margin_l
+
+    def uses_bsm(self, layer: int) -> bool:
+        return self._bsm
 
 
 def energy_step_slots(sim: Tensor, order: Tensor, r: int, slot_offset: int) -> Tensor:

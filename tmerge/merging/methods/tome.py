@@ -14,6 +14,7 @@ class ToMe(MergeMethod):
     name = "tome"
     summary = "bipartite soft matching on head-averaged keys (ToMe)"
     prop_attn_default = True
+    plugin_op = "BipartiteMerge"
 
     def similarity_metric(self, block: BlockInput):
         return key_metric(block.keys)

@@ -1,0 +1,315 @@
+"""A stand-in for TensorRT's compiled core (``tensorrt.so``), just enough to run TensorRT's own
+pure-Python plugin layer (``tensorrt.plugin`` from the ``tensorrt-cu12-bindings`` wheel) on CPU.
+
+It holds only what plugin registration, plugin creation and the shape / type / format / launch
+callbacks touch, with the behaviour of the pybind11 bindings (NVIDIA/TensorRT
+``python/src/infer/pyPlugin.cpp``): a ``PluginField``'s ``data`` is a numpy array of ``size`` entries
+whose dtype follows the field type (``CHAR`` -> int8), the plugin registry finds a creator by name,
+version and namespace, and shape expressions are built by an expression builder. Shape expressions
+here are small symbolic trees that a test evaluates for a given batch size.
+
+:func:`plugin_layer` loads a wheel's ``tensorrt_bindings/plugin`` package as ``tensorrt.plugin`` on
+top of a fresh stand-in (a fresh plugin registry each time) and removes both afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import importlib.util
+import operator
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+class DataType(enum.IntEnum):
+    FLOAT = 0
+    HALF = 1
+    INT8 = 2
+    INT32 = 3
+    BOOL = 4
+    UINT8 = 5
+    FP8 = 6
+    BF16 = 7
+    INT64 = 8
+    INT4 = 9
+    FP4 = 10
+
+
+float32, float16, int8, int32, int64, bfloat16 = (DataType.FLOAT, DataType.HALF, DataType.INT8, DataType.INT32,
+                                                  DataType.INT64, DataType.BF16)
+
+_NP_TYPES = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8,
+             DataType.INT32: np.int32, DataType.BOOL: np.bool_, DataType.UINT8: np.uint8, DataType.INT64: np.int64}
+
+
+def nptype(dtype: DataType):
+    return _NP_TYPES[dtype]
+
+
+class TensorFormat(enum.IntEnum):
+    LINEAR = 0
+    CHW2 = 1
+    HWC8 = 2
+    CHW4 = 3
+    CHW16 = 4
+    CHW32 = 5
+    DHWC8 = 6
+    CDHW32 = 7
+    HWC = 8
+    DLA_LINEAR = 9
+    DLA_HWC4 = 10
+    HWC16 = 11
+    DHWC = 12
+
+
+class PluginFieldType(enum.IntEnum):
+    FLOAT16 = 0
+    FLOAT32 = 1
+    FLOAT64 = 2
+    INT8 = 3
+    INT16 = 4
+    INT32 = 5
+    CHAR = 6
+    DIMS = 7
+    UNKNOWN = 8
+    BF16 = 9
+    INT64 = 10
+    FP8 = 11
+    INT4 = 12
+    FP4 = 13
+
+
+_FIELD_DTYPES = {PluginFieldType.INT32: np.int32, PluginFieldType.UNKNOWN: np.int8, PluginFieldType.INT8: np.int8,
+                 PluginFieldType.INT16: np.int16, PluginFieldType.FLOAT32: np.float32,
+                 PluginFieldType.FLOAT64: np.float64, PluginFieldType.INT64: np.int64,
+                 PluginFieldType.CHAR: np.int8}
+
+
+class PluginField:
+    """name, the caller's buffer and its number of entries; ``data`` reads the buffer as the type says."""
+
+    def __init__(self, name: str = "", data=None, type: PluginFieldType = PluginFieldType.UNKNOWN):  # noqa: A002
+        self.name, self.type = name, type
+        buffer = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else np.asarray(data)
+        self.size = int(buffer.size)
+        self._bytes = buffer.tobytes()
+
+    @property
+    def data(self) -> np.ndarray:
+        if self.type not in _FIELD_DTYPES:
+            raise AttributeError("No known conversion for returning data from PluginField")
+        return np.frombuffer(self._bytes, _FIELD_DTYPES[self.type], count=self.size).copy()
+
+
+class PluginFieldCollection(list):
+    pass
+
+
+class TensorRTPhase(enum.IntEnum):
+    BUILD = 0
+    RUNTIME = 1
+
+
+class QuickPluginCreationRequest(enum.IntEnum):
+    UNKNOWN = 0
+    PREFER_JIT = 1
+    PREFER_AOT = 2
+    STRICT_JIT = 3
+    STRICT_AOT = 4
+
+
+class PluginArgType(enum.IntEnum):
+    INT = 0
+
+
+class PluginArgDataType(enum.IntEnum):
+    INT8 = 0
+    INT16 = 1
+    INT32 = 2
+
+
+class DimensionOperation(enum.IntEnum):
+    SUM = 0
+    PROD = 1
+    MAX = 2
+    MIN = 3
+    SUB = 4
+    EQUAL = 5
+    LESS = 6
+    FLOOR_DIV = 7
+    CEIL_DIV = 8
+
+
+_OPS = {DimensionOperation.SUM: operator.add, DimensionOperation.PROD: operator.mul, DimensionOperation.MAX: max,
+        DimensionOperation.MIN: min, DimensionOperation.SUB: operator.sub,
+        DimensionOperation.EQUAL: lambda a, b: int(a == b), DimensionOperation.LESS: lambda a, b: int(a < b),
+        DimensionOperation.FLOOR_DIV: operator.floordiv, DimensionOperation.CEIL_DIV: lambda a, b: -(-a // b)}
+
+
+class IDimensionExpr:
+    """A constant, a named symbol (e.g. the batch), or an operation on two expressions."""
+
+    def __init__(self, value: int | None = None, symbol: str | None = None, op=None, args=()):
+        self._value, self._symbol, self._op, self._args = value, symbol, op, args
+
+    def is_constant(self) -> bool:
+        return self._value is not None
+
+    def get_constant_value(self) -> int:
+        return self._value
+
+    def evaluate(self, **symbols: int) -> int:
+        if self._value is not None:
+            return self._value
+        if self._symbol is not None:
+            return symbols[self._symbol]
+        return _OPS[self._op](*(a.evaluate(**symbols) for a in self._args))
+
+
+class IExprBuilder:
+    def constant(self, value: int) -> IDimensionExpr:
+        return IDimensionExpr(int(value))
+
+    def operation(self, op: DimensionOperation, first: IDimensionExpr, second: IDimensionExpr) -> IDimensionExpr:
+        if first.is_constant() and second.is_constant():
+            return IDimensionExpr(_OPS[op](first.get_constant_value(), second.get_constant_value()))
+        return IDimensionExpr(op=op, args=(first, second))
+
+
+class DimsExprs(list):
+    def __init__(self, length_or_exprs=0):
+        super().__init__([None] * length_or_exprs if isinstance(length_or_exprs, int) else length_or_exprs)
+
+
+class Dims(tuple):
+    MAX_DIMS = 8
+
+    def __new__(cls, shape=()):
+        return super().__new__(cls, [0] * shape if isinstance(shape, int) else shape)
+
+
+class PluginTensorDesc:
+    def __init__(self, dims=(), type=DataType.FLOAT, format=TensorFormat.LINEAR, scale=1.0):  # noqa: A002
+        self.dims, self.type, self.format, self.scale = Dims(dims), type, format, scale
+
+
+class DynamicPluginTensorDesc:
+    def __init__(self, desc: PluginTensorDesc | None = None, min=(), opt=(), max=()):  # noqa: A002
+        self.desc, self.min, self.opt, self.max = desc or PluginTensorDesc(), min, opt, max
+
+
+class _Interface:
+    """Base of the binding's interface classes (their C++ side holds nothing the plugin layer reads)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+class ITensor(_Interface):
+    pass
+
+
+class ISymExpr(_Interface):
+    pass
+
+
+class IPluginV3(_Interface):
+    pass
+
+
+class IPluginV3QuickCore(_Interface):
+    pass
+
+
+class IPluginV3QuickBuild(_Interface):
+    pass
+
+
+class IPluginV3QuickRuntime(_Interface):
+    pass
+
+
+class IPluginV3QuickAOTBuild(_Interface):
+    pass
+
+
+class IPluginCreatorV3Quick(_Interface):
+    pass
+
+
+class IPluginRegistry:
+    def __init__(self):
+        self._creators: dict[tuple[str, str, str], IPluginCreatorV3Quick] = {}
+
+    def register_creator(self, creator, namespace: str) -> bool:
+        key = (creator.name, creator.plugin_version, namespace)
+        if key in self._creators:
+            return False
+        self._creators[key] = creator
+        return True
+
+    def get_creator(self, name: str, version: str, namespace: str = ""):
+        return self._creators.get((name, version, namespace))
+
+    @property
+    def all_creators(self):
+        return list(self._creators.values())
+
+
+_REGISTRY = IPluginRegistry()  # one per loaded stand-in, like the process-wide registry
+
+
+def get_plugin_registry() -> IPluginRegistry:
+    return _REGISTRY
+
+
+class Logger:
+    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+    def __init__(self, min_severity: int = 2):
+        self.min_severity = min_severity
+
+    def log(self, severity: int, msg: str) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def plugin_layer(wheel: Path, workdir: Path, version: str):
+    """``import tensorrt`` and ``import tensorrt.plugin`` give a fresh stand-in and the wheel's own
+    plugin package while inside; whatever was imported under those names before comes back after."""
+    plugin_dir = workdir / "tensorrt_bindings" / "plugin"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(workdir, [m for m in archive.namelist()
+                                     if m.startswith("tensorrt_bindings/plugin/") and m.endswith(".py")])
+    if not (plugin_dir / "__init__.py").is_file():
+        raise FileNotFoundError(f"{wheel.name} has no tensorrt_bindings/plugin package")
+
+    def ours(name: str) -> bool:
+        return name == "tensorrt" or name.startswith("tensorrt.")
+
+    saved = {name: sys.modules.pop(name) for name in [n for n in sys.modules if ours(n)]}
+    try:
+        core_spec = importlib.util.spec_from_file_location("tensorrt", Path(__file__))
+        core = importlib.util.module_from_spec(core_spec)
+        sys.modules["tensorrt"] = core
+        core_spec.loader.exec_module(core)
+        core.__version__ = version
+        spec = importlib.util.spec_from_file_location("tensorrt.plugin", plugin_dir / "__init__.py",
+                                                      submodule_search_locations=[str(plugin_dir)])
+        plugin = importlib.util.module_from_spec(spec)
+        sys.modules["tensorrt.plugin"] = plugin
+        core.plugin = plugin
+        with warnings.catch_warnings():  # TensorRT's docstrings have invalid escapes (\s)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", SyntaxWarning)
+            spec.loader.exec_module(plugin)
+        yield core, plugin
+    finally:
+        for name in [n for n in sys.modules if ours(n)]:
+            del sys.modules[name]
+        sys.modules.update(saved)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,6 +91,11 @@ def test_node_spec_and_attribute_checks():
     assert node.op_type == "BipartiteMerge" and node.overload == "layer1" and node.num_out == 11
     assert node.attrs["plugin_namespace"] == "tmerge" and node.attrs["plugin_version"] == "1"
     assert spec.check_attrs("BipartiteMerge", {**node.attrs, "merge_form": b"scatter"})["merge_form"] == "scatter"
+    # as TensorRT's ONNX parser hands them over: numbers as one-element arrays, strings with a NUL
+    parsed = spec.check_attrs("BipartiteMerge", {**node.attrs, "merge_form": "scatter\x00", "r": np.array([3], np.int32)})
+    assert parsed == {**node.attrs, "merge_form": "scatter"} and type(parsed["r"]) is int
+    with pytest.raises(TmergeError, match="one"):
+        spec.check_attrs("BipartiteMerge", {**node.attrs, "r": np.array([3, 4], np.int32)})
     with pytest.raises(TmergeError, match="impossible"):
         spec.node_spec(model.blocks.method, layer=0, depth=2, r=9, num_tokens=17, num_prefix=1, class_token=True)
     with pytest.raises(TmergeError, match="missing"):
@@ -106,6 +112,31 @@ def test_node_spec_and_attribute_checks():
 
     with pytest.raises(TmergeError, match="no merge plugin"):
         spec.node_spec(Other(), layer=0, depth=2, r=1, num_tokens=17, num_prefix=1, class_token=True)
+
+
+def test_a_plugin_method_is_declared_in_its_own_class(monkeypatch):
+    """plugin_op / plugin_attrs / plugin_attr_values / from_plugin_attrs are the whole contract."""
+    from tmerge.merging import registry
+    from tmerge.merging.methods.tome import ToMe
+
+    class Strided(ToMe):
+        name = "strided"
+        plugin_op = "StridedMerge"
+        plugin_attrs = {"stride": int}
+
+        def plugin_attr_values(self, layer):
+            return {"stride": 2}
+
+    registry.available()
+    monkeypatch.setitem(registry._METHODS, "strided", Strided)
+    assert spec.op_types() == {"tome": "BipartiteMerge", "pitome": "PiToMeMerge", "dtem": "BipartiteMerge",
+                               "strided": "StridedMerge"}  # LTM (soft weights) has no plugin
+    assert spec.plugin_methods()["BipartiteMerge"] is ToMe  # DTEM inherits ToMe's node
+    assert list(spec.attributes("StridedMerge"))[-1] == "stride"
+    assert list(trtdefs.trt_attributes("StridedMerge"))[-1] == "stride"
+    node = spec.node_spec(Strided(2), layer=0, depth=2, r=3, num_tokens=17, num_prefix=1, class_token=True)
+    assert node.op_type == "StridedMerge" and node.attrs["stride"] == 2
+    assert type(method_from_attrs("StridedMerge", node.attrs)) is Strided
 
 
 class _Sym:

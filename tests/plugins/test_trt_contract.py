@@ -55,7 +55,6 @@ def trt_layer(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def plugin_graphs(tmp_path_factory):
     """method -> (model, final plugin ONNX graph, as written), for the methods that have a merge plugin."""
-    pytest.importorskip("onnxruntime")
     from tmerge.export import export_onnx
 
     out = {}

@@ -17,7 +17,7 @@ import tmerge  # noqa: F401  (before timm)
 import timm
 import torch
 
-from tmerge.profiling.flops import count_flops
+from tmerge.models.flops import count_flops
 
 CONFIGS = [("tome", {"r": 8}), ("tome", {"r": 16}), ("pitome", {"r": 8}), ("pitome", {"r": 16})]
 

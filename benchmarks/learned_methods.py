@@ -33,7 +33,7 @@ from tmerge.data import (FASHION_MNIST_CLASSES, extract_features, fashion_mnist,
                          model_transform, sample_views)
 from tmerge.models import load_model
 from tmerge.profiling.drift import output_drift
-from tmerge.training.adapters import load_adapter
+from tmerge.models.adapters import load_adapter
 from tmerge.merging import available
 from tmerge.training import train_adapter
 

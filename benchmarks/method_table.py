@@ -6,13 +6,13 @@ features, 257 tokens at 224x224). Rows:
 * ToMe and PiToMe at constant r = 4, 8, 12, 16 per block and PiToMe-style keep ratios 0.9, 0.95
   (each block keeps that share of its non-prefix tokens; used for ToMe too);
 * DTEM and LTM at r = 8 and 16 with the trained adapters (``benchmarks/results/adapters_long`` for
-  r=16, ``benchmarks/results/adapters`` for r=8), loaded with ``tmerge.training.adapters.load_adapter`` into
+  r=16, ``benchmarks/results/adapters`` for r=8), loaded with ``tmerge.models.adapters.load_adapter`` into
   a freshly patched model; an adapter that does not load is reported and its row skipped (nothing is
   retrained here).
 
 Per row:
 
-* FLOPs ratio merged / unmerged: ``tmerge.profiling.flops.count_flops`` at batch 1 (FLOPs = 2 x MACs,
+* FLOPs ratio merged / unmerged: ``tmerge.models.flops.count_flops`` at batch 1 (FLOPs = 2 x MACs,
   matmul/attention only).
 * ONNX Runtime CPU latency ratio p50 merged / unmerged at batch 8: both models exported with the
   project exporter (``export_onnx`` through ``tmerge.profiling.profile.export_for_runtime``, verified
@@ -53,14 +53,14 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import tmerge  # noqa: E402
-from tmerge.training.adapters import read_adapter  # noqa: E402
+from tmerge.models.adapters import read_adapter  # noqa: E402
 from tmerge.errors import TmergeError  # noqa: E402
-from tmerge.training.adapters import load_adapter  # noqa: E402
+from tmerge.models.adapters import load_adapter  # noqa: E402
 from tmerge.data import SAMPLE_PHOTOS, cached_linear_probe, extract_features, load_images  # noqa: E402
 from tmerge.models import load_model, weights_sha256  # noqa: E402
 from tmerge.profiling import latency as lat  # noqa: E402
 from tmerge.profiling.drift import output_drift  # noqa: E402
-from tmerge.profiling.flops import FLOPS_CONVENTION, count_flops  # noqa: E402
+from tmerge.models.flops import FLOPS_CONVENTION, count_flops  # noqa: E402
 from tmerge.profiling.profile import export_for_runtime  # noqa: E402
 from tmerge.profiling.report import environment, now_iso  # noqa: E402
 from tmerge.profiling.sweep import plot_pareto  # noqa: E402

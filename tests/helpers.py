@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import tmerge  # noqa: F401  (before timm)
+import numpy as np
+import tmerge  # (before timm)
 import timm
 import torch
 
@@ -23,3 +24,26 @@ def tiny_vit(variant: str = "plain", seed: int = 0, **overrides) -> torch.nn.Mod
     name, extra = TINY_VARIANTS[variant]
     torch.manual_seed(seed)
     return timm.create_model(name, **{**TINY, **extra, **overrides}).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# export tests: 2 blocks, 1000 classes; the same model by name for the CLI's --model-kwargs
+
+EXPORT_ARCH = "vit_tiny_patch16_224"
+# timm kwargs of the tiny export model, as the CLI's --model-kwargs takes them
+TINY_EXPORT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+EXPORT_MODEL_KWARGS = ",".join(f"{k}={v}" for k, v in TINY_EXPORT.items())
+
+
+def tiny_export_model(variant: str = "plain", method: str = "tome", seed: int = 0, **apply_kwargs) -> torch.nn.Module:
+    model = tiny_vit(variant, seed=seed, depth=2, num_classes=1000)
+    if method != "none":
+        tmerge.apply(model, method, **({"r": 3} | apply_kwargs))
+    return model
+
+
+def run_ort(path, images: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"images": images.numpy()})[0]

@@ -31,13 +31,12 @@ def test_none_and_r0_are_bit_identical(variant, tiny_images):
 def test_token_counts_and_protected_prefix(variant, method, tiny_images):
     model = tiny_vit(variant)
     tmerge.apply(model, method, r=3)
-    model.blocks.record_plans = True
-    with torch.no_grad():
+    with torch.no_grad(), model.blocks.recording_slots():
         model(tiny_images)
     p = model.num_prefix_tokens
     n = 16 + p
     assert tmerge.tokens_per_layer(model) == [n, n - 3, n - 6, n - 9]
-    for slots in model.blocks.last_plans:
+    for slots in model.blocks.last_slots:
         for q in range(p):  # prefix tokens keep their slot and nothing merges into them
             assert (slots[:, q] == q).all() and ((slots == q).sum(1) == 1).all()
 

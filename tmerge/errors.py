@@ -13,6 +13,7 @@ class VerificationError(TmergeError):
     exit_code = 1
 
 
-def missing_extra(module: str, extra: str) -> TmergeError:
-    """The error for an optional dependency that is not installed."""
-    return TmergeError(f"{module} is not installed: pip install 'tmerge[{extra}]'")
+def first_line(e: BaseException) -> str:
+    """``"TypeName: first line of the message"``: a foreign exception in a one-line error."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

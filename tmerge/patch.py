@@ -6,12 +6,19 @@ fused SDPA), LayerScale, drop-path, norm2, MLP — with the merge between attent
 read from the block's ``attn.k_norm`` output by a forward hook, so the attention forward is never
 copied. Proportional attention is an additive float ``attn_mask`` (log size) passed to the block's
 own attention.
+
+The merge step itself is a *strategy* held by :class:`MergingBlocks` (``blocks.merge_step``):
+:func:`eager_merge_step` (the method chooses, the shared primitive merges) unless a caller swaps it
+for the duration of a ``with blocks.using(step):`` block — the exporter's instrumented step, or
+:class:`ReplayStep`, which merges with given per-layer slots instead of choosing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import types
-from typing import Any
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +30,33 @@ from .merging.ops import MERGE_FORMS
 from .schedule import ResolvedSchedule, make_spec, resolve
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "")
+
+
+class MergeStep(Protocol):
+    """One block's merge: ``(method, block, merge_form) -> (x, size, slots)``."""
+
+    def __call__(self, method: MergeMethod, block: BlockInput, form: str) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+def eager_merge_step(method: MergeMethod, block: BlockInput, form: str = "scatter_nd"
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """The default step: the method chooses, the shared primitive merges. Returns (x, size, slots)."""
+    plan = method.plan(block)
+    x, size = merge_tokens(block.x, block.size, plan.slots, plan.num_out, plan.weights, form=form)
+    return x, size, plan.slots
+
+
+class ReplayStep:
+    """Merge with given per-layer slots (B, N) instead of the method's choice (parity checks: replay
+    another runtime's choices in PyTorch). ``slots_by_layer[l]`` is None for layers that do not merge."""
+
+    def __init__(self, slots_by_layer: list[Tensor | None]) -> None:
+        self.slots_by_layer = slots_by_layer
+
+    def __call__(self, method: MergeMethod, block: BlockInput, form: str) -> tuple[Tensor, Tensor, Tensor]:
+        slots = self.slots_by_layer[block.layer]
+        x, size = merge_tokens(block.x, block.size, slots, block.x.shape[1] - block.r, form=form)
+        return x, size, slots
 
 
 def _timm_vit_classes():
@@ -45,9 +79,10 @@ class MergingBlocks(nn.Sequential):
         self.num_prefix = num_prefix
         self.prop_attn = prop_attn
         self.merge_form = merge_form
-        self.record_plans = False
+        self.merge_step: MergeStep = eager_merge_step
+        self.record_slots = False
         self.last_tokens: list[int] = []
-        self.last_plans: list[Tensor | None] = []
+        self.last_slots: list[Tensor | None] = []
         self.final_size: Tensor | None = None
         self._keys: dict[int, Tensor] = {}
         self._hooks = [
@@ -63,6 +98,37 @@ class MergingBlocks(nn.Sequential):
         for h in self._hooks:
             h.remove()
 
+    @contextlib.contextmanager
+    def using(self, step: MergeStep) -> Iterator[MergingBlocks]:
+        """Run the merges with ``step`` instead of the current strategy inside the ``with`` block."""
+        saved = self.merge_step
+        self.merge_step = step
+        try:
+            yield self
+        finally:
+            self.merge_step = saved
+            self._keys.clear()  # a failed forward may leave captured keys behind
+
+    @contextlib.contextmanager
+    def recording_slots(self) -> Iterator[MergingBlocks]:
+        """Keep every merging block's slots in ``last_slots`` during the ``with`` block."""
+        saved, self.record_slots = self.record_slots, True
+        try:
+            yield self
+        finally:
+            self.record_slots = saved
+
+    @contextlib.contextmanager
+    def unmerged(self) -> Iterator[MergingBlocks]:
+        """Run without merging (r = 0 in every block) inside the ``with`` block."""
+        saved = self.schedule
+        n = saved.tokens[0]
+        self.schedule = dataclasses.replace(saved, r=[0] * len(saved.r), tokens=[n] * len(saved.tokens), capped=[])
+        try:
+            yield self
+        finally:
+            self.schedule = saved
+
     def forward(self, x: Tensor) -> Tensor:
         expected = self.schedule.tokens[0]
         if x.shape[1] != expected:
@@ -71,7 +137,7 @@ class MergingBlocks(nn.Sequential):
                 "a fixed schedule needs the model's configured image size"
             )
         size: Tensor | None = None  # all ones until the first merge: keeps r=0 blocks bit-identical
-        tokens, plans = [], []
+        tokens, recorded = [], []
         for layer, blk in enumerate(self):
             tokens.append(x.shape[1])
             mask = None
@@ -81,26 +147,36 @@ class MergingBlocks(nn.Sequential):
             x = x + blk.drop_path1(blk.ls1(blk.attn(attn_input, attn_mask=mask)))
             keys = self._keys.pop(layer)
             r = self.schedule.r[layer]
-            plan = None
+            slots = None
             if r > 0:
                 if size is None:
                     size = x.new_ones(x.shape[0], x.shape[1], 1)
                 keys = self.method.merge_keys(layer, keys, attn_input)
                 block_input = BlockInput(layer=layer, depth=len(self), r=r, num_prefix=self.num_prefix,
                                          keys=keys, attn_input=attn_input, x=x, size=size)
-                x, size, plan = merge_step(self.method, block_input, self.merge_form)
-            plans.append(plan.slots if plan is not None and self.record_plans else None)
+                x, size, slots = self.merge_step(self.method, block_input, self.merge_form)
+            recorded.append(slots if self.record_slots else None)
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         tokens.append(x.shape[1])
-        self.last_tokens, self.last_plans, self.final_size = tokens, plans, size
+        self.last_tokens, self.last_slots, self.final_size = tokens, recorded, size
         return x
 
 
-def merge_step(method: MergeMethod, block: BlockInput, form: str = "scatter_nd"):
-    """One block's merge: the method chooses, the shared primitive merges. Returns (x, size, plan)."""
-    plan = method.plan(block)
-    x, size = merge_tokens(block.x, block.size, plan.slots, plan.num_out, plan.weights, form=form)
-    return x, size, plan
+def merging_blocks(model: nn.Module) -> MergingBlocks | None:
+    """``model.blocks`` when the model is patched, else None."""
+    blocks = getattr(model, "blocks", None)
+    return blocks if isinstance(blocks, MergingBlocks) else None
+
+
+@contextlib.contextmanager
+def unmerged(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily run a (possibly) patched model without merging."""
+    blocks = merging_blocks(model)
+    if blocks is None:
+        yield model
+        return
+    with blocks.unmerged():
+        yield model
 
 
 def _size_weighted_pool(model: nn.Module, original_pool):
@@ -184,7 +260,7 @@ def apply(
     _check_supported(model)
     if merge_form not in MERGE_FORMS:
         raise TmergeError(f"merge_form must be one of {', '.join(MERGE_FORMS)}, got {merge_form!r}")
-    spec = make_spec(r=r, schedule=schedule, keep_ratio=keep_ratio)
+    requested = make_spec(r=r, schedule=schedule, keep_ratio=keep_ratio)
     depth = len(model.blocks)
     if isinstance(method, MergeMethod):
         if method_options:
@@ -194,7 +270,7 @@ def apply(
         merger = registry.get(method)(depth, **method_options)
     num_prefix = model.num_prefix_tokens
     num_tokens = model.patch_embed.num_patches + num_prefix
-    resolved = resolve(spec, depth, num_tokens, num_prefix, merger.max_r)
+    resolved = resolve(requested, depth, num_tokens, num_prefix, merger.max_r)
     if prop_attn is None:
         prop_attn = merger.prop_attn_default and not _is_mae_style(model)
     original_pool = model.pool

@@ -13,10 +13,9 @@ from tmerge.merging.methods.dtem import DTEM, soft_top_r
 
 
 def _run(model, x):
-    model.blocks.record_plans = True
-    with torch.no_grad():
+    with torch.no_grad(), model.blocks.recording_slots():
         out = model(x)
-    return out, list(model.blocks.last_plans)
+    return out, list(model.blocks.last_slots)
 
 
 @pytest.mark.parametrize("variant", ["plain", "distilled", "registers", "avgpool"])
@@ -105,7 +104,7 @@ def test_unbound_method_errors():
 @pytest.mark.parametrize("form", ["portable", "plugin"])
 def test_export_both_forms(form, tmp_path):
     pytest.importorskip("onnxruntime")
-    from tmerge.export.onnx import export_onnx
+    from tmerge.export import export_onnx
     from tmerge.plugins import spec
 
     if form == "plugin" and "dtem" not in spec.OP_TYPES:
@@ -115,6 +114,6 @@ def test_export_both_forms(form, tmp_path):
     with torch.no_grad():  # a "trained" embedding: not the key projection any more
         for lin in model.tmerge_method.embed:
             lin.weight.add_(0.1 * torch.randn_like(lin.weight))
-    result = export_onnx(model, tmp_path / f"dtem_{form}.onnx", ops=form, batch_size=2)
+    result = export_onnx(model, tmp_path / f"dtem_{form}.onnx", graph=form, batch_size=2)
     assert result.path.is_file()
     assert result.parity["max_abs_diff"] <= 1e-4

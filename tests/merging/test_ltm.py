@@ -37,11 +37,10 @@ def test_learned_mask_spreads_and_conserves_size(tiny_images):
     base = tiny_vit("plain")
     tome = tmerge.apply(copy.deepcopy(base), "tome", r=3)
     ltm = _perturb(tmerge.apply(copy.deepcopy(base), "ltm", r=3, topk=3))
-    ltm.blocks.record_plans = True
-    with torch.no_grad():
+    with torch.no_grad(), ltm.blocks.recording_slots():
         out = ltm(tiny_images)
         ref = tome(tiny_images)
-    slots = ltm.blocks.last_plans[0]
+    slots = ltm.blocks.last_slots[0]
     assert slots.shape == (4, 17, 3)  # (B, N, k)
     assert ltm.blocks.last_tokens == tome.blocks.last_tokens  # same static shapes as ToMe
     n = ltm.blocks.schedule.tokens[0]
@@ -60,10 +59,10 @@ def test_gradients_reach_the_mask_even_with_closed_gates(tiny_images):
 
 def test_onnx_runtime_parity(tmp_path, tiny_images):
     ort = pytest.importorskip("onnxruntime")
-    from tmerge.export.onnx import export_onnx
+    from tmerge.export import export_onnx
 
     model = _perturb(tmerge.apply(tiny_vit("distilled"), "ltm", r=3)).eval()
-    result = export_onnx(model, tmp_path / "ltm.onnx", ops="portable", batch_size=2)
+    result = export_onnx(model, tmp_path / "ltm.onnx", graph="portable", batch_size=2)
     assert result.parity["max_abs_diff"] <= 1e-4
     sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name

@@ -13,7 +13,7 @@ import tmerge
 import timm
 from tmerge.errors import TmergeError
 from tmerge.merging import BlockInput
-from tmerge.patch import merge_step
+from tmerge.patch import eager_merge_step
 from tmerge.plugins import spec
 from tmerge.plugins.reference import method_from_attrs, reference_merge
 from tmerge.plugins import trt as trtdefs
@@ -30,20 +30,13 @@ def _model(method: str, depth: int = 4, arch: str = "vit_tiny_patch16_224", **kw
 def _block_inputs(model):
     """Real per-block inputs of the merge (x, size, keys), captured from a forward."""
     captured = []
-    import tmerge.patch as patch
 
-    original = patch.merge_step
-
-    def spy(method, block, form="scatter"):
+    def spy(method, block, form):
         captured.append(block)
-        return original(method, block, form)
+        return eager_merge_step(method, block, form)
 
-    patch.merge_step = spy
-    try:
-        with torch.no_grad():
-            model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
-    finally:
-        patch.merge_step = original
+    with torch.no_grad(), model.blocks.using(spy):
+        model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     return captured
 
 
@@ -67,8 +60,8 @@ def test_reference_merge_from_attributes_equals_the_model(method, arch, kw):
     for block in blocks:
         node = _spec_for(model, block)
         x, size, slots = reference_merge(node.op_type, node.attrs, block.x, block.size, block.keys, with_slots=True)
-        want_x, want_size, plan = merge_step(model.blocks.method, block)
-        assert torch.equal(slots, plan.slots)
+        want_x, want_size, want_slots = eager_merge_step(model.blocks.method, block)
+        assert torch.equal(slots, want_slots)
         assert torch.allclose(x, want_x, atol=0, rtol=0) and torch.equal(size, want_size)
         shapes = spec.output_shapes(node.op_type, node.attrs, tuple(block.x.shape), tuple(block.size.shape),
                                     tuple(block.keys.shape), with_slots=True)
@@ -199,7 +192,7 @@ def test_prepare_onnx_for_trt_sets_aot_on_plugin_nodes():
     assert all(a.name != "aot" for a in model.graph.node[0].attribute)  # the input is not modified
     plain = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [vi("x")],
                                                 [vi("y")]))
-    with pytest.raises(TmergeError, match="--ops plugin"):
+    with pytest.raises(TmergeError, match="--graph plugin"):
         trtdefs.prepare_onnx_for_trt(plain, aot=True)
 
 
@@ -240,7 +233,7 @@ def test_trt_engine_end_to_end(tmp_path, method, fp16):  # pragma: no cover - no
     from tmerge.export.tensorrt import build_engine
 
     model = _model(method, depth=2)
-    result = export_onnx(model, tmp_path / "m.onnx", ops="plugin", dynamic_batch=True)
+    result = export_onnx(model, tmp_path / "m.onnx", graph="plugin", dynamic_batch=True)
     engine = build_engine(result, model, tmp_path / "m.engine", batch=2, max_batch=8, fp16=fp16, aot=False)
     assert engine.path.is_file() and engine.manifest["format"] == "trt"
     assert all(c["cosine_min"] > 0.999 for c in engine.parity["checks"])

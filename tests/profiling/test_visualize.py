@@ -32,7 +32,7 @@ def test_groups_partition_patches(variant, method):
     for b in range(2):
         counts = np.bincount(groups[-1][b], minlength=tokens[-1])
         assert np.array_equal(counts[num_prefix:], size[b, num_prefix:, 0].round().long().numpy())
-    assert model.blocks.record_plans is False  # restored
+    assert model.blocks.record_slots is False  # restored
 
 
 def test_unpatched_model_is_identity():

@@ -14,8 +14,9 @@ import torch
 
 import tmerge
 from tests.helpers import tiny_vit
-from tmerge.training.adapters import load_adapter, read_adapter, save_adapter
-from tmerge.training import distill_loss, forward_with_features, train_adapter
+from tmerge.models.adapters import load_adapter, read_adapter, save_adapter
+from tmerge.models.forward import forward_with_features
+from tmerge.training import distill_loss, train_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -166,12 +167,12 @@ def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
     summary = __import__("json").loads(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["data"]["n_images"] == 8 and out.is_file()
     # --adapter in every command goes through build_merged_model
-    from tmerge.cli.options import build_merged_model
+    from tmerge.models.merged import MergeConfig, build_merged_model
 
-    net = build_merged_model(None, None, False, "dtem", r=2, adapter=str(out))
+    net = build_merged_model(None, MergeConfig("dtem", r=2, adapter=str(out)))
     assert net.tmerge_method.adapter["steps"] == 3
     with pytest.raises(tmerge.TmergeError, match="schedule"):
-        build_merged_model(None, None, False, "dtem", r=3, adapter=str(out))
+        build_merged_model(None, MergeConfig("dtem", r=3, adapter=str(out)))
     assert main(["train", "--method", "tome", "--r", "2", "--data", str(folder), "--steps", "1",
                  "--out", str(tmp_path / "t.safetensors"), "--no-progress"]) == 2
     assert "only learned methods" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Options shared by every command that builds a merged model, and the glue that builds it."""
+"""Options shared by the commands, and their parsing into the library's typed values
+(:class:`~tmerge.models.merged.MergeConfig`, keyword dicts, lists)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import TmergeError
+from ..models import DEFAULT_MODEL
+from ..models.merged import MergeConfig
+from ..profiling.latency import BACKENDS
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="timm model name; default: the embedded DINOv2 ViT-S/14 (dinov2-s14)")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help=f"timm model name; default: the embedded DINOv2 ViT-S/14 ({DEFAULT_MODEL})")]
+ModelKwargsOpt = Annotated[Optional[str], typer.Option(
+    "--model-kwargs", help="extra timm.create_model arguments, e.g. img_size=32,patch_size=8,depth=3")]
 CheckpointOpt = Annotated[Optional[str], typer.Option("--checkpoint", help="state dict (.pth/.pt/.safetensors, timm keys) for --model")]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="download the timm hub weights (needs internet)")]
 MethodOpt = Annotated[str, typer.Option("--method", help="merging method: tome, pitome, dtem, ltm, none")]
@@ -21,6 +27,15 @@ PropAttnOpt = Annotated[Optional[bool], typer.Option("--prop-attn/--no-prop-attn
 MethodOptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="method option KEY=VALUE (see `tmerge methods`); repeatable")]
 AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="trained DTEM/LTM adapter (.safetensors) from `tmerge train`")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+
+# measuring (profile, sweep)
+BackendsOpt = Annotated[str, typer.Option("--backends", "--backend", help="comma list of torch, onnxruntime, tensorrt")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
+BatchSizesOpt = Annotated[str, typer.Option("--batch-sizes", help="comma list of batch sizes, e.g. 1,8,32")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch threads and ONNX Runtime intra-op threads")]
+DataOpt = Annotated[str, typer.Option("--data", help="drift images: 'samples', 'fashion-mnist[:test]' or an ImageFolder dir")]
+NumImagesOpt = Annotated[Optional[int], typer.Option("--num-images", help="images for drift (default: source's default)")]
+NoDriftOpt = Annotated[bool, typer.Option("--no-drift", help="skip the drift measurement")]
 
 
 def parse_key_values(items: str | list[str] | None, what: str, *, split_commas: bool = False) -> dict[str, Any]:
@@ -50,46 +65,35 @@ def parse_method_options(items: list[str] | None) -> dict[str, Any]:
     return parse_key_values(items, "--option")
 
 
-def schedule_kwargs(r: int | None, inflection: float | None, schedule: str | None, keep_ratio: float | None) -> dict:
-    """CLI schedule flags -> keyword arguments of :func:`tmerge.apply`."""
-    if inflection is not None:
-        if r is None:
-            raise TmergeError("--inflection needs --r")
-        return {"r": (r, float(inflection))}
-    return {"r": r, "schedule": schedule, "keep_ratio": keep_ratio}
+def parse_model_kwargs(text: str | None) -> dict[str, Any]:
+    """``--model-kwargs img_size=32,patch_size=8`` -> {"img_size": 32, "patch_size": 8}."""
+    return parse_key_values(text, "--model-kwargs", split_commas=True)
 
 
-def build_merged_model(
-    model: str | None,
-    checkpoint: str | None,
-    pretrained: bool,
-    method: str,
-    r: int | None = None,
-    inflection: float | None = None,
-    schedule: str | None = None,
-    keep_ratio: float | None = None,
-    prop_attn: bool | None = None,
-    options: list[str] | None = None,
-    adapter: str | None = None,
-    model_kwargs: dict | None = None,
-    **apply_kwargs: Any,
-):
-    """Load the model (``model_kwargs`` go to timm) and patch it in place; eval mode."""
-    from ..models import load_model
-
-    net = load_model(model, checkpoint=checkpoint, pretrained=pretrained, **(model_kwargs or {}))
-    return patch_model(net, method, r, inflection, schedule, keep_ratio, prop_attn, options, adapter, **apply_kwargs)
+def merge_config(method: str, r: int | None = None, inflection: float | None = None, schedule: str | None = None,
+                 keep_ratio: float | None = None, prop_attn: bool | None = None, option: list[str] | None = None,
+                 adapter: str | None = None, merge_form: str | None = None) -> MergeConfig:
+    """The merge flags of a command as a :class:`MergeConfig`."""
+    return MergeConfig(method=method, r=r, inflection=inflection, schedule=schedule, keep_ratio=keep_ratio,
+                       prop_attn=prop_attn, options=parse_method_options(option), adapter=adapter,
+                       merge_form=merge_form)
 
 
-def patch_model(net, method: str, r=None, inflection=None, schedule=None, keep_ratio=None, prop_attn=None,
-                options: list[str] | None = None, adapter: str | None = None, **apply_kwargs: Any):
-    """Apply the CLI's method/schedule/options (and a trained adapter) to an already loaded model."""
-    from .. import apply
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise TmergeError(f"{what} takes a comma list of integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise TmergeError(f"{what} takes positive integers, got {text!r}")
+    return values
 
-    apply(net, method, prop_attn=prop_attn, **schedule_kwargs(r, inflection, schedule, keep_ratio),
-          **parse_method_options(options), **apply_kwargs)
-    if adapter is not None:
-        from ..training.adapters import load_adapter
 
-        load_adapter(net, adapter)
-    return net.eval()
+def parse_backends(text: str) -> list[str]:
+    backends = [b.strip().lower() for b in text.split(",") if b.strip()]
+    aliases = {"ort": "onnxruntime", "trt": "tensorrt", "eager": "torch"}
+    backends = [aliases.get(b, b) for b in backends]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise TmergeError(f"unknown backend {', '.join(unknown) or text!r}; use {', '.join(BACKENDS)}")
+    return list(dict.fromkeys(backends))

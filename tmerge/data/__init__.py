@@ -28,8 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _compat  # noqa: F401  (must precede the timm import)
-from ..errors import TmergeError, missing_extra
+from .._io import atomic_paths
+from .._optional import missing_extra
+from ..errors import TmergeError
 from ..models import cache_dir, weights_sha256
+from ..models.forward import forward_with_features, input_shape
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -66,10 +69,9 @@ def data_config(model: nn.Module) -> dict:
     from timm.data import resolve_data_config
 
     config = resolve_data_config({}, model=model)
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    if img_size is not None and not getattr(model, "dynamic_img_size", False):
-        config["input_size"] = (3, *img_size)
+    fixed_size = getattr(getattr(model, "patch_embed", None), "img_size", None) is not None
+    if fixed_size and not getattr(model, "dynamic_img_size", False):
+        config["input_size"] = input_shape(model)[1:]
     return config
 
 
@@ -298,8 +300,7 @@ def _subset(available: int, n: int, seed: int, what: str) -> np.ndarray:
 def extract_features(model: nn.Module, images: Tensor, batch_size: int = 64) -> Tensor:
     """Pooled pre-logits features (N, D): what a classifier head (or a probe) reads."""
     model.eval()
-    chunks = [model.forward_head(model.forward_features(batch), pre_logits=True)
-              for batch in images.split(batch_size)]
+    chunks = [forward_with_features(model, batch)[1] for batch in images.split(batch_size)]
     return torch.cat(chunks).float()
 
 
@@ -321,12 +322,10 @@ class LinearProbe:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         metadata = {"class_names": json.dumps(self.class_names), "info": json.dumps(self.info)}
-        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(tmp), metadata=metadata)
-        tmp.replace(path)
+        with atomic_paths([path], mkdir=True) as (tmp,):
+            save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(tmp),
+                      metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "LinearProbe":

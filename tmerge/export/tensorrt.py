@@ -24,17 +24,18 @@ flag; until that exists the ``trt`` extra pins ``tensorrt<11`` and :func:`requir
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._io import write_files
 from ..errors import TmergeError, VerificationError
-
-TRT_MISSING = ("TensorRT is not installed: pip install 'tmerge[trt]' (tensorrt>=10.9,<11) on a machine with an "
-               "NVIDIA GPU")
+from ..models.forward import input_shape as model_input_shape
+from ..plugins.trt import TRT_MISSING, prepare_onnx_for_trt, register_tensorrt_plugins
+from .manifest import ExportResult, manifest_bytes, manifest_path
+from .verify import fixed_inputs
 MIN_TRT = (10, 9)
 NEXT_UNSUPPORTED_TRT = (11, 0)
 FP16_MIN_COSINE = 0.999
@@ -72,8 +73,6 @@ def build_serialized_engine(onnx_proto, input_shape, *, batch: int, max_batch: i
                             aot: bool | None = None, workspace_gb: float = 4.0):
     """Parse the plugin graph and build a serialized engine (bytes). Needs TensorRT + GPU."""
     trt = require_tensorrt()
-    from ..plugins.trt import prepare_onnx_for_trt, register_tensorrt_plugins
-
     aot = any(register_tensorrt_plugins(aot=aot).values())
     prepared = prepare_onnx_for_trt(onnx_proto, aot=aot)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -131,8 +130,6 @@ def run_engine(engine_bytes: bytes, images: torch.Tensor) -> np.ndarray:
 
 def engine_parity(engine_bytes: bytes, model: nn.Module, input_shape, *, fp16: bool, atol: float = 1e-4,
                   batches=(1,)) -> dict:
-    from .verify import fixed_inputs
-
     checks = []
     for batch in batches:
         images = fixed_inputs((batch, *input_shape[1:]), 0)
@@ -160,11 +157,9 @@ def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
 
 def build_engine(onnx_result, model: nn.Module, out_path: Path, *, batch: int, max_batch: int | None = None,
                  fp16: bool = False, aot: bool | None = None):
-    """Build, check and write the engine for an :class:`~tmerge.export.onnx.ExportResult` of the
+    """Build, check and write the engine for an :class:`~tmerge.export.ExportResult` of the
     plugin graph. Returns an ExportResult for the engine (manifest ``<engine>.json``)."""
     import tensorrt as trt
-
-    from .onnx import ExportResult, model_input_shape, write_atomically
 
     input_shape = model_input_shape(model, batch)
     engine_bytes, build_info = build_serialized_engine(onnx_result.model_proto, input_shape, batch=batch,
@@ -177,7 +172,6 @@ def build_engine(onnx_result, model: nn.Module, out_path: Path, *, batch: int, m
         parity=parity, tensorrt={"version": trt.__version__, "fp16": fp16, **build_info,
                                  "device": torch.cuda.get_device_name()},
     )
-    manifest_path = out_path.with_name(out_path.name + ".json")
-    write_atomically({out_path: engine_bytes,
-                      manifest_path: (json.dumps(manifest, indent=2, default=str) + "\n").encode()})
-    return ExportResult(path=out_path, manifest_path=manifest_path, manifest=manifest, parity=parity)
+    json_path = manifest_path(out_path)
+    write_files({out_path: engine_bytes, json_path: manifest_bytes(manifest)})
+    return ExportResult(path=out_path, manifest_path=json_path, manifest=manifest, parity=parity)

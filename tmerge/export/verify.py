@@ -4,7 +4,7 @@ Matching is discrete: two runtimes computing the same similarities 1e-7 apart ca
 differently, route one token elsewhere and move the outputs far more than float noise. So besides
 the outputs (fp32: max abs diff <= atol, never loosened), the verification graph outputs each
 merging layer's *slots* (where every token went), which are compared with PyTorch's own
-(``model.blocks.record_plans``). When the outputs differ beyond atol:
+(``model.blocks.recording_slots()``). When the outputs differ beyond atol:
 
 * same slots everywhere  -> the graph computes something else: a bug, fail;
 * different slots        -> replay PyTorch with ONNX Runtime's choices. If the replay matches within
@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import VerificationError
+from ..models.forward import input_shape
+from ..patch import ReplayStep, merging_blocks
 
 SEEDS = (0, 1, 2)
 
@@ -54,29 +56,20 @@ def providers() -> list[str]:
 
 def torch_reference(model: nn.Module, images: torch.Tensor):
     """Outputs and per-layer slots (None where a layer does not merge) of the PyTorch model."""
-    from .onnx import _merging_blocks
-
-    blocks = _merging_blocks(model)
-    if blocks is not None:
-        saved, blocks.record_plans = blocks.record_plans, True
-    try:
+    blocks = merging_blocks(model)
+    if blocks is None:
         with torch.no_grad():
-            out = model(images)
-        plans = list(blocks.last_plans) if blocks is not None else []
-    finally:
-        if blocks is not None:
-            blocks.record_plans = saved
-    return out, plans
+            return model(images), []
+    with torch.no_grad(), blocks.recording_slots():
+        out = model(images)
+        return out, list(blocks.last_slots)
 
 
 def torch_replay(model: nn.Module, images: torch.Tensor, slots_by_layer: dict[int, np.ndarray]) -> torch.Tensor:
     """PyTorch forward that merges with the given per-layer slots instead of choosing its own."""
-    from .onnx import _patched_merge_step
-
-    depth = len(model.blocks)
     forced = [torch.from_numpy(np.asarray(slots_by_layer[l])).long() if l in slots_by_layer else None
-              for l in range(depth)]
-    with torch.no_grad(), _patched_merge_step(model, "portable", [], forced=forced):
+              for l in range(len(model.blocks))]
+    with torch.no_grad(), merging_blocks(model).using(ReplayStep(forced)):
         return model(images)
 
 
@@ -112,8 +105,6 @@ def verify_graph(model: nn.Module, proto_with_slots, final_proto, *, merged_laye
                  dynamic_batch: bool, atol: float = 1e-4) -> dict:
     """Verify both the slot-instrumented graph and the final graph; raise VerificationError or
     return the parity record."""
-    from .onnx import model_input_shape
-
     parity: dict = {"atol": atol, "dtype": "float32", "inputs": "torch.randn, seeds 1000+i", "checks": [],
                     "near_ties": []}
     batches = [batch_size]
@@ -126,7 +117,7 @@ def verify_graph(model: nn.Module, proto_with_slots, final_proto, *, merged_laye
         for batch in batches:
             passed = None
             for seed in SEEDS:
-                images = fixed_inputs(model_input_shape(model, batch), seed)
+                images = fixed_inputs(input_shape(model, batch), seed)
                 entry, out = compare_once(model, session, images, merged_layers, atol)
                 entry.update(provider=provider, batch=batch, seed=seed)
                 parity["checks"].append(entry)

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import TmergeError
+
 
 @dataclass
 class BlockInput:
@@ -106,8 +108,6 @@ class MergeMethod(nn.Module):
         self.depth = depth
         unknown = sorted(set(options) - set(self.options))
         if unknown:
-            from ..errors import TmergeError
-
             known = ", ".join(sorted(self.options)) or "none"
             raise TmergeError(f"unknown option(s) for method {self.name}: {', '.join(unknown)} (known: {known})")
         self.config = {k: opt.parse(k, options[k], self.name, depth) if k in options else opt.default

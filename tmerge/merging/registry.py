@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from ..errors import TmergeError
 from .base import MergeMethod
+from .methods.dtem import DTEM
+from .methods.ltm import LTM
+from .methods.pitome import PiToMe
+from .methods.tome import ToMe
 
 _METHODS: dict[str, type[MergeMethod]] = {}
 
@@ -14,24 +18,14 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
 
 
 def available() -> dict[str, type[MergeMethod]]:
-    _load_builtin()
     return dict(_METHODS)
 
 
 def get(name: str) -> type[MergeMethod]:
-    methods = available()
-    if name not in methods:
-        raise TmergeError(f"unknown method {name!r}; available: {', '.join(['none', *sorted(methods)])}")
-    return methods[name]
+    if name not in _METHODS:
+        raise TmergeError(f"unknown method {name!r}; available: {', '.join(['none', *sorted(_METHODS)])}")
+    return _METHODS[name]
 
 
-def _load_builtin() -> None:
-    if _METHODS:
-        return
-    from .methods.dtem import DTEM
-    from .methods.ltm import LTM
-    from .methods.pitome import PiToMe
-    from .methods.tome import ToMe
-
-    for cls in (ToMe, PiToMe, DTEM, LTM):
-        register(cls)
+for _builtin in (ToMe, PiToMe, DTEM, LTM):
+    register(_builtin)

@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,9 @@ import torch
 from torch import nn
 
 from .. import _compat  # noqa: F401  (must precede the timm import)
-from ..errors import TmergeError, missing_extra
+from .._optional import missing_extra
+from .._io import atomic_paths
+from ..errors import TmergeError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,17 @@ def weights_sha256(model: nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def backbone_sha256(model: nn.Module) -> str:
+    """:func:`weights_sha256` of the model without an attached merge method (``model.tmerge_method``,
+    whose learned parameters DTEM/LTM add to the state dict)."""
+    method = model._modules.pop("tmerge_method", None)
+    try:
+        return weights_sha256(model)
+    finally:
+        if method is not None:
+            model._modules["tmerge_method"] = method
 
 
 def model_label(name: str | None, checkpoint: str | Path | None = None) -> str:
@@ -151,7 +163,7 @@ def _create_timm(name: str, *, pretrained: bool, **kwargs) -> nn.Module:
             raise
         # the hub is unreachable (huggingface_hub/requests errors are OSErrors) or has no such weights
         raise TmergeError(
-            f"could not download pretrained weights for {name} ({type(e).__name__}: {_first_line(e)}); "
+            f"could not download pretrained weights for {name} ({first_line(e)}); "
             "offline, pass --checkpoint PATH with a local state dict instead"
         ) from e
 
@@ -176,7 +188,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors, pickle, zip and torch errors all mean: unreadable file
-        raise TmergeError(f"checkpoint {path} could not be read ({type(e).__name__}: {_first_line(e)})") from e
+        raise TmergeError(f"checkpoint {path} could not be read ({first_line(e)})") from e
     while isinstance(obj, dict) and not _is_tensor_dict(obj):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:
@@ -191,11 +203,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _is_tensor_dict(obj: dict) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "no message"
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, *, arch: str = "the model", assign: bool = False) -> None:
@@ -322,17 +329,14 @@ def _cached_default_weights(onnx_path: Path) -> tuple[dict[str, torch.Tensor], d
 
 
 def _write_cache(state: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
-    """Write atomically (temp file + rename), checksum last, so a torn write is never trusted."""
+    """Write atomically, checksum last, so a torn write is never trusted."""
     from safetensors.torch import save_file
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file(state, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; it is a plain cache
-        os.replace(tmp, path)
-        path.with_suffix(".sha256").write_text(file_sha256(path) + "\n")
+        with atomic_paths([path], mkdir=True) as (tmp,):
+            save_file(state, str(tmp), metadata=meta)
+        with atomic_paths([path.with_suffix(".sha256")]) as (tmp,):
+            tmp.write_text(file_sha256(path) + "\n")
     except OSError as e:  # a read-only cache only costs a conversion next time
         log.warning("could not cache converted weights in %s: %s", path.parent, e)
 
@@ -415,7 +419,7 @@ def _load_onnx(onnx_path: str | Path):
     try:
         return onnx.load(str(onnx_path))
     except Exception as e:  # protobuf DecodeError and friends
-        raise TmergeError(f"{onnx_path} is not a readable ONNX file ({type(e).__name__}: {_first_line(e)})") from e
+        raise TmergeError(f"{onnx_path} is not a readable ONNX file ({first_line(e)})") from e
 
 
 def _as_onnx(onnx_model, source: str | None):

@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ..merging import BlockInput
+from ..patch import eager_merge_step
 from .spec import check_attrs, plugin_methods
 
 
@@ -23,15 +25,11 @@ def method_from_attrs(op_type: str, attrs: dict[str, Any]):
 def reference_merge(op_type: str, attrs: dict[str, Any], x: Tensor, size: Tensor, keys: Tensor,
                     with_slots: bool = False):
     """(x_out, size_out[, slots]) of one merge node, computed with the shared merge core."""
-    from ..merging import BlockInput
-    from ..patch import merge_step
-
     a = check_attrs(op_type, attrs)
     if x.shape[1] != a["num_tokens"]:
         raise ValueError(f"{op_type}: x has {x.shape[1]} tokens, the node was built for {a['num_tokens']}")
     method = method_from_attrs(op_type, attrs)
-    step = getattr(merge_step, "_tmerge_original", merge_step)
     block = BlockInput(layer=a["layer"], depth=a["depth"], r=a["r"], num_prefix=a["num_prefix"], keys=keys,
                        attn_input=x, x=x, size=size)
-    out, out_size, plan = step(method, block, a["merge_form"])
-    return (out, out_size, plan.slots) if with_slots else (out, out_size)
+    out, out_size, slots = eager_merge_step(method, block, a["merge_form"])
+    return (out, out_size, slots) if with_slots else (out, out_size)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import TmergeError
+from ..merging import registry
 from ..merging.ops import MERGE_FORMS
 
 PLUGIN_NAMESPACE = "tmerge"
@@ -44,8 +45,6 @@ COMMON_ATTRS: dict[str, type] = {
 def plugin_methods() -> dict[str, type]:
     """ONNX op type (= TensorRT plugin name) -> the method class that declares it (its
     ``plugin_op``; subclasses that inherit it, like DTEM from ToMe, export the same node)."""
-    from ..merging import registry
-
     owners: dict[str, type] = {}
     for cls in registry.available().values():
         op = cls.__dict__.get("plugin_op")
@@ -59,8 +58,6 @@ def plugin_methods() -> dict[str, type]:
 
 def op_types() -> dict[str, str]:
     """Method name -> op type of its merge node, for the methods that have one."""
-    from ..merging import registry
-
     return {name: cls.plugin_op for name, cls in registry.available().items() if cls.plugin_op}
 
 
@@ -105,7 +102,7 @@ def node_spec(method, *, layer: int, depth: int, r: int, num_tokens: int, num_pr
     op_type = getattr(method, "plugin_op", None)
     if op_type is None:
         raise TmergeError(
-            f"method {name!r} has no merge plugin (plugins exist for {', '.join(op_types())}); use --ops portable"
+            f"method {name!r} has no merge plugin (plugins exist for {', '.join(op_types())}); use --graph portable"
         )
     if not 0 < r <= (num_tokens - num_prefix) // 2:
         raise TmergeError(f"layer {layer}: r={r} is impossible for {num_tokens} tokens with {num_prefix} prefix tokens")

@@ -52,6 +52,8 @@ from .spec import INPUTS, PLUGIN_NAMESPACE, PLUGIN_VERSION, attributes, check_at
 #   where an extra arg "B" means the batch size (a symbolic shape expression at build time).
 AOT_KERNEL_MODULE = "tmerge.plugins.triton_merge"
 
+TRT_MISSING = ("TensorRT is not installed: pip install 'tmerge[trt]' (tensorrt>=10.9,<11) on a machine with an "
+               "NVIDIA GPU")
 # How each attribute type is declared to TensorRT (see the module docstring).
 TRT_ANNOTATIONS = {int: npt.NDArray[np.int32], float: npt.NDArray[np.float32], str: str}
 
@@ -186,8 +188,6 @@ def register_tensorrt_plugins(aot: bool | None = None) -> dict[str, bool]:
         import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError as e:
-        from ..export.tensorrt import TRT_MISSING
-
         raise TmergeError(TRT_MISSING) from e
     available = aot_kernel_available()
     if aot and not available:
@@ -228,7 +228,7 @@ def prepare_onnx_for_trt(proto, *, aot: bool):
         node.attribute.append(helper.make_attribute("aot", int(bool(aot))))
         count += 1
     if count == 0:
-        raise TmergeError("the ONNX graph has no tmerge plugin nodes; export it with --ops plugin")
+        raise TmergeError("the ONNX graph has no tmerge plugin nodes; export it with --graph plugin")
     keep = [fn for fn in out.functions if fn.domain != DOMAIN]
     del out.functions[:]
     out.functions.extend(keep)

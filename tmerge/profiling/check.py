@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import TmergeError
+from .report import wide_console
 
 FLOOR = 1e-9
 DEFAULTS = {"latency": "10%", "flops": "1%", "drift": "10%"}
@@ -299,8 +300,6 @@ def compare(report: dict, baseline: dict, *, latency: str | float = DEFAULTS["la
 
 def render(result: CheckResult, console=None) -> None:
     from rich.table import Table
-
-    from .report import wide_console
 
     console = console or wide_console()
     table = Table(title="tmerge check: report vs baseline (larger is worse)")

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import TmergeError, missing_extra
+from .._optional import missing_extra
+from ..errors import TmergeError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
-STAT_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "throughput_ips")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +154,6 @@ class Runner:
     backend: str
     device: str
     run: Callable[[], Any]
-    output: Callable[[], np.ndarray]
 
 
 def torch_runner(model: nn.Module, inputs: torch.Tensor, device: str, *, compile: bool = False) -> Runner:
@@ -169,7 +168,7 @@ def torch_runner(model: nn.Module, inputs: torch.Tensor, device: str, *, compile
         sync()
         return out
 
-    return Runner("torch", device, run, lambda: run().float().cpu().numpy())
+    return Runner("torch", device, run)
 
 
 def ort_session(onnx_path: str, device: str, threads: int | None):
@@ -198,7 +197,7 @@ def ort_runner(onnx_path: str, inputs: torch.Tensor, device: str, threads: int |
     def run():
         return session.run(None, feeds)[0]
 
-    return Runner("onnxruntime", device, run, run)
+    return Runner("onnxruntime", device, run)
 
 
 def tensorrt_runner(onnx_path: str, inputs: torch.Tensor, device: str) -> Runner:  # pragma: no cover - needs TRT
@@ -248,7 +247,7 @@ def tensorrt_runner(onnx_path: str, inputs: torch.Tensor, device: str) -> Runner
         stream.synchronize()
         return out
 
-    return Runner("tensorrt", device, run, lambda: run().cpu().numpy())
+    return Runner("tensorrt", device, run)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ the same images, latency per (backend, batch size) with the merged and unmerged 
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,8 +15,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..data import load_images
 from ..errors import TmergeError
+from ..export import Manifest, export_onnx, read_manifest
+from ..models import DEFAULT_MODEL, weights_sha256
+from ..models.flops import FLOPS_CONVENTION, count_flops
+from ..models.forward import forward_with_features, has_classifier, input_shape
+from ..models.merged import MergeConfig, build_pair
+from ..patch import merge_info
 from . import latency as lat
+from .drift import knn_agreement, output_drift
 from .report import KIND, SCHEMA_VERSION, environment, now_iso
 
 
@@ -39,6 +46,15 @@ class ProfileConfig:
     onnx_unmerged: str | None = None
     workdir: str | None = None  # where exported ONNX files go (default: a temp dir, removed)
 
+    def __post_init__(self) -> None:
+        """Bad settings fail here, before any model is loaded."""
+        for backend in self.backends:
+            lat.check_backend(backend, self.device)
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise TmergeError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
+        if self.iters < 1 or self.warmup < 0:
+            raise TmergeError("--iters must be >= 1 and --warmup >= 0")
+
 
 class Progress:
     """What the profiler reports as it goes; the CLI renders it with rich on stderr."""
@@ -51,47 +67,36 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------------------
-# building the pair
+# the pair an exported model came from
 
 
-def parse_kv(items: str | list[str] | None, what: str = "--model-kwargs") -> dict[str, Any]:
-    """"img_size=32,patch_size=8" (or a list of such) -> {"img_size": 32, "patch_size": 8}."""
-    from ..cli.options import parse_key_values
+def pair_from_manifest(onnx_path: str | Path, *, model: str | None = None, checkpoint: str | None = None,
+                       model_kwargs: dict | None = None, adapter: str | None = None
+                       ) -> tuple[nn.Module, nn.Module, str, Manifest]:
+    """Rebuild the torch merged/unmerged pair an exported model came from (for FLOPs, drift, the
+    unmerged ONNX counterpart and the torch backend): (merged, unmerged, model name, manifest).
 
-    return parse_key_values(items, what, split_commas=True)
-
-
-def build_pair(model: str | None = None, *, checkpoint: str | None = None, pretrained: bool = False,
-               method: str = "tome", r: int | None = None, inflection: float | None = None,
-               schedule: str | None = None, keep_ratio: float | None = None, prop_attn: bool | None = None,
-               options: list[str] | None = None, adapter: str | None = None,
-               model_kwargs: dict | None = None, seed: int | None = 0) -> tuple[nn.Module, nn.Module]:
-    """(merged, unmerged): one load, a deep copy, the copy patched. Same weights, eval mode.
-
-    ``seed`` seeds torch before the model is built, so random-init models (no --pretrained, no
-    --checkpoint) get the same weights in every run and reports stay comparable."""
-    from ..cli.options import patch_model
-    from ..models import load_model
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    unmerged = load_model(model, checkpoint=checkpoint, pretrained=pretrained, **(model_kwargs or {}))
-    merged = patch_model(copy.deepcopy(unmerged), method, r, inflection, schedule, keep_ratio, prop_attn,
-                         options, adapter)
-    return merged, unmerged.eval()
-
-
-def input_size(model: nn.Module) -> tuple[int, int, int]:
-    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img is not None:
-        return (3, int(img[0]), int(img[1]))
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("input_size", (3, 224, 224)))
-
-
-def has_classifier(model: nn.Module) -> bool:
-    """Class logits (``num_classes > 0``) -> logits drift; else the output is a feature vector."""
-    return int(getattr(model, "num_classes", 0) or 0) > 0
+    From the manifest: model name, method, options, proportional attention and the per-block r;
+    ``checkpoint``, ``model_kwargs`` and ``adapter`` from the manifest when the exporter recorded
+    them, else from the arguments. The rebuilt models must hash to the manifest's
+    ``weights_sha256`` (backbone) and ``merged_weights_sha256``, so a mismatched rebuild is an
+    error, never a silent comparison against other weights.
+    """
+    manifest = read_manifest(onnx_path)
+    # "model_name" is what was asked for (e.g. "dinov2-s14"); "model" is a human-readable label
+    name = (manifest.model_name or manifest.model) if model is None else model
+    merge = MergeConfig(method=manifest.method, schedule=tuple(manifest.per_block_r), prop_attn=manifest.prop_attn,
+                        options=dict(manifest.options or {}), adapter=adapter or manifest.adapter)
+    if merge.method == "none":
+        merge = MergeConfig(method="none")
+    merged, unmerged = build_pair(name, merge, checkpoint=checkpoint or manifest.checkpoint,
+                                  model_kwargs=model_kwargs or manifest.model_kwargs or {})
+    if weights_sha256(unmerged) != manifest.weights_sha256 or (
+            manifest.merged_weights_sha256 and weights_sha256(merged) != manifest.merged_weights_sha256):
+        raise TmergeError(f"rebuilding {name} here gives other weights than {onnx_path} was exported with "
+                          "(weights_sha256 mismatch); pass the --model/--model-kwargs/--checkpoint/--adapter "
+                          "it was exported from")
+    return merged, unmerged, name or DEFAULT_MODEL, manifest
 
 
 def count_params(model: nn.Module) -> int:
@@ -103,10 +108,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def flops_section(merged: nn.Module, unmerged: nn.Module) -> dict:
-    from .. import merge_info
-    from .flops import FLOPS_CONVENTION, count_flops
-
-    shape = (1, *input_size(unmerged))
+    shape = input_shape(unmerged)
     fm = count_flops(merged, shape)
     fu = count_flops(unmerged, shape)
     info = merge_info(merged)
@@ -124,19 +126,13 @@ def flops_section(merged: nn.Module, unmerged: nn.Module) -> dict:
 @torch.no_grad()
 def _outputs(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(outputs, pre-logits features) for ``images``; outputs = logits, or the features when headless."""
-    outs, feats = [], []
-    for batch in images.split(batch_size):
-        f = model.forward_head(model.forward_features(batch), pre_logits=True)
-        feats.append(f.float())
-        outs.append(model.get_classifier()(f).float() if has_classifier(model) else f.float())
-    return torch.cat(outs), torch.cat(feats)
+    pairs = [forward_with_features(model, batch) for batch in images.split(batch_size)]
+    return torch.cat([o.float() for o, _ in pairs]), torch.cat([f.float() for _, f in pairs])
 
 
 def drift_between(merged: nn.Module, unmerged: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
                   class_names: list[str] | None = None) -> dict:
     """Drift of the merged model from the unmerged one on ``images`` (metrics that do not apply: None)."""
-    from .drift import knn_agreement, output_drift
-
     logits = has_classifier(unmerged)
     ref_out, ref_feat = _outputs(unmerged, images)
     mer_out, mer_feat = _outputs(merged, images)
@@ -164,39 +160,16 @@ def drift_between(merged: nn.Module, unmerged: nn.Module, images: torch.Tensor, 
     return out
 
 
-def load_drift_images(source: str, model: nn.Module, n: int | None, seed: int):
-    from ..data import load_images
-
-    return load_images(source, model, n=n, seed=seed)
-
-
 # ----------------------------------------------------------------------------------------------
 # ONNX export for the onnxruntime / tensorrt backends
 
 
 def export_for_runtime(model: nn.Module, path: Path, *, model_name: str | None, batch_size: int = 2) -> dict:
     """Export ``model`` (merged or not) to ONNX with the project exporter (verified against torch);
-    returns {path, parity}. Falls back to a plain dynamo export when the exporter is unavailable."""
-    try:
-        from ..export.onnx import export_onnx
-    except ImportError:
-        export_onnx = None
-    if export_onnx is not None:
-        result = export_onnx(model, str(path), batch_size=batch_size, dynamic_batch=True, verify=True,
-                             model_name=model_name)
-        parity = getattr(result, "parity", None)
-        if parity is not None and not isinstance(parity, (dict, float, int, str)):
-            parity = getattr(parity, "__dict__", str(parity))
-        return {"path": str(getattr(result, "path", path)), "parity": parity}
-    import warnings
-
-    x = torch.randn(batch_size, *input_size(model), generator=torch.Generator().manual_seed(0))
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=18,
-                          dynamic_shapes=({0: batch},), verbose=False)
-    return {"path": str(path), "parity": None}
+    returns {path, parity}."""
+    result = export_onnx(model, str(path), batch_size=batch_size, dynamic_batch=True, verify=True,
+                         model_name=model_name)
+    return {"path": str(result.path), "parity": result.parity}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,13 +184,7 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     ``drift_images``: an already loaded ImageSet (images, labels, class_names) to reuse (sweeps);
     else ``config.data`` is loaded.
     """
-    from .. import merge_info
-
     progress = progress or Progress()
-    for backend in config.backends:
-        lat.check_backend(backend, config.device)
-    if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
-        raise TmergeError(f"--batch-sizes must be positive integers, got {config.batch_sizes}")
     torch_threads = lat.set_torch_threads(config.threads)
     # Without --threads every runtime gets torch's default count, set explicitly and recorded: a
     # report always says how many threads its timings used.
@@ -226,7 +193,7 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     if drift_images is not None:
         images, labels, class_names = drift_images
     elif config.data is not None:
-        images, labels, class_names = load_drift_images(config.data, unmerged, config.num_images, config.seed)
+        images, labels, class_names = load_images(config.data, unmerged, n=config.num_images, seed=config.seed)
     merged.eval()
     unmerged.eval()
     info = merge_info(merged)
@@ -237,7 +204,7 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
         "created": now_iso(),
         "model": model_name,
         "model_info": {
-            "input_size": list(input_size(unmerged)),
+            "input_size": list(input_shape(unmerged)[1:]),
             "num_prefix_tokens": int(getattr(unmerged, "num_prefix_tokens", 0)),
             "num_classes": int(getattr(unmerged, "num_classes", 0) or 0),
             "head": "classifier" if has_classifier(unmerged) else "none (features)",
@@ -262,8 +229,7 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     if images is not None:
         progress.log(f"drift on {len(images)} images")
         drift = drift_between(merged, unmerged, images, labels, class_names)
-        drift = {"source": str(config.data) if drift_images is None else str(config.data), "seed": config.seed,
-                 **drift}
+        drift = {"source": str(config.data), "seed": config.seed, **drift}
         report["drift"] = drift
     else:
         report["drift"] = None
@@ -277,12 +243,10 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     return report
 
 
-def _manifest_parity(onnx_path: str):
-    import json
-
+def _manifest_parity(onnx_path: str) -> dict | None:
     try:
-        return json.loads(Path(str(onnx_path) + ".json").read_text()).get("parity")
-    except (OSError, ValueError, AttributeError):
+        return read_manifest(onnx_path).parity
+    except TmergeError:
         return None
 
 
@@ -297,7 +261,7 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
     entries: list[dict] = []
     if not config.backends or config.iters == 0:
         return entries
-    shape = input_size(unmerged)
+    shape = input_shape(unmerged)[1:]
     onnx_paths: dict[str, dict] = {}
     tmp = None
     try:

@@ -33,12 +33,13 @@ import json
 import math
 import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .._io import write_text
 from ..errors import TmergeError
+from .latency import cpu_name, usable_cpus
 
 SCHEMA_VERSION = 1
 KIND = "tmerge.profile"
@@ -141,22 +142,7 @@ def dumps(report: dict) -> str:
 def save_report(report: dict, path: str | Path) -> Path:
     """Validate, then write atomically (temp file in the same folder + rename)."""
     validate_report(report, "the report to write")
-    path = Path(path)
-    text = dumps(report)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return write_text(path, dumps(report), mkdir=True)
 
 
 def _loadavg() -> list[float] | None:
@@ -176,8 +162,6 @@ def environment(torch_threads: int | None = None, ort_threads: int | None = None
     import importlib.metadata as md
 
     import torch
-
-    from .latency import cpu_name, usable_cpus
 
     def version(dist: str) -> str | None:
         try:

@@ -18,9 +18,14 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..errors import TmergeError, missing_extra
-from .profile import ProfileConfig, Progress, export_for_runtime, load_drift_images, profile_pair
-from .report import save_report
+from .._io import write_text
+from .._optional import pyplot
+from ..data import load_images
+from ..errors import TmergeError
+from ..merging import registry
+from ..patch import apply
+from .profile import ProfileConfig, Progress, export_for_runtime, profile_pair
+from .report import save_report, wide_console
 
 DRIFT_METRICS = ("cosine_distance_mean", "kl_mean", "disagreement_top1", "knn_disagreement")
 
@@ -46,11 +51,20 @@ class Point:
 def grid(methods: list[str], rs: list[int] | None, keep_ratios: list[float] | None) -> list[Point]:
     if not methods:
         raise TmergeError("--methods needs at least one method")
+    unknown = [m for m in methods if m not in registry.available()]
+    if unknown:
+        raise TmergeError(f"unknown method {', '.join(unknown)}; available: {', '.join(registry.available())}")
     if not rs and not keep_ratios:
         raise TmergeError("give --r values and/or --keep-ratios to sweep")
     points = [Point(m, r=r) for m in methods for r in (rs or [])]
     points += [Point(m, keep_ratio=k) for m in methods for k in (keep_ratios or [])]
     return points
+
+
+def check_drift_metric(drift_metric: str) -> str:
+    if drift_metric not in DRIFT_METRICS:
+        raise TmergeError(f"--drift-metric must be one of {', '.join(DRIFT_METRICS)}, got {drift_metric!r}")
+    return drift_metric
 
 
 def drift_value(drift: dict | None, metric: str) -> float | None:
@@ -90,17 +104,14 @@ def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *
               progress: Progress | None = None) -> dict:
     """Profile every point; write ``points/<slug>.json``, ``sweep.json`` and ``pareto.png`` into
     ``out_dir``. Returns the sweep summary (also in sweep.json)."""
-    from .. import apply
-
-    if drift_metric not in DRIFT_METRICS:
-        raise TmergeError(f"--drift-metric must be one of {', '.join(DRIFT_METRICS)}, got {drift_metric!r}")
+    check_drift_metric(drift_metric)
     out_dir = Path(out_dir)
     (out_dir / "points").mkdir(parents=True, exist_ok=True)
     progress = progress or Progress()
     unmerged.eval()
     images = None
     if config.data is not None:
-        images = load_drift_images(config.data, unmerged, config.num_images, config.seed)
+        images = load_images(config.data, unmerged, n=config.num_images, seed=config.seed)
     config = replace(config)
     if any(b in ("onnxruntime", "tensorrt") for b in config.backends) and not config.onnx_unmerged:
         onnx_dir = Path(config.workdir) if config.workdir else out_dir / "onnx"
@@ -136,19 +147,13 @@ def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *
     }
     png = plot_pareto(rows, out_dir / "pareto.png", title=f"{model_name}: drift vs cost", drift_metric=drift_metric)
     summary["png"] = str(png)
-    (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_text(out_dir / "sweep.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
 def plot_pareto(rows: list[dict], out: str | Path, *, title: str = "", drift_metric: str = "cosine_distance_mean") -> Path:
     """Two panels, drift vs FLOPs ratio and drift vs latency ratio, one line per method."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise missing_extra("matplotlib", "report") from e
+    plt = pyplot()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     panels = (("flops_ratio", "FLOPs ratio (merged / unmerged)"),
@@ -192,8 +197,6 @@ def plot_pareto(rows: list[dict], out: str | Path, *, title: str = "", drift_met
 
 def render_summary(summary: dict, console=None) -> None:
     from rich.table import Table
-
-    from .report import wide_console
 
     console = console or wide_console()
     table = Table(title=f"sweep: {summary['model']} (drift = {summary['drift_metric']})")

@@ -1,6 +1,6 @@
 """Which input patches end up in each token: trace merges through the blocks and draw the groups.
 
-With ``model.blocks.record_plans = True`` every merging block keeps its plan's slots: for each token
+Inside ``model.blocks.recording_slots()`` every merging block keeps its plan's slots: for each token
 entering the block, the index of the token it becomes (shape (B, N_l); None for blocks with r = 0).
 Composing them maps every input patch to a token after each block. Prefix tokens (class,
 distillation, registers: ``model.num_prefix_tokens``) are not patches and are left out. Soft plans
@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import TmergeError, missing_extra
+from .._optional import pyplot, require
+from ..data import SAMPLE_PHOTOS, data_config, model_transform, sample_images
+from ..errors import TmergeError
+from ..patch import merge_info, merging_blocks
 
 
 @torch.no_grad()
@@ -29,23 +32,17 @@ def patch_groups(model: nn.Module, images: torch.Tensor) -> list[np.ndarray]:
     patches holding one index form one group. Works on any model patched by :func:`tmerge.apply`
     (and on an unpatched one: every patch is its own group).
     """
-    from ..patch import MergingBlocks
-
-    blocks = getattr(model, "blocks", None)
+    blocks = merging_blocks(model)
     num_prefix = int(getattr(model, "num_prefix_tokens", 0))
     num_patches = int(model.patch_embed.num_patches)
     batch = images.shape[0]
     identity = torch.arange(num_prefix, num_prefix + num_patches).expand(batch, -1)
-    if not isinstance(blocks, MergingBlocks):
-        return [identity.numpy().copy() for _ in range(len(blocks))]
-    previous = blocks.record_plans
-    blocks.record_plans = True
-    try:
-        model.eval()
+    if blocks is None:
+        return [identity.numpy().copy() for _ in range(len(model.blocks))]
+    model.eval()
+    with blocks.recording_slots():
         model(images)
-        plans = list(blocks.last_plans)
-    finally:
-        blocks.record_plans = previous
+        plans = list(blocks.last_slots)
     where = identity.clone()  # (B, P): index of the token holding each patch
     out = []
     for slots in plans:
@@ -55,12 +52,6 @@ def patch_groups(model: nn.Module, images: torch.Tensor) -> list[np.ndarray]:
             where = torch.gather(slots.to(where.device), 1, where)
         out.append(where.numpy().copy())
     return out
-
-
-def group_sizes(groups: np.ndarray) -> dict[int, int]:
-    """{token index: number of patches} for one image's (P,) group array."""
-    ids, counts = np.unique(groups, return_counts=True)
-    return {int(i): int(c) for i, c in zip(ids, counts)}
 
 
 def unnormalize(image: torch.Tensor, mean, std) -> np.ndarray:
@@ -111,18 +102,11 @@ def render_groups(image: np.ndarray, groups: np.ndarray, grid: tuple[int, int], 
 def load_image_for(model: nn.Module, path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
     """(normalised (1, 3, H, W) input, (H, W, 3) display image) for an image file, or the name of a
     bundled sample photo ("astronaut", "chelsea", ...)."""
-    from ..data import SAMPLE_PHOTOS, data_config, model_transform
-
     p = Path(path)
     if not p.exists() and str(path) in SAMPLE_PHOTOS:
-        from ..data import sample_images
-
         pil = dict(sample_images())[str(path)]
     else:
-        try:
-            from PIL import Image
-        except ImportError as e:
-            raise missing_extra("pillow", "data") from e
+        Image = require("PIL.Image")
         if not p.is_file():
             raise TmergeError(f"image {p} does not exist")
         try:
@@ -139,15 +123,7 @@ def visualize(model: nn.Module, image_path: str | Path, out: str | Path, *, per_
               layers: list[int] | None = None, style: str = "mean", title: str | None = None) -> dict:
     """Draw the patch groups of ``model`` (patched) on an image and save a PNG. Returns a summary:
     {out, layers, groups (number per drawn layer), tokens}."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise missing_extra("matplotlib", "report") from e
-    from .. import merge_info
-
+    plt = pyplot()
     x, display = load_image_for(model, image_path)
     groups = patch_groups(model, x)
     depth = len(groups)

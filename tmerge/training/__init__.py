@@ -33,7 +33,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._io import atomic_paths
 from ..errors import TmergeError
+from ..models import backbone_sha256
+from ..models.adapters import save_adapter
+from ..models.forward import forward_with_features
+from ..patch import apply, merge_info
+from ..profiling.drift import output_drift
 
 TRAINABLE_METHODS = ("dtem", "ltm")
 IB_CLUSTERS = 16
@@ -102,13 +108,6 @@ class _Student(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return forward_with_features(self.model, x)
-
-
-def forward_with_features(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    features = model.forward_head(model.forward_features(x), pre_logits=True)
-    if getattr(model, "num_classes", 0) == 0:
-        return features, features
-    return model.head(model.head_drop(features)), features
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,8 +185,6 @@ def _teacher_outputs(teacher: nn.Module, images: Tensor, batch_size: int, device
 @torch.no_grad()
 def heldout_drift(model: nn.Module, images: Tensor, reference: Tensor, headless: bool, batch_size: int,
                   device) -> dict:
-    from ..profiling.drift import output_drift
-
     method = model.tmerge_method
     was_training = method.training
     method.eval()
@@ -247,10 +244,6 @@ def train_adapter(
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it. ``max_seconds``
     stops early once the training loop has run that long (the summary says so; not deterministic).
     """
-    from .. import apply
-    from .adapters import backbone_sha256, save_adapter
-    from ..patch import merge_info
-
     if method not in TRAINABLE_METHODS:
         raise TmergeError(f"only learned methods can be trained ({', '.join(TRAINABLE_METHODS)}); got {method!r}")
     if steps is not None and epochs is not None:
@@ -340,11 +333,9 @@ def train_adapter(
         def save_checkpoint() -> None:
             if not dist.main:
                 return
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
-            torch.save({"identity": _fingerprint(identity), "step": step, "method": merger.state_dict(),
-                        "optimizer": optimizer.state_dict(), "history": history, "drift": drift_history}, tmp)
-            os.replace(tmp, ckpt_path)
+            with atomic_paths([ckpt_path], mkdir=True) as (tmp,):
+                torch.save({"identity": _fingerprint(identity), "step": step, "method": merger.state_dict(),
+                            "optimizer": optimizer.state_dict(), "history": history, "drift": drift_history}, tmp)
 
         def measure() -> dict | None:
             if h_out is None:

@@ -8,9 +8,11 @@ from typing import Annotated
 
 import typer
 
+from ...errors import TmergeError, VerificationError
+from ...profiling.check import compare, parse_threshold, render
+from ...profiling.report import load_report, save_report
 from ..app import app, print_json
 from ..options import JsonOpt
-from ...errors import TmergeError, VerificationError
 
 
 @app.command("check")
@@ -28,9 +30,6 @@ def check_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Gate a profile report against a baseline: compares merged/unmerged ratios, not absolute times."""
-    from ...profiling.check import compare, parse_threshold, render
-    from ...profiling.report import load_report, save_report
-
     thresholds = dict(latency=parse_threshold(max_latency_regression, "--max-latency-regression"),
                       flops=parse_threshold(max_flops_regression, "--max-flops-regression"),
                       drift=parse_threshold(max_drift, "--max-drift"))

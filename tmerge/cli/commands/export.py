@@ -6,13 +6,16 @@ from typing import Annotated, Optional
 
 import typer
 
+from ...errors import TmergeError
+from ...export import export
 from ..app import app, print_json
 from ..options import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
-                          MethodOptionsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt,
-                          parse_method_options)
+                       MethodOptionsOpt, ModelKwargsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt,
+                       merge_config, parse_model_kwargs)
 
 OutOpt = Annotated[Optional[str], typer.Option("--out", help="output file: .onnx, or .engine/.plan with --format trt")]
-OpsOpt = Annotated[Optional[str], typer.Option("--ops", help="portable: standard ONNX ops only; plugin: one tmerge:: node per merge (+ local function). Default: portable for onnx, plugin for trt")]
+GraphOpt = Annotated[Optional[str], typer.Option("--graph", help="portable: standard ONNX ops only; plugin: one tmerge:: node per merge (+ local function). Default: portable for onnx, plugin for trt")]
+OldGraphOpt = Annotated[Optional[str], typer.Option("--ops", hidden=True, help="old name of --graph")]
 BatchOpt = Annotated[int, typer.Option("--batch", help="batch size of the export and of the parity check (TensorRT: opt batch)")]
 DynamicBatchOpt = Annotated[bool, typer.Option("--dynamic-batch", help="make the batch dimension dynamic (always on for --format trt)")]
 MaxBatchOpt = Annotated[Optional[int], typer.Option("--max-batch", help="--format trt: largest batch of the optimisation profile (default 4x --batch)")]
@@ -25,6 +28,7 @@ Fp16Opt = Annotated[bool, typer.Option("--fp16", help="--format trt: build an fp
 @app.command("export")
 def export_command(
     model: ModelOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
     checkpoint: CheckpointOpt = None,
     pretrained: PretrainedOpt = False,
     method: MethodOpt = "tome",
@@ -36,7 +40,8 @@ def export_command(
     option: MethodOptionsOpt = None,
     adapter: AdapterOpt = None,
     out: OutOpt = None,
-    ops: OpsOpt = None,
+    graph: GraphOpt = None,
+    ops: OldGraphOpt = None,
     batch: BatchOpt = 2,
     dynamic_batch: DynamicBatchOpt = False,
     max_batch: MaxBatchOpt = None,
@@ -47,17 +52,12 @@ def export_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Export a merged model, verify it against PyTorch, write it with a manifest (<out>.json)."""
-    from ...errors import TmergeError
-    from ...export import export
-
     if out is None:
         raise TmergeError("--out is required")
-    result = export(
-        model_name=model, checkpoint=checkpoint, pretrained=pretrained, method=method, r=r, inflection=inflection,
-        schedule=schedule, keep_ratio=keep_ratio, prop_attn=prop_attn, method_options=parse_method_options(option),
-        adapter=adapter, out=out, ops=ops, batch=batch, dynamic_batch=dynamic_batch, max_batch=max_batch,
-        opset=opset, format=fmt, fp16=fp16, merge_form=merge_form,
-    )
+    merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option, adapter, merge_form)
+    result = export(model_name=model, checkpoint=checkpoint, pretrained=pretrained, merge=merge, out=out,
+                    graph=graph or ops, batch=batch, dynamic_batch=dynamic_batch, max_batch=max_batch, opset=opset,
+                    format=fmt, fp16=fp16, model_kwargs=parse_model_kwargs(model_kwargs))
     if as_json:
         print_json({"path": str(result.path), "manifest_path": str(result.manifest_path), **result.manifest})
         return
@@ -75,7 +75,7 @@ def _render(result) -> None:
     table.add_column("")
     table.add_row("file", str(result.path))
     table.add_row("manifest", str(result.manifest_path))
-    table.add_row("format", f"{m['format']} · ops {m['ops']} · opset {m['opset']} · "
+    table.add_row("format", f"{m['format']} · graph {m['graph']} · opset {m['opset']} · "
                             f"batch {'dynamic' if m['dynamic_batch'] else m['export_batch']}")
     table.add_row("method", f"{m['method']} {m.get('options') or ''} · schedule {m.get('schedule') or '-'} · "
                             f"prop. attn {'on' if m.get('prop_attn') else 'off'}")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from rich.console import Console
+from rich.table import Table
+
+from ...merging import available
 from ..app import app, print_json
 from ..options import JsonOpt
 
@@ -9,11 +13,6 @@ from ..options import JsonOpt
 @app.command("methods")
 def methods_command(as_json: JsonOpt = False) -> None:
     """List the merging methods and their options."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from ...merging import available
-
     rows = []
     for name, cls in sorted(available().items()):
         rows.append({

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from ...models import DEFAULT_MODEL
+from ...models.merged import build_merged_model
+from ...patch import merge_info
 from ..app import app, print_json
 from ..options import (CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt, MethodOptionsOpt,
-                          ModelOpt, PropAttnOpt, ROpt, ScheduleOpt, build_merged_model)
+                       ModelOpt, PropAttnOpt, ROpt, ScheduleOpt, merge_config)
 
 
 @app.command("schedule")
@@ -21,11 +24,9 @@ def schedule_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Show how many tokens each block merges and keeps."""
-    from ...patch import merge_info
-
-    net = build_merged_model(model, checkpoint, False, method, r, inflection, schedule, keep_ratio, prop_attn, option)
-    info = merge_info(net)
-    info["model"] = model or "dinov2-s14"
+    merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option)
+    info = merge_info(build_merged_model(model, merge, checkpoint=checkpoint))
+    info["model"] = model or DEFAULT_MODEL
     if as_json:
         print_json(info)
         return

@@ -7,11 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..app import app, print_json
-from ..options import CheckpointOpt, JsonOpt, ModelOpt, PretrainedOpt
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from ...errors import TmergeError
-from .profile import (BackendsOpt, BatchSizesOpt, DataOpt, DeviceOpt, ModelKwargsOpt, NoDriftOpt, NumImagesOpt,
-                      ThreadsOpt, parse_backends, parse_int_list)
+from ...models import DEFAULT_MODEL, model_label, weights_sha256
+from ...models.merged import MergeConfig, build_pair
+from ...profiling.profile import ProfileConfig
+from ...profiling.report import wide_console
+from ...profiling.sweep import check_drift_metric, grid, render_summary, run_sweep
+from ..app import app, print_json
+from ..options import (BackendsOpt, BatchSizesOpt, CheckpointOpt, DataOpt, DeviceOpt, JsonOpt, ModelKwargsOpt,
+                       ModelOpt, NoDriftOpt, NumImagesOpt, PretrainedOpt, ThreadsOpt, parse_backends, parse_int_list,
+                       parse_model_kwargs)
 
 
 def _floats(text: str | None, what: str) -> list[float]:
@@ -46,32 +53,14 @@ def sweep_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Profile a grid of methods x schedules and plot drift against FLOPs and latency ratios."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from ...models import model_label, weights_sha256
-    from ...profiling.latency import check_backend
-    from ...profiling.profile import ProfileConfig, build_pair, parse_kv
-    from ...profiling.report import wide_console
-    from ...profiling.sweep import DRIFT_METRICS, grid, render_summary, run_sweep
-
-    from ...merging import registry
-
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in method_list if m not in registry.available()]
-    if unknown:
-        raise TmergeError(f"unknown method {', '.join(unknown)}; available: {', '.join(registry.available())}")
     points = grid(method_list, parse_int_list(r, "--r") if r else [], _floats(keep_ratios, "--keep-ratios"))
-    if drift_metric not in DRIFT_METRICS:
-        raise TmergeError(f"--drift-metric must be one of {', '.join(DRIFT_METRICS)}")
+    check_drift_metric(drift_metric)
     config = ProfileConfig(backends=parse_backends(backends), device=device,
                            batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), warmup=warmup, iters=iters,
                            threads=threads, data=None if no_drift else data, num_images=num_images)
-    if iters < 1 or warmup < 0:
-        raise TmergeError("--iters must be >= 1 and --warmup >= 0")
-    for backend in config.backends:
-        check_backend(backend, device)
-    kwargs = parse_kv(model_kwargs)
-    _, unmerged = build_pair(model, checkpoint=checkpoint, pretrained=pretrained, method="none",
+    kwargs = parse_model_kwargs(model_kwargs)
+    _, unmerged = build_pair(model, MergeConfig(method="none"), checkpoint=checkpoint, pretrained=pretrained,
                              model_kwargs=kwargs)
     info = {"label": model_label(model, checkpoint), "checkpoint": checkpoint, "model_kwargs": kwargs or None,
             "weights_sha256": weights_sha256(unmerged)}
@@ -83,7 +72,7 @@ def sweep_command(
         def on_point(i, point):
             bar.update(task, completed=i, description=f"sweep: {point.method} {point.label}" if point else "sweep: done")
 
-        summary = run_sweep(unmerged, points, config, model_name=model or "dinov2-s14", out_dir=out_dir,
+        summary = run_sweep(unmerged, points, config, model_name=model or DEFAULT_MODEL, out_dir=out_dir,
                             model_info=info, drift_metric=drift_metric, on_point=on_point)
     if as_json:
         print_json(summary)

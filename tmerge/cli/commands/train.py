@@ -7,10 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
+import torch
+
+from ...data import load_images
+from ...errors import TmergeError
+from ...models import load_model, model_label
+from ...training import TRAINABLE_METHODS, train_adapter
 from ..app import app, print_json
 from ..options import (CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOptionsOpt, ModelOpt,
-                          PropAttnOpt, ROpt, ScheduleOpt, parse_method_options, schedule_kwargs)
-from ...errors import TmergeError
+                       PropAttnOpt, ROpt, ScheduleOpt, merge_config)
 
 
 @app.command("train")
@@ -48,18 +53,13 @@ def train_command(
     (LTM adds the information-bottleneck cluster term). Load the result with --adapter in
     export / profile / sweep, with the same --method and schedule.
     """
-    import torch
-
-    from ...data import load_images
-    from ...models import load_model, model_label
-    from ...training import TRAINABLE_METHODS, train_adapter
-
     if method not in TRAINABLE_METHODS:
         raise TmergeError(f"only learned methods can be trained ({', '.join(TRAINABLE_METHODS)}); got {method!r}")
     if not out.endswith(".safetensors"):
         raise TmergeError(f"--out must end with .safetensors, got {out!r}")
     if heldout < 0:
         raise TmergeError("--heldout must be >= 0")
+    merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option)
     net = load_model(model, checkpoint=checkpoint)
     n_train = n_images if n_images is not None else (256 if data == "samples" else None)
     if heldout_data is None and heldout:
@@ -76,8 +76,8 @@ def train_command(
     data_summary = {"source": data, "n_images": int(images.shape[0]), "seed": seed,
                     "heldout": heldout_data or (f"{heldout} images of {data}" if heldout else None)}
     summary = train_adapter(
-        net, method, images=images, heldout=held, out=out, prop_attn=prop_attn,
-        options=parse_method_options(option), **schedule_kwargs(r, inflection, schedule, keep_ratio),
+        net, method, images=images, heldout=held, out=out, prop_attn=prop_attn, options=merge.options,
+        **merge.schedule_args(),
         steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, ib_weight=ib_weight,
         eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume, progress=not no_progress,
         model_name=model_label(model, checkpoint), data_summary=data_summary, device=device,

@@ -8,10 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
+import torch
+
+from ...errors import TmergeError
+from ...models import DEFAULT_MODEL
+from ...models.merged import build_merged_model
+from ...profiling.visualize import visualize
 from ..app import app, print_json
 from ..options import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
-                          MethodOptionsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt)
-from .profile import ModelKwargsOpt
+                       MethodOptionsOpt, ModelKwargsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt,
+                       merge_config, parse_model_kwargs)
 
 
 @app.command("visualize")
@@ -36,13 +42,6 @@ def visualize_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Track which input patches end up in each token and draw the groups over the image."""
-    from ...errors import TmergeError
-    import torch
-
-    from ..options import build_merged_model
-    from ...profiling.profile import parse_kv
-    from ...profiling.visualize import visualize
-
     layer_list = None
     if layers:
         try:
@@ -52,10 +51,11 @@ def visualize_command(
     if out.suffix.lower() != ".png":
         raise TmergeError(f"--out must be a .png file, got {out}")
     torch.manual_seed(0)  # random-init models draw the same weights as `tmerge profile` builds
-    merged = build_merged_model(model, checkpoint, pretrained, method, r, inflection, schedule, keep_ratio,
-                                prop_attn, option, adapter, model_kwargs=parse_kv(model_kwargs))
+    merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option, adapter)
+    merged = build_merged_model(model, merge, checkpoint=checkpoint, pretrained=pretrained,
+                                model_kwargs=parse_model_kwargs(model_kwargs))
     summary = visualize(merged, image, out, per_layer=per_layer, layers=layer_list, style=style,
-                        title=f"{model or 'dinov2-s14'} · {method} · {Path(image).name}")
+                        title=f"{model or DEFAULT_MODEL} · {method} · {Path(image).name}")
     if as_json:
         print_json(summary)
     else:

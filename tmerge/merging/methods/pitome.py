@@ -45,9 +45,6 @@ class PiToMe(MergeMethod):
         split = math.ceil(self.depth / 2) if split is None else int(split)
         return layer < split
 
-    def max_r(self, layer: int, tokens: int, num_prefix: int) -> int:
-        return (tokens - num_prefix) // 2
-
     def plugin_attr_values(self, layer: int) -> dict:
         return {"margin": float(self.margin(layer)), "alpha": float(self.config["alpha"]),
                 "bsm": int(self.uses_bsm(layer))}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 FLOPS_CONVENTION = "FLOPs = 2 x MACs (torch.utils.flop_counter; matmul/conv/attention only)"
 
@@ -19,8 +20,6 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...], *, per_layer: bo
     Runs the model on zeros; the merged model's shrinking token counts are what get counted, since
     the counter sees the actual forward.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     param = next(model.parameters())
     x = torch.zeros(input_shape, dtype=param.dtype, device=param.device)
     counter = FlopCounterMode(display=False, depth=None)

@@ -11,28 +11,19 @@ weights, per-block schedule or proportional-attention setting differ from the pa
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from .._io import atomic_paths
 from ..errors import TmergeError
+from ..patch import merge_info
+from . import backbone_sha256
 
 FORMAT = "tmerge-adapter"
 FORMAT_VERSION = 1
-
-
-def backbone_sha256(model: nn.Module) -> str:
-    """sha256 of the model's weights without any attached merge method (see models.weights_sha256)."""
-    from ..models import weights_sha256
-
-    method = model._modules.pop("tmerge_method", None)
-    try:
-        return weights_sha256(model)
-    finally:
-        if method is not None:
-            model._modules["tmerge_method"] = method
 
 
 def _arch(model: nn.Module) -> str | None:
@@ -41,8 +32,6 @@ def _arch(model: nn.Module) -> str | None:
 
 
 def _require_patched(model: nn.Module, what: str):
-    from ..patch import merge_info
-
     info = merge_info(model)
     if info["method"] == "none":
         raise TmergeError(f"{what} needs a merged model: pass --method dtem or --method ltm with the adapter")
@@ -52,8 +41,6 @@ def _require_patched(model: nn.Module, what: str):
 def save_adapter(model: nn.Module, path: str | Path, metadata: dict | None = None, *,
                  weights_sha256: str | None = None) -> Path:
     """Write the learned parameters of ``model``'s merge method and ``metadata`` to ``path``."""
-    from safetensors.torch import save_file
-
     info = _require_patched(model, "saving an adapter")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.tmerge_method.state_dict().items()}
     if not state:
@@ -67,23 +54,13 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict | None = Non
     strings = {k: json.dumps(v, default=str) for k, v in meta.items()}
     strings.update(format=FORMAT, format_version=str(FORMAT_VERSION))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=strings)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_paths([path], mkdir=True) as (tmp,):
+        save_file(state, str(tmp), metadata=strings)
     return path
 
 
 def read_adapter(path: str | Path) -> tuple[dict, dict]:
     """(state dict, metadata) of an adapter file; a TmergeError when it is missing or not an adapter."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise TmergeError(f"adapter {path} does not exist")

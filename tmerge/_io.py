@@ -1,0 +1,71 @@
+"""The one atomic writer: every file tmerge writes goes through :func:`atomic_paths`.
+
+Each file is written to a temp file in its own directory, flushed to disk (fsync), given the
+permissions a plain ``open(path, "w")`` would give (0666 minus the umask; ``mkstemp`` alone leaves
+0600), and renamed over the target. With several files, all temps are written before the first
+rename, so a failure while writing leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .errors import TmergeError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike], *, mkdir: bool = False) -> Iterator[list[Path]]:
+    """Temp paths, one per target (same directory); the caller writes them inside the ``with``
+    block; on a clean exit each is fsynced, chmodded and renamed onto its target. On an error the
+    temps are removed and the targets stay as they were. ``mkdir`` creates missing parent folders."""
+    targets = [Path(p) for p in paths]
+    temps: list[Path] = []
+    try:
+        for target in targets:
+            if mkdir:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            os.close(fd)
+            temps.append(Path(tmp))
+        yield list(temps)
+        mode = 0o666 & ~_umask()
+        for tmp in temps:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+
+
+def write_files(files: dict[Path, bytes]) -> None:
+    """Write every ``path: data`` atomically (see :func:`atomic_paths`); an OSError becomes a
+    one-line TmergeError and nothing is left behind."""
+    try:
+        with atomic_paths(list(files)) as temps:
+            for tmp, data in zip(temps, files.values()):
+                tmp.write_bytes(data)
+    except OSError as e:
+        raise TmergeError(f"could not write {next(iter(files))}: {e.strerror or e}") from e
+
+
+def write_text(path: str | os.PathLike, text: str, *, mkdir: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically; OSErrors propagate."""
+    path = Path(path)
+    with atomic_paths([path], mkdir=mkdir) as (tmp,):
+        tmp.write_text(text)
+    return path

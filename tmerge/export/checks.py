@@ -1,0 +1,106 @@
+"""Input checks of an export, all run before any work so that bad input writes nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .._optional import require
+from ..errors import TmergeError
+from ..patch import merge_info, merging_blocks
+from ..plugins import spec as plugin_spec
+
+MIN_OPSET = 18
+GRAPH_FORMS = ("portable", "plugin")
+FORMATS = ("onnx", "trt")
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def require_onnx():
+    """onnx, onnxscript and onnxruntime (extra ``onnx``), or a one-line error."""
+    return require("onnx", "onnxruntime", "onnxscript")
+
+
+def check_opset(opset: int) -> int:
+    onnx = require("onnx")
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise TmergeError(f"--opset must be an integer, got {opset!r}")
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        raise TmergeError(
+            f"opset {opset} is too old for this graph: the merge needs opset >= {MIN_OPSET} "
+            "(ScatterElements with reduction, the dynamo exporter)"
+        )
+    if opset > newest:
+        raise TmergeError(f"opset {opset} is newer than this onnx ({onnx.__version__}) knows: at most {newest}")
+    return opset
+
+
+def check_graph_form(graph: str) -> str:
+    if graph not in GRAPH_FORMS:
+        raise TmergeError(f"--graph must be one of {', '.join(GRAPH_FORMS)}, got {graph!r}")
+    return graph
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise TmergeError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return fmt
+
+
+def check_batch(batch: int) -> int:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise TmergeError(f"--batch must be a positive integer, got {batch!r}")
+    return batch
+
+
+def check_atol(atol: float) -> float:
+    if not atol > 0:
+        raise TmergeError(f"atol must be > 0, got {atol!r}")
+    return atol
+
+
+def check_out_path(out: str | os.PathLike, suffixes: tuple[str, ...] = (".onnx",)) -> Path:
+    """Fail early (before any work) when ``out`` cannot be written; nothing is created."""
+    path = Path(out).expanduser()
+    if str(out) == "" or path.name in ("", ".", ".."):
+        raise TmergeError(f"--out {out!s} is not a file path")
+    if path.is_dir():
+        raise TmergeError(f"--out {path} is a directory; give a file name like {path / 'model.onnx'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise TmergeError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TmergeError(f"cannot write {path}: directory {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise TmergeError(f"cannot write {path}: the existing file is not writable")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise TmergeError(f"--out {path} should end in {' or '.join(suffixes)}")
+    return path
+
+
+def check_plugin_method(model: nn.Module) -> None:
+    """The plugin graph needs a merge plugin for the model's method."""
+    blocks = merging_blocks(model)
+    if blocks is not None and blocks.method.name not in plugin_spec.OP_TYPES:
+        raise TmergeError(f"method {blocks.method.name!r} has no merge plugin; use --graph portable")
+
+
+def check_schedule_possible(model: nn.Module, model_name: str | None = None) -> None:
+    """An explicit schedule entry the model cannot do, or a constant r larger than the first
+    block can merge, is an error; ToMe-style capping of late blocks (r=16 on 197 tokens) is kept
+    and reported in the manifest."""
+    info = merge_info(model)
+    capped = info.get("capped") or []
+    if not capped:
+        return
+    explicit = str(info.get("schedule") or "").startswith("list:")
+    first = capped[0]
+    if explicit or first["layer"] == 0:
+        tokens = info["tokens"][first["layer"]]
+        raise TmergeError(
+            f"r={first['asked']} is impossible for {model_name or 'the model'} at block {first['layer']}: "
+            f"{tokens} tokens allow at most {first['applied']}"
+        )

@@ -1,0 +1,95 @@
+"""What to merge and how, as one typed value, and the models built from it.
+
+:class:`MergeConfig` is what the command line's ``--method/--r/--inflection/--schedule/--keep-ratio/
+--prop-attn/-o/--adapter/--merge-form`` flags become; the library (export, profile, sweep,
+visualize) takes it as it is, never as strings to parse again.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TmergeError
+from ..merging import registry
+from ..patch import apply
+from . import load_model
+from .adapters import load_adapter
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A merging method with its schedule and options (see :func:`tmerge.apply`).
+
+    At most one of ``r`` (with an optional ``inflection``), ``schedule`` (per-block r, a list or
+    "8,8,4") and ``keep_ratio``. ``options`` are the method's own (``tmerge methods``) as typed
+    values; ``adapter`` a trained DTEM/LTM adapter file; ``merge_form`` None keeps
+    :func:`tmerge.apply`'s default.
+    """
+
+    method: str = "tome"
+    r: int | None = None
+    inflection: float | None = None
+    schedule: str | tuple[int, ...] | list[int] | None = None
+    keep_ratio: float | None = None
+    prop_attn: bool | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None
+    merge_form: str | None = None
+
+    def check(self) -> MergeConfig:
+        """Errors that need no model: unknown method, --inflection without --r."""
+        self.schedule_args()
+        if self.method != "none":
+            registry.get(self.method)
+        return self
+
+    def schedule_args(self) -> dict[str, Any]:
+        """``r`` (an int or ToMe's ``(r, inflection)``), ``schedule`` and ``keep_ratio`` as
+        :func:`tmerge.apply` takes them."""
+        if self.inflection is not None and self.r is None:
+            raise TmergeError("--inflection needs --r")
+        r = (self.r, float(self.inflection)) if self.inflection is not None else self.r
+        return {"r": r, "schedule": self.schedule, "keep_ratio": self.keep_ratio}
+
+    def apply_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`tmerge.apply` (after ``model`` and ``method``)."""
+        self.check()
+        kwargs: dict[str, Any] = {**self.schedule_args(), "prop_attn": self.prop_attn, **self.options}
+        if self.merge_form is not None and self.method != "none":
+            kwargs["merge_form"] = self.merge_form
+        return kwargs
+
+    def apply_to(self, model: nn.Module) -> nn.Module:
+        """Patch ``model`` in place (and load the adapter); returns it in eval mode."""
+        apply(model, self.method, **self.apply_kwargs())
+        if self.adapter is not None:
+            load_adapter(model, self.adapter)
+        return model.eval()
+
+
+def build_merged_model(model_name: str | None, merge: MergeConfig, *, checkpoint: str | None = None,
+                       pretrained: bool = False, model_kwargs: dict | None = None) -> nn.Module:
+    """Load the model (``model_kwargs`` go to timm) and merge it as ``merge`` says; eval mode."""
+    merge.check()
+    net = load_model(model_name, checkpoint=checkpoint, pretrained=pretrained, **(model_kwargs or {}))
+    return merge.apply_to(net)
+
+
+def build_pair(model_name: str | None, merge: MergeConfig, *, checkpoint: str | None = None,
+               pretrained: bool = False, model_kwargs: dict | None = None,
+               seed: int | None = 0) -> tuple[nn.Module, nn.Module]:
+    """(merged, unmerged): one load, a deep copy, the copy merged. Same weights, eval mode.
+
+    ``seed`` seeds torch before the model is built, so random-init models (no pretrained weights,
+    no checkpoint) get the same weights in every run and reports stay comparable."""
+    merge.check()
+    if seed is not None:
+        torch.manual_seed(seed)
+    unmerged = load_model(model_name, checkpoint=checkpoint, pretrained=pretrained, **(model_kwargs or {}))
+    merged = merge.apply_to(copy.deepcopy(unmerged))
+    return merged, unmerged.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,10 +59,6 @@ class Option:
 
     def parse(self, name: str, value: Any, method: str, depth: int) -> Any:
         """``value`` checked and converted (e.g. "0.9" -> 0.9); a one-line TmergeError otherwise."""
-        import math
-
-        from ..errors import TmergeError
-
         if value is None and self.default is None:
             return None
         if isinstance(value, str):

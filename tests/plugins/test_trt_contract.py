@@ -61,7 +61,7 @@ def plugin_graphs(tmp_path_factory):
     for method in ("tome", "pitome"):
         model = tmerge.apply(tiny_vit("plain"), method, r=3, merge_form="scatter").eval()  # as --format trt
         path = tmp_path_factory.mktemp("graphs") / f"{method}.onnx"
-        out[method] = (model, export_onnx(model, path, ops="plugin", verify=False).model_proto)
+        out[method] = (model, export_onnx(model, path, graph="plugin", verify=False).model_proto)
     return out
 
 

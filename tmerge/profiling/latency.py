@@ -36,6 +36,8 @@ from torch import nn
 
 from .._optional import missing_extra
 from ..errors import TmergeError
+from ..plugins.spec import DOMAIN
+from ..plugins.trt import prepare_onnx_for_trt, register_tensorrt_plugins
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
@@ -209,9 +211,6 @@ def tensorrt_runner(onnx_path: str, inputs: torch.Tensor, device: str) -> Runner
     check_backend("tensorrt", device)
     import onnx
     import tensorrt as trt
-
-    from ..plugins.spec import DOMAIN
-    from ..plugins.trt import prepare_onnx_for_trt, register_tensorrt_plugins
 
     proto = onnx.load(str(onnx_path))
     if any(node.domain == DOMAIN for node in proto.graph.node):  # a plugin graph

@@ -20,7 +20,6 @@ import dataclasses
 import types
 from typing import Any, Iterator, Protocol
 
-import torch
 from torch import Tensor, nn
 
 from .errors import TmergeError

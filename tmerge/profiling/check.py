@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import TmergeError
-from .report import wide_console
 
 FLOOR = 1e-9
 DEFAULTS = {"latency": "10%", "flops": "1%", "drift": "10%"}
@@ -296,19 +295,3 @@ def compare(report: dict, baseline: dict, *, latency: str | float = DEFAULTS["la
         if row.status != "skipped":
             rows.append(row)
     return CheckResult(rows, sample_warnings(report, baseline, t_lat))
-
-
-def render(result: CheckResult, console=None) -> None:
-    from rich.table import Table
-
-    console = console or wide_console()
-    table = Table(title="tmerge check: report vs baseline (larger is worse)")
-    for col in ("metric", "baseline", "report", "change", "limit", "allowed", "status"):
-        table.add_column(col, justify="left" if col in ("metric", "status") else "right")
-    styles = {"REGRESSION": "bold red", "improved": "green", "ok": "", "new": "yellow"}
-    for r in result.rows:
-        fmt = (lambda v: "–" if v is None else f"{v:.5g}")
-        change = "–" if r.change is None else f"{r.change * 100:+.1f}%"
-        table.add_row(r.metric, fmt(r.baseline), fmt(r.report), change, fmt(r.limit), r.threshold,
-                      f"[{styles.get(r.status, '')}]{r.status}[/]" if styles.get(r.status) else r.status)
-    console.print(table)

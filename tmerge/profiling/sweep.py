@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from torch import nn
 
@@ -25,7 +24,7 @@ from ..errors import TmergeError
 from ..merging import registry
 from ..patch import apply
 from .profile import ProfileConfig, Progress, export_for_runtime, profile_pair
-from .report import save_report, wide_console
+from .report import save_report
 
 DRIFT_METRICS = ("cosine_distance_mean", "kl_mean", "disagreement_top1", "knn_disagreement")
 
@@ -193,22 +192,3 @@ def plot_pareto(rows: list[dict], out: str | Path, *, title: str = "", drift_met
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
-
-
-def render_summary(summary: dict, console=None) -> None:
-    from rich.table import Table
-
-    console = console or wide_console()
-    table = Table(title=f"sweep: {summary['model']} (drift = {summary['drift_metric']})")
-    for col in ("method", "point", "final tokens", "FLOPs ratio", "latency ratio p50", "drift", "top-1 agree",
-                "cosine"):
-        table.add_column(col, justify="left" if col in ("method", "point") else "right")
-
-    def f(v, spec=".3f"):
-        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-    for r in summary["points"]:
-        table.add_row(r["method"], r["point"], str(r["final_tokens"]), f(r["flops_ratio"]),
-                      f(r["latency_ratio_p50"]), f(r["drift"], ".4g"), f(r["agreement_top1"]), f(r["cosine_mean"], ".5f"))
-    console.print(table)
-    console.print(f"Pareto plot: {summary['png']}")

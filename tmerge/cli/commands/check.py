@@ -9,9 +9,10 @@ from typing import Annotated
 import typer
 
 from ...errors import TmergeError, VerificationError
-from ...profiling.check import compare, parse_threshold, render
+from ...profiling.check import compare, parse_threshold
 from ...profiling.report import load_report, save_report
 from ..app import app, print_json
+from ..render import render_check
 from ..options import JsonOpt
 
 
@@ -41,7 +42,7 @@ def check_command(
             try:
                 result = compare(new, load_report(baseline), **thresholds)
                 if not as_json:
-                    render(result)
+                    render_check(result)
             except TmergeError as e:  # an unreadable or incomparable old baseline is simply replaced
                 sys.stderr.write(f"note: previous baseline not compared ({e})\n")
         save_report(new, baseline)
@@ -57,7 +58,7 @@ def check_command(
     if as_json:
         print_json(result.as_dict())
     else:
-        render(result)
+        render_check(result)
     if not result.passed:
         for row in result.regressions:
             change = "" if row.change is None else f" ({row.change * 100:+.1f}%)"

@@ -9,6 +9,7 @@ import typer
 from ...errors import TmergeError
 from ...export import export
 from ..app import app, print_json
+from ..render import render_export
 from ..options import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
                        MethodOptionsOpt, ModelKwargsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt,
                        merge_config, parse_model_kwargs)
@@ -61,45 +62,4 @@ def export_command(
     if as_json:
         print_json({"path": str(result.path), "manifest_path": str(result.manifest_path), **result.manifest})
         return
-    _render(result)
-
-
-def _render(result) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    m = result.manifest
-    parity = m.get("onnx_parity", m["parity"]) if m["format"] == "trt" else m["parity"]
-    table = Table(title=f"tmerge export · {m['model']}", show_header=False)
-    table.add_column("", style="bold")
-    table.add_column("")
-    table.add_row("file", str(result.path))
-    table.add_row("manifest", str(result.manifest_path))
-    table.add_row("format", f"{m['format']} · graph {m['graph']} · opset {m['opset']} · "
-                            f"batch {'dynamic' if m['dynamic_batch'] else m['export_batch']}")
-    table.add_row("method", f"{m['method']} {m.get('options') or ''} · schedule {m.get('schedule') or '-'} · "
-                            f"prop. attn {'on' if m.get('prop_attn') else 'off'}")
-    if m.get("tokens"):
-        table.add_row("tokens", " → ".join(str(t) for t in m["tokens"]))
-    if m.get("capped"):
-        table.add_row("capped", ", ".join(f"block {c['layer']}: {c['asked']}→{c['applied']}" for c in m["capped"]))
-    f = m["flops"]
-    table.add_row("GFLOPs/img", f"{f['merged_per_image'] / 1e9:.3f} merged vs {f['unmerged_per_image'] / 1e9:.3f} "
-                                f"unmerged (ratio {f['ratio']:.3f})")
-    if parity.get("verified"):
-        ties = len(parity.get("near_ties", []))
-        table.add_row("ONNX parity", f"max abs diff {parity['max_abs_diff']:.2e} ≤ {parity['atol']:g} "
-                                     f"({', '.join(p.replace('ExecutionProvider', '') for p in parity['providers'])}; "
-                                     f"batches {parity['batches']}; near-ties {ties})")
-    else:
-        table.add_row("ONNX parity", "not verified")
-    if m["format"] == "trt":
-        checks = m["parity"]["checks"]
-        table.add_row("TensorRT parity", "; ".join(
-            f"batch {c['batch']}: diff {c['max_abs_diff']:.2e}, cos {c['cosine_min']:.5f}" for c in checks))
-    if m.get("plugin_nodes"):
-        ops = sorted({n["op_type"] for n in m["plugin_nodes"]})
-        table.add_row("plugin nodes", f"{len(m['plugin_nodes'])} × tmerge::{'/'.join(ops)} "
-                                      f"(plugin_namespace=tmerge, plugin_version=1)")
-    table.add_row("export time", f"{parity.get('export_seconds', '?')} s")
-    Console().print(table)
+    render_export(result)

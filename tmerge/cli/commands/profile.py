@@ -11,8 +11,9 @@ from ...errors import TmergeError
 from ...models import DEFAULT_MODEL, model_label, weights_sha256
 from ...models.merged import build_pair
 from ...profiling.profile import ProfileConfig, pair_from_manifest, profile_pair
-from ...profiling.report import render_report, save_report
+from ...profiling.report import save_report
 from ..app import app, print_json
+from ..render import RichProgress, render_report
 from ..options import (AdapterOpt, BackendsOpt, BatchSizesOpt, CheckpointOpt, DataOpt, DeviceOpt, InflectionOpt,
                        JsonOpt, KeepRatioOpt, MethodOpt, MethodOptionsOpt, ModelKwargsOpt, ModelOpt, NoDriftOpt,
                        NumImagesOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt, ThreadsOpt, merge_config,
@@ -25,41 +26,6 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", "-O", help="also write 
 OnnxOpt = Annotated[Optional[Path], typer.Option(
     "--onnx", help="time this exported merged model (its manifest <PATH>.json names the model and schedule)")]
 KeepOnnxOpt = Annotated[Optional[Path], typer.Option("--onnx-dir", help="keep the exported ONNX files in this folder")]
-
-
-class RichProgress:
-    """Progress on stderr with rich: a bar per timed (backend, batch) step, a line per phase."""
-
-    def __init__(self, enabled: bool = True):
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self.enabled = enabled
-        self._progress = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-        return False
-
-    def step(self, description: str, total: int | None = None):
-        if not self.enabled:
-            return lambda done: None
-        if self._progress is None:  # started on first use: an early error prints nothing but itself
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), console=self.console, transient=False)
-            self._progress.__enter__()
-        task = self._progress.add_task(description, total=total)
-        return lambda done: self._progress.update(task, completed=done)
-
-    def log(self, message: str) -> None:
-        if self.enabled:
-            self.console.print(f"[dim]· {message}[/dim]")
 
 
 @app.command("profile")

@@ -13,9 +13,9 @@ from ...errors import TmergeError
 from ...models import DEFAULT_MODEL, model_label, weights_sha256
 from ...models.merged import MergeConfig, build_pair
 from ...profiling.profile import ProfileConfig
-from ...profiling.report import wide_console
-from ...profiling.sweep import check_drift_metric, grid, render_summary, run_sweep
+from ...profiling.sweep import check_drift_metric, grid, run_sweep
 from ..app import app, print_json
+from ..render import render_sweep, wide_console
 from ..options import (BackendsOpt, BatchSizesOpt, CheckpointOpt, DataOpt, DeviceOpt, JsonOpt, ModelKwargsOpt,
                        ModelOpt, NoDriftOpt, NumImagesOpt, PretrainedOpt, ThreadsOpt, parse_backends, parse_int_list,
                        parse_model_kwargs)
@@ -77,4 +77,4 @@ def sweep_command(
     if as_json:
         print_json(summary)
     else:
-        render_summary(summary)
+        render_sweep(summary)

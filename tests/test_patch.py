@@ -139,3 +139,15 @@ def test_errors():
     dynamic = tmerge.apply(tiny_vit("plain", dynamic_img_size=True), "tome", r=2)
     with pytest.raises(TmergeError, match="resolved for 17 tokens but the input has 65"):
         dynamic(torch.randn(1, 3, 64, 64))
+
+
+def test_merge_step_strategy_is_scoped(tiny_images):
+    from tmerge.patch import ReplayStep, eager_merge_step
+
+    model = tmerge.apply(tiny_vit("plain"), "tome", r=3)
+    with torch.no_grad(), model.blocks.recording_slots():
+        reference = model(tiny_images)
+        slots = list(model.blocks.last_slots)
+    with torch.no_grad(), model.blocks.using(ReplayStep(slots)):
+        assert torch.equal(model(tiny_images), reference)  # replaying its own choices changes nothing
+    assert model.blocks.merge_step is eager_merge_step and model.blocks.record_slots is False

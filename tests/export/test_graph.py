@@ -119,3 +119,10 @@ def test_model_variants(exported, variant, method, form):
         node = next(n for n in proto.graph.node if n.domain == "tmerge")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["num_prefix"] == prefix
+
+
+def test_export_leaves_the_eager_merge_step(exported):
+    from tmerge.patch import eager_merge_step
+
+    model, _ = exported("plugin", "tome")
+    assert model.blocks.merge_step is eager_merge_step and not model.blocks._keys

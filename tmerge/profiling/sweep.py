@@ -22,7 +22,7 @@ from .._optional import pyplot
 from ..data import load_images
 from ..errors import TmergeError
 from ..merging import registry
-from ..patch import apply
+from ..models.merged import MergeConfig
 from .profile import ProfileConfig, Progress, export_for_runtime, profile_pair
 from .report import save_report
 
@@ -43,8 +43,8 @@ class Point:
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.method}_{self.label.replace('=', '')}")
 
-    def apply_kwargs(self) -> dict:
-        return {"r": self.r} if self.r is not None else {"keep_ratio": self.keep_ratio}
+    def merge_config(self, options: dict | None = None) -> MergeConfig:
+        return MergeConfig(method=self.method, r=self.r, keep_ratio=self.keep_ratio, options=dict(options or {}))
 
 
 def grid(methods: list[str], rs: list[int] | None, keep_ratios: list[float] | None) -> list[Point]:
@@ -123,7 +123,7 @@ def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *
         if on_point is not None:
             on_point(i, point)
         merged = copy.deepcopy(unmerged)
-        apply(merged, point.method, **point.apply_kwargs(), **(method_options or {}).get(point.method, {}))
+        point.merge_config((method_options or {}).get(point.method)).apply_to(merged)
         point_config = replace(config, workdir=str(Path(config.workdir) / point.slug) if config.workdir else None)
         report = profile_pair(merged, unmerged, point_config, model_name=model_name, model_info=model_info,
                               progress=progress, drift_images=images)

@@ -6,7 +6,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ...errors import TmergeError
 from ...export import export
 from ..app import app, print_json
 from ..render import render_export
@@ -53,8 +52,6 @@ def export_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Export a merged model, verify it against PyTorch, write it with a manifest (<out>.json)."""
-    if out is None:
-        raise TmergeError("--out is required")
     merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option, adapter, merge_form)
     result = export(model_name=model, checkpoint=checkpoint, pretrained=pretrained, merge=merge, out=out,
                     graph=graph or ops, batch=batch, dynamic_batch=dynamic_batch, max_batch=max_batch, opset=opset,

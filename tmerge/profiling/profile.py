@@ -124,18 +124,21 @@ def flops_section(merged: nn.Module, unmerged: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def _outputs(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def model_outputs(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(outputs, pre-logits features) for ``images``; outputs = logits, or the features when headless."""
     pairs = [forward_with_features(model, batch) for batch in images.split(batch_size)]
     return torch.cat([o.float() for o, _ in pairs]), torch.cat([f.float() for _, f in pairs])
 
 
 def drift_between(merged: nn.Module, unmerged: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
-                  class_names: list[str] | None = None) -> dict:
-    """Drift of the merged model from the unmerged one on ``images`` (metrics that do not apply: None)."""
+                  class_names: list[str] | None = None, *,
+                  reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Drift of the merged model from the unmerged one on ``images`` (metrics that do not apply: None).
+
+    ``reference``: the unmerged model's :func:`model_outputs` on ``images``, when already computed."""
     logits = has_classifier(unmerged)
-    ref_out, ref_feat = _outputs(unmerged, images)
-    mer_out, mer_feat = _outputs(merged, images)
+    ref_out, ref_feat = reference if reference is not None else model_outputs(unmerged, images)
+    mer_out, mer_feat = model_outputs(merged, images)
     use_labels = (labels is not None and logits and class_names is not None
                   and len(class_names) == int(unmerged.num_classes))
     d = output_drift(ref_out, mer_out, labels if use_labels else None, logits=logits)
@@ -164,10 +167,11 @@ def drift_between(merged: nn.Module, unmerged: nn.Module, images: torch.Tensor, 
 # ONNX export for the onnxruntime / tensorrt backends
 
 
-def export_for_runtime(model: nn.Module, path: Path, *, model_name: str | None, batch_size: int = 2) -> dict:
-    """Export ``model`` (merged or not) to ONNX with the project exporter (verified against torch);
-    returns {path, parity}."""
-    result = export_onnx(model, str(path), batch_size=batch_size, dynamic_batch=True, verify=True,
+def export_for_runtime(model: nn.Module, path: Path, *, model_name: str | None, batch_size: int = 2,
+                       verify: bool = True) -> dict:
+    """Export ``model`` (merged or not) to ONNX with the project exporter (verified against torch
+    unless ``verify`` is False); returns {path, parity}."""
+    result = export_onnx(model, str(path), batch_size=batch_size, dynamic_batch=True, verify=verify,
                          model_name=model_name)
     return {"path": str(result.path), "parity": result.parity}
 

@@ -1,0 +1,235 @@
+"""`tmerge tune`: search methods x schedules for the fastest model within a drift budget (or the most
+faithful one within a latency budget) on the target runtime; Pareto table, JSON, PNG, export command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..app import app, print_json
+from ..options import CheckpointOpt, JsonOpt, ModelOpt, PretrainedOpt
+from ...errors import TmergeError, VerificationError
+from .profile import DataOpt, ModelKwargsOpt, NumImagesOpt, ThreadsOpt
+
+
+def _check_out_dir(path: Path) -> Path:
+    """Fail before any work when the output folder cannot be created or written."""
+    path = path.expanduser()
+    if path.exists() and not path.is_dir():
+        raise TmergeError(f"--out-dir {path} exists and is not a folder")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise TmergeError(f"cannot write into --out-dir {path}: {existing} is not a writable folder")
+    return path
+
+
+@app.command("tune")
+def tune_command(
+    max_drift: Annotated[Optional[float], typer.Option("--max-drift", help="drift budget (in --drift-metric units): find the fastest model within it")] = None,
+    latency_ms: Annotated[Optional[float], typer.Option("--latency-ms", help="latency budget (p50 ms at --batch): find the least drift within it")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="onnxruntime, openvino, torch or tensorrt")] = "onnxruntime",
+    batch: Annotated[int, typer.Option("--batch", help="batch size the latency is measured at")] = 8,
+    model: ModelOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
+    methods: Annotated[str, typer.Option("--methods", help="comma list of training-free methods to search (learned ones: --adapter)")] = "tome,pitome",
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="trained DTEM/LTM adapter to include (its schedule); repeatable")] = None,
+    prop_attn: Annotated[str, typer.Option("--prop-attn-search", help="proportional attention: both, on, off or default (the method's)")] = "both",
+    data: DataOpt = "samples",
+    num_images: NumImagesOpt = None,
+    drift_metric: Annotated[str, typer.Option("--drift-metric", help="cosine_distance_mean, kl_mean, disagreement_top1, knn_disagreement")] = "cosine_distance_mean",
+    time_budget: Annotated[str, typer.Option("--time-budget", help="stop the search within this time, e.g. 15m, 900s")] = "15m",
+    max_timed: Annotated[int, typer.Option("--max-timed", help="candidates timed in the first halving rung")] = 8,
+    threads: ThreadsOpt = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda for tensorrt, else cpu)")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="seeds the data split, image choice and random-init weights")] = 0,
+    out_dir: Annotated[Path, typer.Option("--out-dir", "-O", help="folder for tune.json and pareto.png")] = Path("tune"),
+    export: Annotated[Optional[str], typer.Option("--export", help="export the chosen model here, verified, with its manifest")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the fastest merged model within a drift budget (or the least drift within a latency budget),
+    timed on the target runtime."""
+    from ...merging import registry
+    from ...profiling.profile import build_pair, parse_kv
+    from ...profiling.tune import TuneConfig, parse_duration
+
+    device = device or ("cuda" if runtime == "tensorrt" else "cpu")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in method_list:
+        registry.get(m)
+    config = TuneConfig(runtime=runtime, batch=batch, max_drift=max_drift, latency_ms=latency_ms,
+                        drift_metric=drift_metric, methods=tuple(method_list), adapters=tuple(adapter or ()),
+                        prop_attn=prop_attn, data=data, num_images=num_images,
+                        time_budget_s=parse_duration(time_budget), seed=seed, threads=threads, device=device,
+                        max_timed=max_timed, reserve_exports=1 if export else 0)
+    config.validate()
+    out_dir = _check_out_dir(out_dir)
+    export_path = _check_export_path(export, runtime) if export else None
+    kwargs = parse_kv(model_kwargs)
+    _, unmerged = build_pair(model, checkpoint=checkpoint, pretrained=pretrained, method="none",
+                             model_kwargs=kwargs, seed=seed)
+    from ...profiling.tune import adapter_candidate
+
+    for path in config.adapters:  # an adapter for other weights or another model is bad input: fail now
+        _check_adapter(unmerged, adapter_candidate(path))
+    model_flags = _model_flags(model, checkpoint, pretrained)
+    from .profile import RichProgress
+
+    with RichProgress(enabled=True) as progress:
+        from ...profiling.tune import tune
+
+        result = tune(unmerged, config, model_name=model or "dinov2-s14", progress=progress,
+                      reference_model_flags=model_flags)
+    if kwargs:
+        result["note"] = ("--model-kwargs has no `tmerge export` equivalent; the export command shows the "
+                          "method and schedule only")
+    if export_path is not None and result["met"]:
+        result["export"] = _export_choice(unmerged, result, config, export_path, model, checkpoint, pretrained, kwargs)
+    from ...profiling.tune import plot_tune
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["png"] = str(plot_tune(result, out_dir / "pareto.png"))
+    result["json"] = str(out_dir / "tune.json")
+    _write_json(result, out_dir / "tune.json")
+    if as_json:
+        print_json(result)
+    else:
+        render(result)
+    if not result["met"]:
+        c = result["chosen"]
+        raise VerificationError(f"no candidate meets the budget; closest: {c['label']} "
+                                f"(drift {_fmt(_drift(c), '.4g')}, latency p50 {_fmt(c.get('p50_ms'), '.1f')} ms)")
+
+
+def _check_export_path(export: str, runtime: str) -> Path:
+    from ...export.onnx import check_out_path
+
+    if runtime == "tensorrt":
+        from ...export import ENGINE_SUFFIXES
+
+        path = check_out_path(export, ENGINE_SUFFIXES)
+        check_out_path(path.with_suffix(".onnx"))
+        return path
+    return check_out_path(export)
+
+
+def _check_adapter(unmerged, cand) -> None:
+    import copy
+
+    from ... import apply
+    from ...training.adapters import load_adapter
+
+    net = apply(copy.deepcopy(unmerged), cand.method, **cand.apply_kwargs())
+    load_adapter(net, cand.adapter)
+
+
+def _model_flags(model, checkpoint, pretrained) -> list[str]:
+    flags = []
+    if model:
+        flags += ["--model", model]
+    if checkpoint:
+        flags += ["--checkpoint", str(checkpoint)]
+    if pretrained:
+        flags.append("--pretrained")
+    return flags
+
+
+def _export_choice(unmerged, result, config, path: Path, model, checkpoint, pretrained, kwargs) -> dict:
+    """Export the chosen candidate exactly as tuned (same weights), verified, with its manifest."""
+    import copy
+
+    from ... import apply
+    from ...export.onnx import export_onnx
+    from ...models import model_label
+    from ...profiling.tune import Candidate
+
+    c = result["chosen"]
+    cand = Candidate(c["method"], c["family"], c["strength"], c["prop_attn"], r=c.get("r"),
+                     inflection=c.get("inflection"), schedule=tuple(c["schedule"]) if c.get("schedule") else None,
+                     keep_ratio=c.get("keep_ratio"), adapter=c.get("adapter"),
+                     options=tuple(sorted((c.get("options") or {}).items())))
+    form = {"merge_form": "scatter"} if config.runtime == "tensorrt" else {}
+    net = apply(copy.deepcopy(unmerged), cand.method, **cand.apply_kwargs(), **form)
+    if cand.adapter:
+        from ...training.adapters import load_adapter
+
+        load_adapter(net, cand.adapter)
+    extra = {"model_name": model or "dinov2-s14", "checkpoint": str(checkpoint) if checkpoint else None,
+             "pretrained": bool(pretrained), "model_kwargs": kwargs or None, "adapter": cand.adapter,
+             "tuned": {"budget": result["budget"], "runtime": config.runtime, "batch": config.batch}}
+    onnx_path = path.with_suffix(".onnx") if config.runtime == "tensorrt" else path
+    exported = export_onnx(net.eval(), onnx_path, batch_size=config.batch, dynamic_batch=True,
+                           ops="plugin" if config.runtime == "tensorrt" else "portable",
+                           model_name=model_label(model, checkpoint), extra_manifest=extra)
+    if config.runtime == "tensorrt":  # pragma: no cover - needs TensorRT
+        from ...export.tensorrt import build_engine
+
+        exported = build_engine(exported, net, path, batch=config.batch, max_batch=None, fp16=False)
+    return {"path": str(exported.path), "manifest": str(exported.manifest_path),
+            "parity_max_abs_diff": exported.parity.get("max_abs_diff")}
+
+
+def _write_json(result: dict, path: Path) -> None:
+    import json
+
+    from ...export.onnx import write_atomically
+
+    write_atomically({path: (json.dumps(result, indent=2, default=str) + "\n").encode()})
+
+
+def _drift(c: dict):
+    d = c.get("drift") or {}
+    return d.get("calibration", d.get("screen"))
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def render(result: dict) -> None:
+    from rich.table import Table
+
+    from ...profiling.report import wide_console
+
+    console = wide_console()
+    budget = result["budget"]
+    goal = (f"max drift {budget['max_drift']:g} ({budget['drift_metric']})" if result["mode"] == "max_drift"
+            else f"latency ≤ {budget['latency_ms']:g} ms p50")
+    cfg = result["config"]
+    table = Table(title=f"tmerge tune · {result['model']} · {cfg['runtime']} batch {cfg['batch']} · {goal}")
+    for col in ("", "method", "schedule", "prop. attn", "final tokens", "FLOPs ratio", "latency ratio p50", "p50 ms",
+                "drift (calib.)", "drift (held-out)", "stage"):
+        table.add_column(col, justify="left" if col in ("", "method", "schedule", "prop. attn", "stage") else "right")
+    front = set(result["pareto_latency"]) | set(result["pareto_flops"])
+    chosen = (result.get("chosen") or {}).get("label")
+    ref = (result.get("reference") or {}).get("label")
+    rows = [c for c in result["candidates"] if c["label"] in front or c["timed_rounds"] or c["label"] in (chosen, ref)]
+    rows.sort(key=lambda c: (c["latency_ratio_p50"] is None, c["latency_ratio_p50"] or c["flops_ratio"]))
+    for c in rows:
+        mark = "★" if c["label"] == chosen else ("ref" if c["label"] == ref else ("·" if c["label"] in front else ""))
+        method = c["method"] + (f" ({Path(c['adapter']).name})" if c.get("adapter") else "")
+        schedule = c["label"].split(" ")[1].replace("schedule=", "")
+        table.add_row(mark, method, schedule, "on" if c["prop_attn"] else "off", _fmt(c["final_tokens"], "d"), _fmt(c["flops_ratio"]),
+                      _fmt(c["latency_ratio_p50"]), _fmt(c["p50_ms"], ".1f"), _fmt(_drift(c), ".4g"),
+                      _fmt(c["drift"].get("held_out"), ".4g"), c["stage"])
+    console.print(table)
+    console.print(f"★ chosen · ref = constant-r ToMe at the budget · '·' = on a Pareto front "
+                  f"({len(result['candidates'])} of {result['search_space_size']} candidates measured, "
+                  f"{result['elapsed_s']} s; unmerged p50 {_fmt(result.get('unmerged_ms'), '.1f')} ms)")
+    if result["met"]:
+        c, r = result["chosen"], result.get("reference")
+        if r and r.get("latency_ratio_p50") and c.get("latency_ratio_p50"):
+            console.print(f"chosen vs constant-r ToMe ({r['label']}): latency ratio {c['latency_ratio_p50']:.3f} vs "
+                          f"{r['latency_ratio_p50']:.3f} (same rounds), drift {_fmt(_drift(c), '.4g')} vs "
+                          f"{_fmt(_drift(r), '.4g')}")
+        console.print(f"export: {result['export_command']}")
+        if result.get("export"):
+            console.print(f"exported: {result['export']['path']} (manifest {result['export']['manifest']})")
+    console.print(f"Pareto plot: {result['png']} · JSON: {result['json']}")
+    if result.get("note"):
+        sys.stderr.write(f"note: {result['note']}\n")

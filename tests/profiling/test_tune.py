@@ -13,7 +13,7 @@ from tests.helpers import tiny_vit
 from tmerge import TmergeError, apply, merge_info
 from tmerge.cli import main
 from tmerge.profiling.tune import (Candidate, Entry, TuneConfig, adapter_candidate, pareto_front, parse_duration,
-                                   search_space, tune)
+                                   search_space, split_images, tune)
 
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
              "img_size=32,patch_size=8,depth=3,embed_dim=48,num_heads=3,num_classes=10"]
@@ -78,6 +78,15 @@ def test_export_flags_build_the_same_model():
         direct = apply(copy.deepcopy(model), c.method, **c.apply_kwargs())
         assert merge_info(via_cli)["r"] == merge_info(direct)["r"]
         assert merge_info(via_cli)["prop_attn"] == merge_info(direct)["prop_attn"] == c.prop_attn
+
+
+def test_split_keeps_every_sample_photo_on_both_sides():
+    views = torch.arange(32).float().view(32, 1, 1, 1)  # view i shows photo i mod 8
+    cal, held = split_images(views, seed=0, period=8)
+    assert sorted(int(v) % 8 for v in cal.flatten()) == sorted(int(v) % 8 for v in held.flatten()) == sorted(
+        list(range(8)) * 2)
+    cal, held = split_images(torch.arange(9).float().view(9, 1, 1, 1), seed=1)
+    assert len(cal) == 5 and len(held) == 4 and not set(cal.flatten().tolist()) & set(held.flatten().tolist())
 
 
 def test_pareto_front():

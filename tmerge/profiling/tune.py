@@ -48,7 +48,8 @@ PROP_ATTN_MODES = ("both", "on", "off", "default")
 INFLECTIONS = (-0.5, 0.5)  # ToMe ramps: more merging early (-) or late (+)
 KEEP_RATIOS = tuple(round(1 - 0.01 * i, 2) for i in range(1, 31))  # 0.99 .. 0.70
 SCREEN_IMAGES = 8  # calibration images of the binary-search screen
-FLOPS_SLACK = 0.08  # FLOPs-ratio margin within which a schedule may still beat a cheaper-looking one
+FLOPS_SLACK = 0.03  # FLOPs-ratio margin within which a schedule may still beat a cheaper-looking one
+SCREEN_SHARE = 0.4  # at most this share of the time left after setup goes to the drift screen
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -201,7 +202,7 @@ def search_space(model: nn.Module, methods: list[str], adapters: list[str] | Non
             for infl in INFLECTIONS:
                 for r in range(1, r_max + 1):
                     candidates.append(Candidate(method, f"r/inflection={infl:g}", r, pa, r=r, inflection=infl))
-            for skip in sorted({depth // 4, depth // 2} - {0}):
+            for skip in ({max(1, depth // 4)} if depth > 1 else set()):
                 late_max = math.ceil((tokens - prefix) / (depth - skip))
                 for r in range(1, late_max + 1):
                     per_layer = [0] * skip + [r] * (depth - skip)
@@ -415,11 +416,16 @@ class Clock:
         return time.monotonic() - self.start
 
 
-def split_images(images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(calibration, held-out): a seeded permutation, halves (held-out gets the smaller half)."""
+def split_images(images: torch.Tensor, seed: int, period: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration, held-out). ``period``: the images cycle through that many sources (sample views:
+    view i shows photo i mod P), so alternate blocks of ``period`` go to each side and both hold every
+    photo alike; otherwise a seeded permutation, cut in halves (held-out gets the smaller one)."""
     n = len(images)
     if n < 2:
         raise TmergeError(f"tune needs at least 2 images (calibration + held-out), got {n}")
+    if period and n >= 2 * period:
+        side = (torch.arange(n) // period) % 2
+        return images[side == 0], images[side == 1]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     cut = (n + 1) // 2
     return images[order[:cut]], images[order[cut:]]
@@ -439,7 +445,7 @@ def tune(unmerged: nn.Module, config: TuneConfig, *, model_name: str, progress: 
 
         n = config.num_images if config.num_images is not None else _default_images(config.data)
         images = load_drift_images(config.data, unmerged, n, config.seed)
-    calibration, held_out = split_images(images[0], config.seed)
+    calibration, held_out = split_images(images[0], config.seed, _views_period(config.data))
     screen = calibration[:SCREEN_IMAGES]
     metric = config.drift_metric
     mode = "max_drift" if config.max_drift is not None else "latency_ms"
@@ -477,16 +483,20 @@ def tune(unmerged: nn.Module, config: TuneConfig, *, model_name: str, progress: 
         x = _timing_batch(calibration, config.batch)
         unmerged_runner = _unmerged_runner(config, unmerged, x, Path(workdir.name), progress, rounds)
         clock.deadline -= rounds.get("reserved_s", 0.0)
+        # the drift screen may use up to SCREEN_SHARE of what is left; the rest is for timing
+        screen_clock = Clock(0)
+        screen_clock.deadline = time.monotonic() + SCREEN_SHARE * clock.left()
         # ---------------------------------------------------------------- drift screen
         if mode == "max_drift":
-            finalists = _screen_max_drift(families, config.max_drift, measure, clock, progress)
+            frontiers = _screen_max_drift(families, config.max_drift, measure, screen_clock, progress)
+            pool, reference = _confirm(frontiers, config.max_drift, measure, config.max_timed, clock, progress)
         else:
-            finalists = _screen_latency(families, config.latency_ms, rounds["unmerged_ms"], measure, clock, progress)
-        reference = _reference_entry(families, mode, config, rounds, measure)
+            pool = _screen_latency(families, config.latency_ms, rounds["unmerged_ms"], measure, screen_clock, progress)
+            pool = _rank(pool, mode, config)
+            reference = next((e for e in pool if _is_reference_family(e.cand)), None)
+            pool = pool[: config.max_timed] + ([reference] if reference and reference not in pool[: config.max_timed]
+                                               else [])
         # ---------------------------------------------------------------- successive halving
-        pool = _rank(finalists, mode, config)[: config.max_timed]
-        if reference is not None and reference not in pool:
-            pool.append(reference)
         rungs, last = _time_rungs(pool, reference, mode, config, ev, unmerged_runner, x, Path(workdir.name), clock,
                                   progress, rounds, runners)
     finally:
@@ -498,8 +508,6 @@ def tune(unmerged: nn.Module, config: TuneConfig, *, model_name: str, progress: 
     ranked += _rank([e for e in pool if e not in last], mode, config, measured=bool(rungs))
     chosen = None
     for e in ranked:
-        if clock.left() < 0 and chosen is not None:
-            break
         measure(e, "held_out")
         if _feasible(e, mode, config, split="held_out"):
             chosen = e
@@ -517,6 +525,14 @@ def tune(unmerged: nn.Module, config: TuneConfig, *, model_name: str, progress: 
         chosen.stage = "chosen"
     return _result(entries, chosen or closest, met, reference, mode, config, model_name, clock, rounds, rungs,
                    len(calibration), len(held_out), reference_model_flags or [])
+
+
+def _views_period(source: str) -> int | None:
+    if source != "samples":
+        return None
+    from ..data import SAMPLE_PHOTOS
+
+    return len(SAMPLE_PHOTOS)
 
 
 def _default_images(source: str) -> int | None:
@@ -560,24 +576,31 @@ def _rank(entries: list[Entry], mode: str, config: TuneConfig, measured: bool = 
     return sorted(entries, key=key)
 
 
-def _screen_max_drift(families, budget, measure, clock, progress) -> list[Entry]:
-    """Per family, the strongest schedule within the drift budget, on the screen subset.
+def _is_reference_family(cand: Candidate) -> bool:
+    from ..merging import registry
+
+    return (cand.method == "tome" and cand.family == "r" and cand.adapter is None
+            and cand.prop_attn == bool(registry.get("tome").prop_attn_default))
+
+
+def _screen_max_drift(families, budget, measure, clock, progress) -> list[tuple[list[Entry], int]]:
+    """Per family, the strongest schedule within the drift budget on the small screen subset; returns
+    (family schedules considered, index of the frontier) pairs.
 
     Families go cheapest-first, constant-r ToMe (the reference) before all; each later family is only
     searched among schedules whose FLOPs come within FLOPS_SLACK of the best frontier so far, starting
     from the weakest of them: when that one already exceeds the budget the family is done after one
-    measurement, else a binary search (drift grows with strength) finds its frontier, which is then
-    re-measured on the whole calibration split (stepping back once when it fails there).
+    measurement, else a binary search (drift grows with strength) finds its frontier.
     """
     best_flops = math.inf
-    frontiers: list[Entry] = []
-    order = sorted(families.values(), key=lambda fam: (fam[0].cand.family != "r" or fam[0].cand.method != "tome",
+    frontiers: list[tuple[list[Entry], int]] = []
+    order = sorted(families.values(), key=lambda fam: (not _is_reference_family(fam[0].cand),
                                                        min(e.flops_ratio for e in fam), fam[0].cand.label))
-    update = progress.step("drift screen (per family: cost-model bound + binary search)", total=len(order))
+    update = progress.step("drift screen: cost-model bound + binary search per family", total=len(order))
     for i, fam in enumerate(order):
         update(i)
         if clock.left() <= 0:
-            progress.log("time budget reached during the drift screen")
+            progress.log(f"drift screen stopped by the time budget after {i} of {len(order)} families")
             break
         useful = [e for e in fam if e.flops_ratio <= best_flops + FLOPS_SLACK]
         if not useful:
@@ -593,19 +616,41 @@ def _screen_max_drift(families, budget, measure, clock, progress) -> list[Entry]
                     found, lo = mid, mid + 1
                 else:
                     hi = mid - 1
-        if found is None:
-            continue
-        for idx in (found, found - 1):
-            if idx < 0:
-                break
-            e = useful[idx]
-            e.stage = "calibration"
-            if measure(e, "calibration") <= budget:
-                frontiers.append(e)
-                best_flops = min(best_flops, e.flops_ratio)
-                break
+        if found is not None:
+            frontiers.append((useful, found))
+            best_flops = min(best_flops, useful[found].flops_ratio)
     update(len(order))
     return frontiers
+
+
+def _confirm(frontiers, budget, measure, want, clock, progress) -> tuple[list[Entry], Entry | None]:
+    """Re-measure the cheapest screen frontiers on the whole calibration split, stepping back in their
+    family while they fail it, until ``want`` hold (plus the constant-r ToMe reference, always
+    confirmed). Returns (timing pool, reference)."""
+    pool: list[Entry] = []
+    reference = None
+    ordered = sorted(frontiers, key=lambda f: (f[0][f[1]].flops_ratio, f[0][f[1]].cand.label))
+    update = progress.step("drift on the calibration split", total=min(want, len(ordered)))
+    for fam, idx in ordered:
+        is_ref = _is_reference_family(fam[idx].cand)
+        if len(pool) >= want and not is_ref:
+            continue
+        if clock.left() <= 0 and pool and not is_ref:
+            continue
+        for j in range(idx, -1, -1):
+            fam[j].stage = "calibration"
+            if measure(fam[j], "calibration") <= budget:
+                if len(pool) < want:
+                    pool.append(fam[j])
+                    update(len(pool))
+                if is_ref:
+                    reference = fam[j]
+                break
+            if not is_ref and j <= idx - 1:  # one step back at most, except for the reference
+                break
+    if reference is not None and reference not in pool:
+        pool.append(reference)
+    return pool, reference
 
 
 def _screen_latency(families, budget_ms, unmerged_ms, measure, clock, progress) -> list[Entry]:
@@ -624,31 +669,6 @@ def _screen_latency(families, budget_ms, unmerged_ms, measure, clock, progress) 
         measure(e, "calibration")
         update(i + 1)
     return [e for e in picked if "calibration" in e.drift]
-
-
-def _reference_entry(families, mode, config, rounds, measure) -> Entry | None:
-    """Constant-r ToMe (its default prop-attn) at the budget: what tune must beat, timed alongside."""
-    from ..merging import registry
-
-    if "tome" not in config.methods:
-        return None
-    fam = families.get(("tome", "r", bool(registry.get("tome").prop_attn_default), None, ()))
-    if not fam:
-        return None
-    if mode == "max_drift":
-        feasible = [e for e in fam if "calibration" in e.drift and e.drift["calibration"] <= config.max_drift]
-        if not feasible:  # binary search on the calibration split directly
-            lo, hi, best = 0, len(fam) - 1, None
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                if measure(fam[mid], "calibration") <= config.max_drift:
-                    best, lo = fam[mid], mid + 1
-                else:
-                    hi = mid - 1
-            return best
-        return max(feasible, key=lambda e: e.cand.strength)
-    fits = [e for e in fam if "calibration" in e.drift]
-    return fits[0] if fits else None
 
 
 def _time_rungs(pool, reference, mode, config, ev, unmerged_runner, x, workdir, clock, progress, rounds,
@@ -679,6 +699,10 @@ def _time_rungs(pool, reference, mode, config, ev, unmerged_runner, x, workdir, 
         verb = "building" if config.runtime == "torch" else "exporting"
         update = progress.step(f"rung {len(rungs) + 1}: {verb} {len(new)} candidates", total=len(new)) if new else None
         for i, e in enumerate(new):
+            if clock.left() < per_export + (iters + 1) * unmerged_s * 2 and any(id(a) in runners for a in alive):
+                progress.log(f"time budget: timing {len(alive) - len(new) + i} candidates, not {len(alive)}")
+                alive = [a for a in alive if id(a) in runners]
+                break
             model = ev.build(e.cand, copy.deepcopy(ev.unmerged)) if config.runtime == "torch" else ev.build(e.cand)
             e.flops_ratio_exact = ev.exact_flops_ratio(e.cand)
             runners[id(e)] = make_runner(config.runtime, model, x, workdir, f"c{len(runners)}", config.threads,

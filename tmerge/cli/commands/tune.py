@@ -225,8 +225,9 @@ def render(result: dict) -> None:
         c, r = result["chosen"], result.get("reference")
         if r and r.get("latency_ratio_p50") and c.get("latency_ratio_p50"):
             console.print(f"chosen vs constant-r ToMe ({r['label']}): latency ratio {c['latency_ratio_p50']:.3f} vs "
-                          f"{r['latency_ratio_p50']:.3f} (same rounds), drift {_fmt(_drift(c), '.4g')} vs "
-                          f"{_fmt(_drift(r), '.4g')}")
+                          f"{r['latency_ratio_p50']:.3f} (same rounds); drift calibration {_fmt(_drift(c), '.4g')} vs "
+                          f"{_fmt(_drift(r), '.4g')}, held-out {_fmt(c['drift'].get('held_out'), '.4g')} vs "
+                          f"{_fmt(r['drift'].get('held_out'), '.4g')}")
         console.print(f"export: {result['export_command']}")
         if result.get("export"):
             console.print(f"exported: {result['export']['path']} (manifest {result['export']['manifest']})")

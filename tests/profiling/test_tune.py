@@ -47,8 +47,7 @@ def test_search_space_families_and_dedup():
     # every candidate merges, none is capped at block 0, and no two give the same per-block r
     seen = set()
     for c in space:
-        net = apply(copy.deepcopy(model), c.method, **c.apply_kwargs())
-        info = merge_info(net)
+        info = merge_info(c.merge_config().apply_to(copy.deepcopy(model)))
         assert sum(info["r"]) > 0 and not any(cap["layer"] == 0 for cap in info["capped"])
         key = (c.method, c.prop_attn, tuple(info["r"]))
         assert key not in seen, c.label
@@ -64,18 +63,18 @@ def test_search_space_refuses_learned_method_without_adapter():
 
 def test_export_flags_build_the_same_model():
     """The printed `tmerge export` flags rebuild exactly the candidate that was measured."""
-    from tmerge.cli.options import patch_model
+    from tmerge.cli.options import merge_config
 
     model = tiny_vit()
     for c in search_space(model, ["tome", "pitome"])[::7]:
         flags = c.export_flags()
-        args = dict(zip(flags[::2], flags[1::2])) if "--adapter" not in flags else {}
-        sched = {"r": int(args["--r"]) if "--r" in args else None,
-                 "inflection": float(args["--inflection"]) if "--inflection" in args else None,
-                 "schedule": args.get("--schedule"),
-                 "keep_ratio": float(args["--keep-ratio"]) if "--keep-ratio" in args else None}
-        via_cli = patch_model(copy.deepcopy(model), args["--method"], prop_attn="--prop-attn" in flags, **sched)
-        direct = apply(copy.deepcopy(model), c.method, **c.apply_kwargs())
+        args = dict(zip(flags[::2], flags[1::2]))
+        via_cli = merge_config(args["--method"], r=int(args["--r"]) if "--r" in args else None,
+                               inflection=float(args["--inflection"]) if "--inflection" in args else None,
+                               schedule=args.get("--schedule"),
+                               keep_ratio=float(args["--keep-ratio"]) if "--keep-ratio" in args else None,
+                               prop_attn="--prop-attn" in flags).apply_to(copy.deepcopy(model))
+        direct = c.merge_config().apply_to(copy.deepcopy(model))
         assert merge_info(via_cli)["r"] == merge_info(direct)["r"]
         assert merge_info(via_cli)["prop_attn"] == merge_info(direct)["prop_attn"] == c.prop_attn
 
@@ -159,7 +158,7 @@ def test_time_budget_is_respected(budget):
 
 
 def test_adapter_candidate(tmp_path):
-    from tmerge.training.adapters import save_adapter
+    from tmerge.models.adapters import save_adapter
 
     model = tiny_vit()
     trained = apply(copy.deepcopy(model), "dtem", r=2)

@@ -27,21 +27,35 @@ are exact; which candidates survive a rung depends on measured times, and the JS
 from __future__ import annotations
 
 import copy
+import io
+import json
 import math
 import re
+import shlex
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
+from .._io import write_files
+from .._optional import pyplot
+from ..data import SAMPLE_PHOTOS, load_images
 from ..errors import TmergeError
+from ..merging import MergeMethod, registry
+from ..models.adapters import read_adapter
+from ..models.flops import count_flops, token_cost_model
+from ..models.forward import input_shape
+from ..models.merged import MergeConfig
+from ..patch import merge_info, tokens_per_layer
+from ..schedule import make_spec, resolve
 from . import latency as lat
-from .profile import Progress, export_for_runtime, input_size
-from .sweep import DRIFT_METRICS, drift_value
+from .profile import Progress, drift_between, export_for_runtime, model_outputs
+from .sweep import check_drift_metric, drift_value
 
 RUNTIMES = ("onnxruntime", "openvino", "torch", "tensorrt")
 PROP_ATTN_MODES = ("both", "on", "off", "default")
@@ -104,17 +118,12 @@ class Candidate:
         extra = f" adapter={Path(self.adapter).name}" if self.adapter else ""
         return f"{self.method} {self.schedule_label} prop-attn={'on' if self.prop_attn else 'off'}{extra}"
 
-    def apply_kwargs(self) -> dict:
-        """Keyword arguments of :func:`tmerge.apply`."""
-        if self.keep_ratio is not None:
-            sched: dict = {"keep_ratio": self.keep_ratio}
-        elif self.schedule is not None:
-            sched = {"schedule": list(self.schedule)}
-        elif self.inflection is not None:
-            sched = {"r": (self.r, self.inflection)}
-        else:
-            sched = {"r": self.r}
-        return {**sched, "prop_attn": self.prop_attn, **dict(self.options)}
+    def merge_config(self, merge_form: str | None = None) -> MergeConfig:
+        """The candidate as the library's typed merge configuration."""
+        return MergeConfig(method=self.method, r=self.r, inflection=self.inflection,
+                           schedule=list(self.schedule) if self.schedule is not None else None,
+                           keep_ratio=self.keep_ratio, prop_attn=self.prop_attn, options=dict(self.options),
+                           adapter=self.adapter, merge_form=merge_form)
 
     def export_flags(self) -> list[str]:
         """The ``tmerge export`` flags that build this candidate."""
@@ -128,8 +137,6 @@ class Candidate:
             if self.inflection is not None:
                 flags += ["--inflection", f"{self.inflection:g}"]
         flags.append("--prop-attn" if self.prop_attn else "--no-prop-attn")
-        import json
-
         for key, value in self.options:
             flags += ["--option", f"{key}={json.dumps(value)}"]
         if self.adapter:
@@ -149,7 +156,6 @@ class Candidate:
 def is_learned(method: str) -> bool:
     """A method that builds trainable modules when bound to a model (DTEM, LTM): untrained, it merges
     like ToMe, so it is searched only through a trained adapter."""
-    from ..merging import MergeMethod, registry
 
     return registry.get(method).bind is not MergeMethod.bind
 
@@ -162,12 +168,9 @@ def candidate_tokens(model: nn.Module, cand: Candidate) -> tuple[int, ...] | Non
     """Token counts entering each block (and leaving the last) of ``cand`` on ``model``, from the
     schedule alone; None when ``tmerge export`` would refuse it (capped at block 0, or an explicit
     schedule the model cannot do)."""
-    from ..merging import registry
-    from ..schedule import make_spec, resolve
 
     depth, tokens, prefix = _model_tokens(model)
-    kw = cand.apply_kwargs()
-    spec = make_spec(r=kw.get("r"), schedule=kw.get("schedule"), keep_ratio=kw.get("keep_ratio"))
+    spec = make_spec(**cand.merge_config().schedule_args())
     method = registry.get(cand.method)(depth, **dict(cand.options))
     try:
         resolved = resolve(spec, depth, tokens, prefix, method.max_r)
@@ -182,7 +185,6 @@ def search_space(model: nn.Module, methods: list[str], adapters: list[str] | Non
                  prop_attn: str = "both") -> list[Candidate]:
     """Every candidate schedule for ``model``: families per (method, prop-attn, shape), deduplicated by
     their per-block r (first family wins: constant r, then ramps, late schedules, keep ratios)."""
-    from ..merging import registry
 
     if prop_attn not in PROP_ATTN_MODES:
         raise TmergeError(f"--prop-attn-search must be one of {', '.join(PROP_ATTN_MODES)}, got {prop_attn!r}")
@@ -227,8 +229,6 @@ def search_space(model: nn.Module, methods: list[str], adapters: list[str] | Non
 
 def adapter_candidate(path: str) -> Candidate:
     """The candidate a trained DTEM/LTM adapter defines: its method, options, per-block r, prop-attn."""
-    from ..training.adapters import read_adapter
-
     _, meta = read_adapter(path)
     r = meta.get("r")
     if not isinstance(r, list) or not r:
@@ -246,25 +246,15 @@ class Evaluator:
     """Builds candidates on one working copy of the model and measures them (with caches)."""
 
     def __init__(self, unmerged: nn.Module):
-        from .. import tokens_per_layer
-        from .flops import token_cost_model
-
         self.unmerged = unmerged.eval()
         self.work = copy.deepcopy(unmerged).eval()
         self.cost = token_cost_model(unmerged)
         self.unmerged_flops = self.cost(tokens_per_layer(unmerged))
         self._reference: dict = {}
 
-    def build(self, cand: Candidate, model: nn.Module | None = None, **apply_kwargs) -> nn.Module:
-        from .. import apply
-
-        net = self.work if model is None else model
-        apply(net, cand.method, **cand.apply_kwargs(), **apply_kwargs)
-        if cand.adapter:
-            from ..training.adapters import load_adapter
-
-            load_adapter(net, cand.adapter)
-        return net.eval()
+    def build(self, cand: Candidate, model: nn.Module | None = None, merge_form: str | None = None) -> nn.Module:
+        """``cand`` applied to ``model`` (default: the working copy, re-patched each time)."""
+        return cand.merge_config(merge_form).apply_to(self.work if model is None else model)
 
     def flops_ratio(self, tokens: tuple[int, ...]) -> float:
         """The cost model: FLOPs ratio from the token counts (see :func:`token_cost_model`)."""
@@ -272,15 +262,11 @@ class Evaluator:
 
     def exact_flops_ratio(self, cand: Candidate) -> float:
         """FLOPs ratio counted on the real forward (merge matmuls included), for the timed candidates."""
-        from .flops import count_flops
-
-        shape = (1, *input_size(self.unmerged))
+        shape = input_shape(self.unmerged)
         merged = count_flops(self.build(cand), shape, per_layer=False)["per_image"]
         return merged / count_flops(self.unmerged, shape, per_layer=False)["per_image"]
 
     def drift(self, cand: Candidate, images: torch.Tensor, split: str, metric: str) -> tuple[float, dict]:
-        from .profile import drift_between, model_outputs
-
         key = (split, len(images))
         if key not in self._reference:
             self._reference[key] = model_outputs(self.unmerged, images)
@@ -346,8 +332,7 @@ class TuneConfig:
             raise TmergeError(f"--max-drift must be a finite number >= 0, got {self.max_drift!r}")
         if self.latency_ms is not None and not (self.latency_ms > 0 and math.isfinite(self.latency_ms)):
             raise TmergeError(f"--latency-ms must be a positive number, got {self.latency_ms!r}")
-        if self.drift_metric not in DRIFT_METRICS:
-            raise TmergeError(f"--drift-metric must be one of {', '.join(DRIFT_METRICS)}, got {self.drift_metric!r}")
+        check_drift_metric(self.drift_metric)
         if isinstance(self.batch, bool) or self.batch < 1:
             raise TmergeError(f"--batch must be a positive integer, got {self.batch!r}")
         if self.num_images is not None and self.num_images < 2:
@@ -388,14 +373,10 @@ class Entry:
     def latency_ratio(self) -> float | None:
         if not self.times:
             return None
-        import numpy as np
-
         return float(np.median(self.times) / np.median(self.reference_times))
 
     @property
     def p50_ms(self) -> float | None:
-        import numpy as np
-
         return float(np.median(self.times) * 1e3) if self.times else None
 
     def as_dict(self) -> dict:
@@ -441,10 +422,8 @@ def tune(unmerged: nn.Module, config: TuneConfig, *, model_name: str, progress: 
     torch.manual_seed(config.seed)
     lat.set_torch_threads(config.threads)
     if images is None:
-        from .profile import load_drift_images
-
         n = config.num_images if config.num_images is not None else _default_images(config.data)
-        images = load_drift_images(config.data, unmerged, n, config.seed)
+        images = load_images(config.data, unmerged, n=n, seed=config.seed)
     calibration, held_out = split_images(images[0], config.seed, _views_period(config.data))
     screen = calibration[:SCREEN_IMAGES]
     metric = config.drift_metric
@@ -530,8 +509,6 @@ def tune(unmerged: nn.Module, config: TuneConfig, *, model_name: str, progress: 
 def _views_period(source: str) -> int | None:
     if source != "samples":
         return None
-    from ..data import SAMPLE_PHOTOS
-
     return len(SAMPLE_PHOTOS)
 
 
@@ -577,7 +554,6 @@ def _rank(entries: list[Entry], mode: str, config: TuneConfig, measured: bool = 
 
 
 def _is_reference_family(cand: Candidate) -> bool:
-    from ..merging import registry
 
     return (cand.method == "tome" and cand.family == "r" and cand.adapter is None
             and cand.prop_attn == bool(registry.get("tome").prop_attn_default))
@@ -748,8 +724,6 @@ def pareto_front(entries: list[Entry], speed: Callable[[Entry], float | None]) -
 
 
 def export_command(flags: list[str], cand: Candidate, config: TuneConfig, out: str | None) -> str:
-    import shlex
-
     fmt = ["--format", "trt"] if config.runtime == "tensorrt" else []
     default_out = "model.engine" if config.runtime == "tensorrt" else "model.onnx"
     args = ["tmerge", "export", *flags, *cand.export_flags(), *fmt, "--batch", str(config.batch),
@@ -794,18 +768,7 @@ def _result(entries, chosen, met, reference, mode, config, model_name, clock, ro
 def plot_tune(result: dict, out: str | Path) -> Path:
     """Drift against FLOPs ratio (every measured candidate) and against latency ratio (timed ones);
     the Pareto fronts as lines, the chosen point and the ToMe reference marked; written atomically."""
-    import io
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        from ..errors import missing_extra
-
-        raise missing_extra("matplotlib", "report") from e
-    from ..export.onnx import write_atomically
+    plt = pyplot()
 
     cands = result["candidates"]
     metric = result["budget"]["drift_metric"]
@@ -854,5 +817,5 @@ def plot_tune(result: dict, out: str | Path) -> Path:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     out = Path(out)
-    write_atomically({out: buf.getvalue()})
+    write_files({out: buf.getvalue()})
     return out

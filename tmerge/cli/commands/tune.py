@@ -3,17 +3,27 @@ faithful one within a latency budget) on the target runtime; Pareto table, JSON,
 
 from __future__ import annotations
 
+import copy
+import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..app import app, print_json
-from ..options import CheckpointOpt, JsonOpt, ModelOpt, PretrainedOpt
+from ..._io import write_files
 from ...errors import TmergeError, VerificationError
-from .profile import DataOpt, ModelKwargsOpt, NumImagesOpt, ThreadsOpt
+from ...export import export
+from ...export.checks import ENGINE_SUFFIXES, check_out_path
+from ...merging import registry
+from ...models import DEFAULT_MODEL
+from ...models.merged import MergeConfig, build_pair
+from ...profiling.report import wide_console
+from ...profiling.tune import TuneConfig, adapter_candidate, parse_duration, plot_tune, tune
+from ..app import app, print_json
+from ..options import (CheckpointOpt, DataOpt, JsonOpt, ModelKwargsOpt, ModelOpt, NumImagesOpt, PretrainedOpt,
+                       ThreadsOpt, parse_model_kwargs)
+from .profile import RichProgress
 
 
 def _check_out_dir(path: Path) -> Path:
@@ -49,15 +59,11 @@ def tune_command(
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda for tensorrt, else cpu)")] = None,
     seed: Annotated[int, typer.Option("--seed", help="seeds the data split, image choice and random-init weights")] = 0,
     out_dir: Annotated[Path, typer.Option("--out-dir", "-O", help="folder for tune.json and pareto.png")] = Path("tune"),
-    export: Annotated[Optional[str], typer.Option("--export", help="export the chosen model here, verified, with its manifest")] = None,
+    export_to: Annotated[Optional[str], typer.Option("--export", help="export the chosen model here, verified, with its manifest")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the fastest merged model within a drift budget (or the least drift within a latency budget),
     timed on the target runtime."""
-    from ...merging import registry
-    from ...profiling.profile import build_pair, parse_kv
-    from ...profiling.tune import TuneConfig, parse_duration
-
     device = device or ("cuda" if runtime == "tensorrt" else "cpu")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for m in method_list:
@@ -66,36 +72,25 @@ def tune_command(
                         drift_metric=drift_metric, methods=tuple(method_list), adapters=tuple(adapter or ()),
                         prop_attn=prop_attn, data=data, num_images=num_images,
                         time_budget_s=parse_duration(time_budget), seed=seed, threads=threads, device=device,
-                        max_timed=max_timed, reserve_exports=1 if export else 0)
+                        max_timed=max_timed, reserve_exports=1 if export_to else 0)
     config.validate()
     out_dir = _check_out_dir(out_dir)
-    export_path = _check_export_path(export, runtime) if export else None
-    kwargs = parse_kv(model_kwargs)
-    _, unmerged = build_pair(model, checkpoint=checkpoint, pretrained=pretrained, method="none",
+    export_path = _check_export_path(export_to, runtime) if export_to else None
+    kwargs = parse_model_kwargs(model_kwargs)
+    _, unmerged = build_pair(model, MergeConfig(method="none"), checkpoint=checkpoint, pretrained=pretrained,
                              model_kwargs=kwargs, seed=seed)
-    from ...profiling.tune import adapter_candidate
-
     for path in config.adapters:  # an adapter for other weights or another model is bad input: fail now
-        _check_adapter(unmerged, adapter_candidate(path))
-    model_flags = _model_flags(model, checkpoint, pretrained)
-    from .profile import RichProgress
-
+        adapter_candidate(path).merge_config().apply_to(copy.deepcopy(unmerged))
+    model_flags = _model_flags(model, model_kwargs, checkpoint, pretrained)
     with RichProgress(enabled=True) as progress:
-        from ...profiling.tune import tune
-
-        result = tune(unmerged, config, model_name=model or "dinov2-s14", progress=progress,
+        result = tune(unmerged, config, model_name=model or DEFAULT_MODEL, progress=progress,
                       reference_model_flags=model_flags)
-    if kwargs:
-        result["note"] = ("--model-kwargs has no `tmerge export` equivalent; the export command shows the "
-                          "method and schedule only")
     if export_path is not None and result["met"]:
-        result["export"] = _export_choice(unmerged, result, config, export_path, model, checkpoint, pretrained, kwargs)
-    from ...profiling.tune import plot_tune
-
+        result["export"] = _export_choice(result, config, export_path, model, checkpoint, pretrained, kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
     result["png"] = str(plot_tune(result, out_dir / "pareto.png"))
     result["json"] = str(out_dir / "tune.json")
-    _write_json(result, out_dir / "tune.json")
+    write_files({out_dir / "tune.json": (json.dumps(result, indent=2, default=str) + "\n").encode()})
     if as_json:
         print_json(result)
     else:
@@ -106,80 +101,34 @@ def tune_command(
                                 f"(drift {_fmt(_drift(c), '.4g')}, latency p50 {_fmt(c.get('p50_ms'), '.1f')} ms)")
 
 
-def _check_export_path(export: str, runtime: str) -> Path:
-    from ...export.onnx import check_out_path
-
+def _check_export_path(path: str, runtime: str) -> Path:
     if runtime == "tensorrt":
-        from ...export import ENGINE_SUFFIXES
-
-        path = check_out_path(export, ENGINE_SUFFIXES)
-        check_out_path(path.with_suffix(".onnx"))
-        return path
-    return check_out_path(export)
+        engine = check_out_path(path, ENGINE_SUFFIXES)
+        check_out_path(engine.with_suffix(".onnx"))
+        return engine
+    return check_out_path(path)
 
 
-def _check_adapter(unmerged, cand) -> None:
-    import copy
-
-    from ... import apply
-    from ...training.adapters import load_adapter
-
-    net = apply(copy.deepcopy(unmerged), cand.method, **cand.apply_kwargs())
-    load_adapter(net, cand.adapter)
-
-
-def _model_flags(model, checkpoint, pretrained) -> list[str]:
-    flags = []
-    if model:
-        flags += ["--model", model]
+def _model_flags(model, model_kwargs, checkpoint, pretrained) -> list[str]:
+    flags = ["--model", model] if model else []
+    if model_kwargs:
+        flags += ["--model-kwargs", model_kwargs]
     if checkpoint:
         flags += ["--checkpoint", str(checkpoint)]
-    if pretrained:
-        flags.append("--pretrained")
-    return flags
+    return flags + (["--pretrained"] if pretrained else [])
 
 
-def _export_choice(unmerged, result, config, path: Path, model, checkpoint, pretrained, kwargs) -> dict:
-    """Export the chosen candidate exactly as tuned (same weights), verified, with its manifest."""
-    import copy
-
-    from ... import apply
-    from ...export.onnx import export_onnx
-    from ...models import model_label
-    from ...profiling.tune import Candidate
-
+def _export_choice(result, config, path: Path, model, checkpoint, pretrained, kwargs) -> dict:
+    """What the printed `tmerge export` command does: the chosen configuration, exported and verified."""
     c = result["chosen"]
-    cand = Candidate(c["method"], c["family"], c["strength"], c["prop_attn"], r=c.get("r"),
-                     inflection=c.get("inflection"), schedule=tuple(c["schedule"]) if c.get("schedule") else None,
-                     keep_ratio=c.get("keep_ratio"), adapter=c.get("adapter"),
-                     options=tuple(sorted((c.get("options") or {}).items())))
-    form = {"merge_form": "scatter"} if config.runtime == "tensorrt" else {}
-    net = apply(copy.deepcopy(unmerged), cand.method, **cand.apply_kwargs(), **form)
-    if cand.adapter:
-        from ...training.adapters import load_adapter
-
-        load_adapter(net, cand.adapter)
-    extra = {"model_name": model or "dinov2-s14", "checkpoint": str(checkpoint) if checkpoint else None,
-             "pretrained": bool(pretrained), "model_kwargs": kwargs or None, "adapter": cand.adapter,
-             "tuned": {"budget": result["budget"], "runtime": config.runtime, "batch": config.batch}}
-    onnx_path = path.with_suffix(".onnx") if config.runtime == "tensorrt" else path
-    exported = export_onnx(net.eval(), onnx_path, batch_size=config.batch, dynamic_batch=True,
-                           ops="plugin" if config.runtime == "tensorrt" else "portable",
-                           model_name=model_label(model, checkpoint), extra_manifest=extra)
-    if config.runtime == "tensorrt":  # pragma: no cover - needs TensorRT
-        from ...export.tensorrt import build_engine
-
-        exported = build_engine(exported, net, path, batch=config.batch, max_batch=None, fp16=False)
+    merge = MergeConfig(method=c["method"], r=c.get("r"), inflection=c.get("inflection"), schedule=c.get("schedule"),
+                        keep_ratio=c.get("keep_ratio"), prop_attn=c["prop_attn"], options=c.get("options") or {},
+                        adapter=c.get("adapter"))
+    exported = export(model_name=model, checkpoint=checkpoint, pretrained=pretrained, merge=merge, out=path,
+                      batch=config.batch, dynamic_batch=True, format="trt" if config.runtime == "tensorrt" else "onnx",
+                      model_kwargs=kwargs)
     return {"path": str(exported.path), "manifest": str(exported.manifest_path),
             "parity_max_abs_diff": exported.parity.get("max_abs_diff")}
-
-
-def _write_json(result: dict, path: Path) -> None:
-    import json
-
-    from ...export.onnx import write_atomically
-
-    write_atomically({path: (json.dumps(result, indent=2, default=str) + "\n").encode()})
 
 
 def _drift(c: dict):
@@ -193,8 +142,6 @@ def _fmt(v, spec=".3f") -> str:
 
 def render(result: dict) -> None:
     from rich.table import Table
-
-    from ...profiling.report import wide_console
 
     console = wide_console()
     budget = result["budget"]
@@ -232,5 +179,3 @@ def render(result: dict) -> None:
         if result.get("export"):
             console.print(f"exported: {result['export']['path']} (manifest {result['export']['manifest']})")
     console.print(f"Pareto plot: {result['png']} · JSON: {result['json']}")
-    if result.get("note"):
-        sys.stderr.write(f"note: {result['note']}\n")

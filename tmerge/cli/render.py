@@ -4,6 +4,7 @@ stderr. The library returns plain values (report dicts, results); only the CLI r
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -194,3 +195,48 @@ class RichProgress(ProfileProgress):
     def log(self, message: str) -> None:
         if self.enabled:
             self.console.print(f"[dim]· {message}[/dim]")
+
+
+def calibration_drift(candidate: dict) -> float | None:
+    """A tune candidate's drift on the calibration split (else on the screen subset)."""
+    d = candidate.get("drift") or {}
+    return d.get("calibration", d.get("screen"))
+
+
+def render_tune(result: dict, console=None) -> None:
+    console = console or wide_console()
+    budget = result["budget"]
+    goal = (f"max drift {budget['max_drift']:g} ({budget['drift_metric']})" if result["mode"] == "max_drift"
+            else f"latency ≤ {budget['latency_ms']:g} ms p50")
+    cfg = result["config"]
+    table = Table(title=f"tmerge tune · {result['model']} · {cfg['runtime']} batch {cfg['batch']} · {goal}")
+    for col in ("", "method", "schedule", "prop. attn", "final tokens", "FLOPs ratio", "latency ratio p50", "p50 ms",
+                "drift (calib.)", "drift (held-out)", "stage"):
+        table.add_column(col, justify="left" if col in ("", "method", "schedule", "prop. attn", "stage") else "right")
+    front = set(result["pareto_latency"]) | set(result["pareto_flops"])
+    chosen = (result.get("chosen") or {}).get("label")
+    ref = (result.get("reference") or {}).get("label")
+    rows = [c for c in result["candidates"] if c["label"] in front or c["timed_rounds"] or c["label"] in (chosen, ref)]
+    rows.sort(key=lambda c: (c["latency_ratio_p50"] is None, c["latency_ratio_p50"] or c["flops_ratio"]))
+    for c in rows:
+        mark = "★" if c["label"] == chosen else ("ref" if c["label"] == ref else ("·" if c["label"] in front else ""))
+        method = c["method"] + (f" ({Path(c['adapter']).name})" if c.get("adapter") else "")
+        schedule = c["label"].split(" ")[1].replace("schedule=", "")
+        table.add_row(mark, method, schedule, "on" if c["prop_attn"] else "off", _fmt(c["final_tokens"]), _fmt(c["flops_ratio"]),
+                      _fmt(c["latency_ratio_p50"]), _fmt(c["p50_ms"], ".1f"), _fmt(calibration_drift(c), ".4g"),
+                      _fmt(c["drift"].get("held_out"), ".4g"), c["stage"])
+    console.print(table)
+    console.print(f"★ chosen · ref = constant-r ToMe at the budget · '·' = on a Pareto front "
+                  f"({len(result['candidates'])} of {result['search_space_size']} candidates measured, "
+                  f"{result['elapsed_s']} s; unmerged p50 {_fmt(result.get('unmerged_ms'), '.1f')} ms)")
+    if result["met"]:
+        c, r = result["chosen"], result.get("reference")
+        if r and r.get("latency_ratio_p50") and c.get("latency_ratio_p50"):
+            console.print(f"chosen vs constant-r ToMe ({r['label']}): latency ratio {c['latency_ratio_p50']:.3f} vs "
+                          f"{r['latency_ratio_p50']:.3f} (same rounds); drift calibration {_fmt(calibration_drift(c), '.4g')} vs "
+                          f"{_fmt(calibration_drift(r), '.4g')}, held-out {_fmt(c['drift'].get('held_out'), '.4g')} vs "
+                          f"{_fmt(r['drift'].get('held_out'), '.4g')}")
+        console.print(f"export: {result['export_command']}")
+        if result.get("export"):
+            console.print(f"exported: {result['export']['path']} (manifest {result['export']['manifest']})")
+    console.print(f"Pareto plot: {result['png']} · JSON: {result['json']}")

@@ -18,12 +18,11 @@ from ...export.checks import ENGINE_SUFFIXES, check_out_path
 from ...merging import registry
 from ...models import DEFAULT_MODEL
 from ...models.merged import MergeConfig, build_pair
-from ...profiling.report import wide_console
 from ...profiling.tune import TuneConfig, adapter_candidate, parse_duration, plot_tune, tune
 from ..app import app, print_json
 from ..options import (CheckpointOpt, DataOpt, JsonOpt, ModelKwargsOpt, ModelOpt, NumImagesOpt, PretrainedOpt,
                        ThreadsOpt, parse_model_kwargs)
-from .profile import RichProgress
+from ..render import RichProgress, calibration_drift, render_tune
 
 
 def _check_out_dir(path: Path) -> Path:
@@ -94,11 +93,13 @@ def tune_command(
     if as_json:
         print_json(result)
     else:
-        render(result)
+        render_tune(result)
     if not result["met"]:
         c = result["chosen"]
-        raise VerificationError(f"no candidate meets the budget; closest: {c['label']} "
-                                f"(drift {_fmt(_drift(c), '.4g')}, latency p50 {_fmt(c.get('p50_ms'), '.1f')} ms)")
+        drift, p50 = calibration_drift(c), c.get("p50_ms")
+        raise VerificationError(f"no candidate meets the budget; closest: {c['label']} (drift "
+                                f"{'–' if drift is None else format(drift, '.4g')}, latency p50 "
+                                f"{'–' if p50 is None else format(p50, '.1f')} ms)")
 
 
 def _check_export_path(path: str, runtime: str) -> Path:
@@ -129,53 +130,3 @@ def _export_choice(result, config, path: Path, model, checkpoint, pretrained, kw
                       model_kwargs=kwargs)
     return {"path": str(exported.path), "manifest": str(exported.manifest_path),
             "parity_max_abs_diff": exported.parity.get("max_abs_diff")}
-
-
-def _drift(c: dict):
-    d = c.get("drift") or {}
-    return d.get("calibration", d.get("screen"))
-
-
-def _fmt(v, spec=".3f") -> str:
-    return "–" if v is None else format(v, spec)
-
-
-def render(result: dict) -> None:
-    from rich.table import Table
-
-    console = wide_console()
-    budget = result["budget"]
-    goal = (f"max drift {budget['max_drift']:g} ({budget['drift_metric']})" if result["mode"] == "max_drift"
-            else f"latency ≤ {budget['latency_ms']:g} ms p50")
-    cfg = result["config"]
-    table = Table(title=f"tmerge tune · {result['model']} · {cfg['runtime']} batch {cfg['batch']} · {goal}")
-    for col in ("", "method", "schedule", "prop. attn", "final tokens", "FLOPs ratio", "latency ratio p50", "p50 ms",
-                "drift (calib.)", "drift (held-out)", "stage"):
-        table.add_column(col, justify="left" if col in ("", "method", "schedule", "prop. attn", "stage") else "right")
-    front = set(result["pareto_latency"]) | set(result["pareto_flops"])
-    chosen = (result.get("chosen") or {}).get("label")
-    ref = (result.get("reference") or {}).get("label")
-    rows = [c for c in result["candidates"] if c["label"] in front or c["timed_rounds"] or c["label"] in (chosen, ref)]
-    rows.sort(key=lambda c: (c["latency_ratio_p50"] is None, c["latency_ratio_p50"] or c["flops_ratio"]))
-    for c in rows:
-        mark = "★" if c["label"] == chosen else ("ref" if c["label"] == ref else ("·" if c["label"] in front else ""))
-        method = c["method"] + (f" ({Path(c['adapter']).name})" if c.get("adapter") else "")
-        schedule = c["label"].split(" ")[1].replace("schedule=", "")
-        table.add_row(mark, method, schedule, "on" if c["prop_attn"] else "off", _fmt(c["final_tokens"], "d"), _fmt(c["flops_ratio"]),
-                      _fmt(c["latency_ratio_p50"]), _fmt(c["p50_ms"], ".1f"), _fmt(_drift(c), ".4g"),
-                      _fmt(c["drift"].get("held_out"), ".4g"), c["stage"])
-    console.print(table)
-    console.print(f"★ chosen · ref = constant-r ToMe at the budget · '·' = on a Pareto front "
-                  f"({len(result['candidates'])} of {result['search_space_size']} candidates measured, "
-                  f"{result['elapsed_s']} s; unmerged p50 {_fmt(result.get('unmerged_ms'), '.1f')} ms)")
-    if result["met"]:
-        c, r = result["chosen"], result.get("reference")
-        if r and r.get("latency_ratio_p50") and c.get("latency_ratio_p50"):
-            console.print(f"chosen vs constant-r ToMe ({r['label']}): latency ratio {c['latency_ratio_p50']:.3f} vs "
-                          f"{r['latency_ratio_p50']:.3f} (same rounds); drift calibration {_fmt(_drift(c), '.4g')} vs "
-                          f"{_fmt(_drift(r), '.4g')}, held-out {_fmt(c['drift'].get('held_out'), '.4g')} vs "
-                          f"{_fmt(r['drift'].get('held_out'), '.4g')}")
-        console.print(f"export: {result['export_command']}")
-        if result.get("export"):
-            console.print(f"exported: {result['export']['path']} (manifest {result['export']['manifest']})")
-    console.print(f"Pareto plot: {result['png']} · JSON: {result['json']}")

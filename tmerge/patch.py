@@ -41,7 +41,8 @@ def eager_merge_step(method: MergeMethod, block: BlockInput, form: str = "scatte
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """The default step: the method chooses, the shared primitive merges. Returns (x, size, slots)."""
     plan = method.plan(block)
-    x, size = merge_tokens(block.x, block.size, plan.slots, plan.num_out, plan.weights, form=form)
+    x, size = merge_tokens(block.x, block.size, plan.slots, plan.num_out, plan.weights, form=form,
+                           sources=plan.sources)
     return x, size, plan.slots
 
 

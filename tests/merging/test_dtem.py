@@ -64,7 +64,7 @@ def test_parameters_in_state_dict_and_rebind_keeps_them():
 
 @pytest.mark.parametrize("variant", ["plain", "distilled", "avgpool"])
 def test_soft_training_merge_keeps_all_tokens(variant, tiny_images):
-    model = tmerge.apply(tiny_vit(variant), "dtem", r=3)
+    model = tmerge.apply(tiny_vit(variant), "dtem", r=3, relaxed=1)
     for p in model.parameters():
         p.requires_grad_(False)
     method = model.tmerge_method
@@ -77,6 +77,25 @@ def test_soft_training_merge_keeps_all_tokens(variant, tiny_images):
     size = model.blocks.final_size
     torch.testing.assert_close(size.sum(1).squeeze(-1), torch.full((4,), float(n)), rtol=1e-5, atol=1e-4)
     assert size.min() > 0
+    out.square().sum().backward()
+    grads = [p.grad for p in method.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+@pytest.mark.parametrize("variant", ["plain", "distilled", "registers", "avgpool"])
+def test_straight_through_training_forward_is_the_hard_merge(variant, tiny_images):
+    """Default training merge: ToMe's forward on the learned metric, gradients from the relaxation."""
+    model = tmerge.apply(tiny_vit(variant), "dtem", r=3)
+    model.requires_grad_(False)
+    method = model.tmerge_method
+    method.requires_grad_(True)
+    with torch.no_grad():
+        hard = model(tiny_images)
+    method.train()
+    out = model(tiny_images)
+    torch.testing.assert_close(out, hard, rtol=0, atol=1e-5)
+    assert model.blocks.last_tokens == model.blocks.schedule.tokens  # ToMe's token counts
     out.square().sum().backward()
     grads = [p.grad for p in method.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

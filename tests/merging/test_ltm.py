@@ -9,7 +9,7 @@ import torch
 
 import tmerge
 from tests.helpers import tiny_vit
-from tmerge.training import cluster_assign, ib_loss, kmeans
+from tmerge.merging.methods.ltm import cluster_assign, ib_loss, kmeans
 
 
 def _perturb(model, seed=3):
@@ -41,7 +41,7 @@ def test_learned_mask_spreads_and_conserves_size(tiny_images):
         out = ltm(tiny_images)
         ref = tome(tiny_images)
     slots = ltm.blocks.last_slots[0]
-    assert slots.shape == (4, 17, 3)  # (B, N, k)
+    assert slots.shape == (4, 17 + 3 * 2)  # (B, N + r (k - 1)): ToMe's rows plus the spread shares
     assert ltm.blocks.last_tokens == tome.blocks.last_tokens  # same static shapes as ToMe
     n = ltm.blocks.schedule.tokens[0]
     torch.testing.assert_close(ltm.blocks.final_size.sum(1).squeeze(-1), torch.full((4,), float(n)))

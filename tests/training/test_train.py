@@ -177,6 +177,22 @@ def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "t.safetensors"), "--no-progress"]) == 2
     assert "only learned methods" in capsys.readouterr().err
     assert main(["train", "--method", "dtem", "--r", "2", "--data", str(folder), "--out", "x.pt"]) == 2
+    assert main(["train", "--method", "dtem", "--r-range", "2", "--data", str(folder), "--out", "y.safetensors"]) == 2
+    assert "--r-range takes LO:HI" in capsys.readouterr().err
+
+    # a shipped adapter for these weights is used when no --adapter is given, and reported
+    import tmerge.models.adapters as adapters
+
+    shipped = tmp_path / "shipped"
+    assert main(["train", "--method", "ltm", "--r-range", "1:2", "--data", str(folder), "--heldout", "0",
+                 "--steps", "2", "--batch-size", "4", "--no-progress", "--json",
+                 "--out", str(shipped / adapters.shipped_adapter_name("ltm"))]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(adapters, "SHIPPED_DIR", shipped)
+    net = build_merged_model(None, MergeConfig("ltm", r=2))
+    used = tmerge.merge_info(net)["adapter"]
+    assert used["path"] == str(shipped / adapters.shipped_adapter_name("ltm")) and used["r_range"] == [1, 2]
+    assert tmerge.merge_info(build_merged_model(None, MergeConfig("dtem", r=2)))["adapter"] == "untrained"
 
 
 DDP_SCRIPT = textwrap.dedent("""
@@ -211,3 +227,51 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert ranks[0][1] == "2"
     _state, meta = read_adapter(out)
     assert meta["world_size"] == 2 and meta["steps"] == 3
+
+
+def test_one_adapter_for_a_range_of_r(data, tmp_path):
+    """r drawn per step from a range: the adapter loads for any r in it and is refused above it."""
+    base = tiny_vit("plain", num_classes=0)
+    path = tmp_path / "range.safetensors"
+    summary = _train(copy.deepcopy(base), path, data, r=None, r_range=(1, 3), steps=6)
+    assert summary["r_range"] == [1, 3]
+    assert read_adapter(path)[1]["r_range"] == [1, 3]
+    for r in (1, 2, 3):
+        model = tmerge.apply(copy.deepcopy(base), "dtem", r=r)
+        load_adapter(model, path)
+        assert tmerge.merge_info(model)["adapter"]["r_range"] == [1, 3]
+    with pytest.raises(tmerge.TmergeError, match="r = 1..3"):
+        load_adapter(tmerge.apply(copy.deepcopy(base), "dtem", r=4), path)
+    with pytest.raises(tmerge.TmergeError, match="r_range or a schedule"):
+        _train(copy.deepcopy(base), path, data, r=2, r_range=(1, 3))
+    # the same seed draws the same r sequence and gives the same bytes
+    again = tmp_path / "again.safetensors"
+    _train(copy.deepcopy(base), again, data, r=None, r_range=(1, 3), steps=6)
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_trainer_only_calls_the_method_hooks():
+    """The trainer never looks up method attributes or names: the hooks in the method files."""
+    import inspect
+
+    import tmerge.training as training
+
+    source = inspect.getsource(training)
+    for needle in ('"ltm"', '"dtem"', ".embed", ".masks", "_ib"):
+        assert needle not in source
+    assert set(training.trainable_methods()) == {"dtem", "ltm"}
+
+
+
+def test_shipped_adapters_match_the_default_model_only():
+    from tmerge.models.adapters import SHIPPED_DIR, read_adapter, shipped_adapter, shipped_adapter_name
+
+    for method in ("dtem", "ltm"):
+        path = SHIPPED_DIR / shipped_adapter_name(method)
+        assert path.is_file() and path.stat().st_size < 2_000_000
+        meta = read_adapter(path)[1]
+        assert meta["method"] == method and meta["model"] == "dinov2-s14"
+        assert meta["r_range"][0] <= 8 and meta["r_range"][1] >= 16
+        tiny = tmerge.apply(tiny_vit("plain"), method, r=2)
+        assert shipped_adapter(tiny, method) is None  # other weights: untrained (= ToMe)
+        assert tmerge.merge_info(tiny)["adapter"] == "untrained"

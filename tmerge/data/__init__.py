@@ -41,6 +41,9 @@ SAMPLE_PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
     "stereo_motorcycle",
 )
+# more bundled scikit-image pictures (mostly greyscale), for training data only
+EXTRA_PHOTOS = ("camera", "coins", "moon", "page", "text", "clock", "horse", "grass", "gravel", "brick", "cell",
+                "colorwheel")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -87,20 +90,20 @@ def model_transform(model: nn.Module) -> Callable:
 # sample photos
 
 
-def sample_images() -> list[tuple[str, Image.Image]]:
-    """scikit-image's bundled colour photos as (name, PIL image), in a fixed order."""
-    return list(_load_sample_images())
+def sample_images(names: Sequence[str] = SAMPLE_PHOTOS) -> list[tuple[str, Image.Image]]:
+    """scikit-image's bundled photos (default: the colour ones) as (name, RGB PIL image), in order."""
+    return list(_load_sample_images(tuple(names)))
 
 
-@functools.lru_cache(maxsize=1)
-def _load_sample_images() -> tuple[tuple[str, Image.Image], ...]:
+@functools.lru_cache(maxsize=2)
+def _load_sample_images(names: tuple[str, ...]) -> tuple[tuple[str, Image.Image], ...]:
     try:
         import skimage.data
         from PIL import Image
     except ImportError as e:
         raise missing_extra("scikit-image", "data") from e
     photos = []
-    for name in SAMPLE_PHOTOS:
+    for name in names:
         array = getattr(skimage.data, name)()
         if isinstance(array, tuple):  # stereo_motorcycle: (left, right, disparity)
             array = array[0]
@@ -120,9 +123,11 @@ def sample_views(n: int, model: nn.Module, seed: int = 0, photos: Sequence[str] 
 
     if n < 1:
         raise TmergeError(f"the number of sample views must be at least 1, got {n}")
-    chosen = [image for name, image in sample_images() if photos is None or name in photos]
+    known = (*SAMPLE_PHOTOS, *EXTRA_PHOTOS)
+    chosen = [image for name, image in sample_images(known if photos is not None else SAMPLE_PHOTOS)
+              if photos is None or name in photos]
     if not chosen:
-        raise TmergeError(f"none of the sample photos {list(photos or [])} exists; have {list(SAMPLE_PHOTOS)}")
+        raise TmergeError(f"none of the sample photos {list(photos or [])} exists; have {list(known)}")
     photos = chosen
     transform = model_transform(model)
     rng = np.random.default_rng(seed)

@@ -70,7 +70,8 @@ class Manifest:
     model_name: str | None = None  # what was asked for (e.g. "dinov2-s14"); rebuilds the model
     checkpoint: str | None = None
     pretrained: bool = False
-    adapter: str | None = None
+    adapter: str | None = None  # the --adapter given (None: a shipped adapter, if any, is loaded again)
+    adapter_used: dict | str | None = None  # learned methods: the adapter that ran ({path, sha256, ...}) or "untrained"
     model_kwargs: dict | None = None
     file_sha256: str | None = None
     file_bytes: int | None = None
@@ -172,6 +173,7 @@ def build_manifest(model: nn.Module, *, model_label: str | None, graph: str, ops
         output={"name": "output", "shape": [batch_dim, *out_dims]},
         dynamic_batch=dynamic_batch, export_batch=batch_size, graph=graph, opset=opset,
         ir_version=proto.ir_version, method=info["method"], options=info.get("options", {}),
+        adapter_used=info.get("adapter"),
         prop_attn=info.get("prop_attn", False), merge_form=info.get("merge_form"), schedule=info.get("schedule"),
         capped=info.get("capped", []), layers=layers, tokens=tokens,
         flops={

@@ -35,11 +35,16 @@ class BlockInput:
 
 @dataclass
 class MergePlan:
-    """Where each input token goes: ``slots`` (B, N) or (B, N, K) with optional soft ``weights``."""
+    """Where each input token goes: ``slots`` (B, N) or (B, N, K) with optional soft ``weights``.
+
+    ``sources`` (B, E), for sparse soft merges: E extra rows, copies of tokens ``sources``, follow the
+    N tokens; ``slots`` and ``weights`` then cover N + E rows (see :func:`tmerge.merging.merge_tokens`).
+    """
 
     slots: Tensor
     num_out: int
     weights: Tensor | None = None
+    sources: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -140,12 +145,42 @@ class MergeMethod(nn.Module):
         return cls(attrs["depth"])
 
     def describe(self) -> dict:
-        return {"method": self.name, "options": dict(self.config)}
+        info = {"method": self.name, "options": dict(self.config)}
+        if self.trainable_layers():  # learned methods say which adapter they run with
+            info["adapter"] = getattr(self, "adapter", None) or "untrained"
+        return info
+
+    # ---- training hooks: what :mod:`tmerge.training` calls (learned methods override them) ----
+    def trainable_layers(self) -> list[nn.Module]:
+        """The learned module of each block (index = block), frozen where a block merges nothing."""
+        return []
+
+    def prepare_training(self, outputs: Tensor, features: Tensor, *, headless: bool, seed: int,
+                         extra_loss_weight: float) -> None:
+        """Called once before training with the unmerged (teacher) model's outputs and pooled
+        features on the training images (in image order)."""
+
+    def extra_loss(self, features: Tensor, index: Tensor) -> Tensor | None:
+        """A loss term added to the distillation loss, from the student's pooled ``features`` of the
+        training images ``index`` (None: no term)."""
+        return None
 
 
 def key_metric(keys: Tensor) -> Tensor:
     """ToMe's similarity metric: keys averaged over heads, L2-normalised. (B, N, head_dim)."""
     return torch.nn.functional.normalize(keys.mean(1), dim=-1)
+
+
+@dataclass
+class BipartiteMatch:
+    """ToMe's matching of one block: ``slots`` (B, N) is where each token goes; ``scores`` (B, n_a, n_b)
+    the A x B similarities (protected rows and columns -inf), ``best_b`` (B, n_a) each A token's best
+    B match (argmax) and ``merged_a`` (B, r) the A tokens (A indices) that merge."""
+
+    slots: Tensor
+    scores: Tensor
+    best_b: Tensor
+    merged_a: Tensor
 
 
 def bipartite_slots(metric: Tensor, r: int, num_protected: int, slot_offset: int) -> Tensor:
@@ -157,6 +192,11 @@ def bipartite_slots(metric: Tensor, r: int, num_protected: int, slot_offset: int
     token; the ``r`` A tokens with the highest such similarity merge into it. Output order after the
     protected tokens: the unmerged A tokens in sequence order, then the B tokens in sequence order.
     """
+    return bipartite_match(metric, r, num_protected, slot_offset).slots
+
+
+def bipartite_match(metric: Tensor, r: int, num_protected: int, slot_offset: int = 0) -> BipartiteMatch:
+    """:func:`bipartite_slots` with the intermediate choices learned methods build on."""
     bsz, n, _ = metric.shape
     device = metric.device
     a, b = metric[:, ::2], metric[:, 1::2]
@@ -178,11 +218,20 @@ def bipartite_slots(metric: Tensor, r: int, num_protected: int, slot_offset: int
     a_slots = torch.where(a_protected, slot_offset + 2 * torch.arange(n_a, device=device),
                           torch.where(is_merged, merged_slot, unmerged_slot))
     b_slots = torch.where(b_protected, slot_offset + 2 * torch.arange(n_b, device=device) + 1, b_slots)
-    return interleave(a_slots, b_slots.expand(bsz, n_b), n)
+    slots = interleave(a_slots, b_slots.expand(bsz, n_b), n)
+    return BipartiteMatch(slots=slots, scores=scores, best_b=best_b, merged_a=merged_a)
+
+
+def candidate_destinations(scores: Tensor, best_b: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` best B tokens of each row of ``scores`` (B, n, n_b), candidate 0 being ``best_b``
+    (B, n) (ToMe's own argmax, so ties break as ToMe's do). Returns (indices, scores), both (B, n, k)."""
+    idx = scores.topk(k, dim=-1).indices
+    idx = torch.cat([best_b.unsqueeze(-1), idx[..., 1:]], dim=-1)
+    return idx, scores.gather(2, idx)
 
 
 def interleave(even: Tensor, odd: Tensor, n: int) -> Tensor:
-    """Inverse of (t[:, ::2], t[:, 1::2]) for (B, n) tensors, with static shapes only."""
+    """Inverse of (t[:, ::2], t[:, 1::2]) for (B, n, ...) tensors, with static shapes only."""
     if odd.shape[1] < even.shape[1]:
         odd = torch.cat([odd, odd[:, :1]], dim=1)
-    return torch.stack([even, odd], dim=2).reshape(even.shape[0], -1)[:, :n]
+    return torch.stack([even, odd], dim=2).reshape(even.shape[0], -1, *even.shape[2:])[:, :n]

@@ -10,8 +10,11 @@ computed as a sum-scatter of ``s * x`` and of ``s`` followed by a division. It n
 reduction: ONNX has no mean scatter, and the dynamo exporter silently turns
 ``scatter_reduce(..., "mean")`` into an overwrite.
 
-Soft merges (LTM) give each token K slots with weights: ``slots`` is then (B, N, K) and ``weights``
+Soft merges give each token K slots with weights: ``slots`` is then (B, N, K) and ``weights``
 (B, N, K) holds the share of the token sent to each slot (rows summing to 1 conserve size).
+Sparse soft merges (LTM: only the r merged tokens are spread) instead append E extra rows, copies of
+the tokens ``sources`` (B, E), with their own slots and weights: (B, N + E) slots, (B, N + E, 1)
+weights, so the merge costs ToMe's plus E rows.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def merge_tokens(
     num_out: int,
     weights: Tensor | None = None,
     form: str = "scatter_nd",
+    sources: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Size-weighted merge of ``x`` (B, N, C) with sizes ``size`` (B, N, 1) into ``num_out`` slots.
 
@@ -43,6 +47,9 @@ def merge_tokens(
     """
     if form not in MERGE_FORMS:
         raise ValueError(f"unknown merge form {form!r}; expected one of {MERGE_FORMS}")
+    if sources is not None:  # extra rows: second shares of the tokens ``sources``
+        x = torch.cat([x, x.gather(1, sources.unsqueeze(-1).expand(-1, -1, x.shape[-1]))], dim=1)
+        size = torch.cat([size, size.gather(1, sources.unsqueeze(-1))], dim=1)
     if slots.dim() == 2:
         slots = slots.unsqueeze(-1)
     share = size if weights is None else size * weights  # (B, N, K): size token i sends to each slot

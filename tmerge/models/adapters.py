@@ -5,7 +5,8 @@ The file holds the method module's state dict (``model.tmerge_method``) and stri
 ``weights_sha256`` (of the unmerged backbone), ``arch``, ``schedule`` (spec), ``r`` (per block),
 ``tokens``, ``prop_attn``, plus whatever the trainer adds (model name, training data summary, steps,
 final loss, held-out drift, seed...). :func:`load_adapter` refuses an adapter whose method, backbone
-weights, per-block schedule or proportional-attention setting differ from the patched model's.
+weights, per-block schedule (or, for an adapter trained on a range of r, whose ``r_range`` the
+schedule exceeds) or proportional-attention setting differ from the patched model's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,24 @@ from . import backbone_sha256
 
 FORMAT = "tmerge-adapter"
 FORMAT_VERSION = 1
+# adapters trained for the embedded default model ship with the package (benchmarks/train_default_adapters.py)
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "adapters"
+
+
+def shipped_adapter_name(method: str) -> str:
+    return f"dinov2-s14-{method}.safetensors"
+
+
+def shipped_adapter(model: nn.Module, method: str) -> Path | None:
+    """The adapter shipped for ``method`` when ``model`` has the weights it was trained on, else None."""
+    from safetensors import safe_open
+
+    path = SHIPPED_DIR / shipped_adapter_name(method)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        trained_on = json.loads((f.metadata() or {}).get("weights_sha256", "null"))
+    return path if trained_on == backbone_sha256(model) else None
 
 
 def _arch(model: nn.Module) -> str | None:
@@ -56,7 +75,18 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict | None = Non
     path = Path(path)
     with atomic_paths([path], mkdir=True) as (tmp,):
         save_file(state, str(tmp), metadata=strings)
+        _sort_header(Path(tmp))
     return path
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys: safetensors writes its metadata map in a
+    random order per process, and the same training must give the same bytes."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + size:])
 
 
 def read_adapter(path: str | Path) -> tuple[dict, dict]:
@@ -107,7 +137,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict:
             f"adapter {name} was trained on {trained_on} (weights sha256 {str(meta.get('weights_sha256'))[:12]}) "
             f"but this model's weights are {sha[:12]} ({_arch(model)}); train an adapter for this model"
         )
-    if list(meta.get("r") or []) != list(info["r"]):
+    r_range = meta.get("r_range")
+    if r_range:  # trained with r sampled from a range: serves any schedule whose r stays within it
+        if max(info["r"]) > r_range[1]:
+            raise TmergeError(f"adapter {name} was trained for r = {r_range[0]}..{r_range[1]} but the model "
+                              f"merges up to {max(info['r'])} tokens per block; pass --r <= {r_range[1]}")
+    elif list(meta.get("r") or []) != list(info["r"]):
         raise TmergeError(
             f"adapter {name} was trained with schedule {meta.get('schedule')} (r per block {meta.get('r')}) "
             f"but the model uses {info['schedule']} (r per block {info['r']}); pass the same --r/--schedule"
@@ -136,5 +171,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict:
                           f"(options {meta.get('options')} vs {info['options']}): {detail}")
     ref = next(iter(expected.values()))
     method.load_state_dict({k: v.to(device=ref.device, dtype=expected[k].dtype) for k, v in state.items()})
-    method.adapter = {"path": str(path), **{k: meta.get(k) for k in ("model", "steps", "final_loss", "data")}}
+    from ..models import file_sha256
+
+    method.adapter = {"path": str(path), "sha256": file_sha256(path),
+                      "shipped": Path(path).resolve().parent == SHIPPED_DIR,
+                      **{k: meta.get(k) for k in ("model", "steps", "final_loss", "data", "r_range")}}
     return meta

@@ -18,7 +18,7 @@ from ..errors import TmergeError
 from ..merging import registry
 from ..patch import apply
 from . import load_model
-from .adapters import load_adapter
+from .adapters import load_adapter, shipped_adapter
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,16 @@ class MergeConfig:
         return kwargs
 
     def apply_to(self, model: nn.Module) -> nn.Module:
-        """Patch ``model`` in place (and load the adapter); returns it in eval mode."""
+        """Patch ``model`` in place (and load the adapter); returns it in eval mode.
+
+        A learned method without ``adapter`` on the model a shipped adapter was trained for (the
+        embedded default) loads that adapter; otherwise it runs untrained (= ToMe)."""
         apply(model, self.method, **self.apply_kwargs())
-        if self.adapter is not None:
-            load_adapter(model, self.adapter)
+        adapter = self.adapter
+        if adapter is None and self.method != "none" and model.tmerge_method.trainable_layers():
+            adapter = shipped_adapter(model, self.method)
+        if adapter is not None:
+            load_adapter(model, adapter)
         return model.eval()
 
 

@@ -6,7 +6,16 @@ which for DTEM selects its continuous relaxation). Loss:
 
 * classifiers: KL(teacher softmax || student softmax) of the logits ("batchmean");
 * headless backbones (``num_classes == 0``): 1 - cosine(student features, teacher features);
-* LTM adds ``ib_weight`` x the information-bottleneck cluster term (see :mod:`tmerge.merging.methods.ltm`).
+* plus the method's own ``extra_loss`` (LTM: ``ib_weight`` x its information-bottleneck cluster term).
+
+The trainer knows nothing about a method beyond its training hooks (:class:`tmerge.merging.MergeMethod`):
+``trainable_layers`` (the learned module of each block), ``prepare_training`` / ``extra_loss`` and
+``plan`` in training mode (a relaxed merge where the method needs one, as DTEM's).
+
+``r_range=(lo, hi)`` trains one adapter for a range of constant r: every step draws r uniformly from
+lo..hi (a function of seed and step only), so the adapter serves any r in the range. The teacher's
+outputs are computed once per image and reused in every epoch. ``images`` is a tensor (N, 3, H, W)
+or any object with ``len()`` whose ``[index_tensor]`` returns such a batch (images decoded lazily).
 
 Optimiser AdamW (no weight decay), cosine learning-rate decay to 0 over the run. The data order is a
 function of (seed, epoch) only and the step counter, so a run resumed from its checkpoint
@@ -41,9 +50,14 @@ from ..models.forward import forward_with_features
 from ..patch import apply, merge_info
 from ..profiling.drift import output_drift
 
-TRAINABLE_METHODS = ("dtem", "ltm")
-IB_CLUSTERS = 16
-IB_TEMPERATURE = 0.1
+
+
+def trainable_methods() -> tuple[str, ...]:
+    """Registered methods with learned modules (those overriding ``trainable_layers``)."""
+    from ..merging import MergeMethod, available
+
+    return tuple(name for name, cls in available().items()
+                 if cls.trainable_layers is not MergeMethod.trainable_layers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,40 +135,6 @@ def distill_loss(student: Tensor, teacher: Tensor, headless: bool) -> Tensor:
                     reduction="batchmean")
 
 
-def kmeans(features: Tensor, k: int, seed: int = 0, iters: int = 25) -> Tensor:
-    """Plain Lloyd k-means (k-means++ init, seeded) on L2-normalised features; returns (k, D)."""
-    x = F.normalize(features.float(), dim=-1)
-    k = min(k, x.shape[0])
-    gen = torch.Generator().manual_seed(seed)
-    centroids = [x[torch.randint(x.shape[0], (1,), generator=gen)].squeeze(0)]
-    for _ in range(1, k):
-        d2 = torch.cdist(x, torch.stack(centroids)).pow(2).min(1).values
-        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / len(d2))
-        centroids.append(x[torch.multinomial(probs, 1, generator=gen)].squeeze(0))
-    c = torch.stack(centroids)
-    for _ in range(iters):
-        assign = torch.cdist(x, c).argmin(1)
-        for j in range(k):
-            members = x[assign == j]
-            if len(members):
-                c[j] = members.mean(0)
-    return c
-
-
-def cluster_assign(features: Tensor, centroids: Tensor, temperature: float = IB_TEMPERATURE) -> Tensor:
-    """phi(f) = softmax(-||f_hat - c_k||^2 / t) (N, K) on L2-normalised features."""
-    d2 = torch.cdist(F.normalize(features.float(), dim=-1), centroids).pow(2)
-    return torch.softmax(-d2 / temperature, dim=-1)
-
-
-def ib_loss(features: Tensor, labels: Tensor, centroids: Tensor, num_labels: int) -> Tensor:
-    """Cluster-level cross-entropy: -mean_i sum_k phi_ik log Q[k, y_i], Q[:, y] = mean phi over label y."""
-    phi = cluster_assign(features, centroids)  # (B, K)
-    onehot = F.one_hot(labels, num_labels).to(phi.dtype)  # (B, L)
-    q = (phi.T @ onehot) / onehot.sum(0).clamp_min(1)  # (K, L)
-    return -(phi * torch.log(q[:, labels].T + 1e-8)).sum(-1).mean()
-
-
 # ----------------------------------------------------------------------------------------------
 # training
 
@@ -173,10 +153,10 @@ def _batches_per_epoch(n: int, batch_size: int, dist: Dist) -> int:
 
 
 @torch.no_grad()
-def _teacher_outputs(teacher: nn.Module, images: Tensor, batch_size: int, device) -> tuple[Tensor, Tensor]:
+def _teacher_outputs(teacher: nn.Module, images, batch_size: int, device) -> tuple[Tensor, Tensor]:
     outs, feats = [], []
-    for batch in images.split(batch_size):
-        o, f = forward_with_features(teacher, batch.to(device))
+    for index in torch.arange(len(images)).split(batch_size):
+        o, f = forward_with_features(teacher, images[index].to(device))
         outs.append(o.float().cpu())
         feats.append(f.float().cpu())
     return torch.cat(outs), torch.cat(feats)
@@ -189,19 +169,28 @@ def heldout_drift(model: nn.Module, images: Tensor, reference: Tensor, headless:
     was_training = method.training
     method.eval()
     try:
-        merged = torch.cat([forward_with_features(model, b.to(device))[0].float().cpu()
-                            for b in images.split(batch_size)])
+        merged = torch.cat([forward_with_features(model, images[i].to(device))[0].float().cpu()
+                            for i in torch.arange(len(images)).split(batch_size)])
     finally:
         method.train(was_training)
     return output_drift(reference, merged, logits=not headless)
 
 
-def _layer_modules(method: nn.Module) -> nn.ModuleList | None:
-    for attr in ("embed", "masks"):
-        mods = getattr(method, attr, None)
-        if isinstance(mods, nn.ModuleList):
-            return mods
-    return None
+def set_constant_r(model: nn.Module, r: int) -> None:
+    """Switch a patched model to a constant-r schedule in place (the method keeps its parameters)."""
+    from ..schedule import make_spec, resolve
+
+    blocks, method = model.blocks, model.tmerge_method
+    blocks.schedule = resolve(make_spec(r=r), len(blocks), blocks.schedule.tokens[0], blocks.num_prefix,
+                              method.max_r)
+    training = method.training
+    method.bind(model)  # re-reads the schedule (DTEM: live tokens); bind follows the model's mode
+    method.train(training)
+
+
+def _sampled_r(r_range: tuple[int, int], seed: int, step: int) -> int:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * step + 1)
+    return int(torch.randint(r_range[0], r_range[1] + 1, (1,), generator=gen))
 
 
 def _fingerprint(info: dict) -> str:
@@ -216,6 +205,7 @@ def train_adapter(
     out: str | Path,
     heldout: Tensor | None = None,
     r: Any = None,
+    r_range: tuple[int, int] | None = None,
     schedule: Any = None,
     keep_ratio: float | None = None,
     prop_attn: bool | None = None,
@@ -235,23 +225,34 @@ def train_adapter(
     device: str | None = None,
     max_seconds: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    teacher_outputs: tuple[Tensor, Tensor] | None = None,
 ) -> dict:
     """Train ``method`` (dtem | ltm) on ``model`` (UNMERGED, any timm ViT tmerge supports) by
     distillation from the unmerged model; write the adapter to ``out``; return a summary dict.
 
     ``model`` is patched in place (it ends merged, method in eval mode, trained parameters loaded).
-    Give ``steps`` or ``epochs`` (default 1 epoch). A checkpoint ``<out>.ckpt.pt`` is written every
+    Give ``steps`` or ``epochs`` (default 1 epoch); ``r_range=(lo, hi)`` instead of ``r`` samples a
+    constant r per step (the model ends with r = hi). A checkpoint ``<out>.ckpt.pt`` is written every
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it. ``max_seconds``
     stops early once the training loop has run that long (the summary says so; not deterministic).
+    ``teacher_outputs`` (outputs, pooled features) of the unmerged model on ``images``, when already
+    computed (e.g. shared by several trainings on the same images), skip that pass.
     """
-    if method not in TRAINABLE_METHODS:
-        raise TmergeError(f"only learned methods can be trained ({', '.join(TRAINABLE_METHODS)}); got {method!r}")
+    if method not in trainable_methods():
+        raise TmergeError(f"only learned methods can be trained ({', '.join(trainable_methods())}); got {method!r}")
     if steps is not None and epochs is not None:
         raise TmergeError("give --steps or --epochs, not both")
     if batch_size < 1 or lr <= 0:
         raise TmergeError("batch size must be >= 1 and the learning rate > 0")
-    if images.ndim != 4 or images.shape[0] < 1:
+    if len(images) < 1 or (isinstance(images, Tensor) and images.ndim != 4):
         raise TmergeError("training needs at least one image (a (N, 3, H, W) batch)")
+    if r_range is not None:
+        if r is not None or schedule is not None or keep_ratio is not None:
+            raise TmergeError("give r_range or a schedule (r, schedule, keep_ratio), not both")
+        r_range = (int(r_range[0]), int(r_range[1]))
+        if not 0 < r_range[0] <= r_range[1]:
+            raise TmergeError(f"r_range must be 0 < lo <= hi, got {r_range}")
+        r = r_range[1]
     if (steps is not None and steps < 1) or (epochs is not None and epochs < 1):
         raise TmergeError("steps/epochs must be >= 1")
     out = Path(out)
@@ -273,41 +274,35 @@ def train_adapter(
         info = merge_info(model)
         if not any(info["r"]):
             raise TmergeError("the schedule merges no tokens: nothing to train (give --r or --schedule)")
-        layers = _layer_modules(merger)
-        for layer, r_l in enumerate(info["r"]):
-            trainable = r_l > 0
-            for p in (layers[layer].parameters() if layers is not None else []):
-                p.requires_grad_(trainable)
+        for layer_module, r_l in zip(merger.trainable_layers(), info["r"]):
+            layer_module.requires_grad_(r_l > 0)
         params = [p for p in merger.parameters() if p.requires_grad]
         if not params:
             raise TmergeError(f"method {method} has no trainable parameters")
         headless = getattr(model, "num_classes", 0) == 0
 
-        n = images.shape[0]
+        n = len(images)
         per_epoch = _batches_per_epoch(n, batch_size, dist)
         total = steps if steps is not None else per_epoch * (epochs or 1)
 
-        t_out, t_feat = _teacher_outputs(teacher, images, batch_size, dist.device)
+        if teacher_outputs is not None:
+            t_out, t_feat = (t.float().cpu() for t in teacher_outputs)
+            if len(t_out) != n:
+                raise TmergeError(f"teacher_outputs cover {len(t_out)} images, the training set has {n}")
+        else:
+            t_out, t_feat = _teacher_outputs(teacher, images, batch_size, dist.device)
         h_out = None
         if heldout is not None and len(heldout) and dist.main:
             h_out, _ = _teacher_outputs(teacher, heldout, batch_size, dist.device)
         del teacher
-        centroids = labels = None
-        num_labels = 0
-        if method == "ltm" and ib_weight > 0:
-            centroids = kmeans(t_feat, IB_CLUSTERS, seed=seed).to(dist.device)
-            if headless:
-                labels = torch.cdist(F.normalize(t_feat, dim=-1), centroids.cpu()).argmin(1)
-                num_labels = centroids.shape[0]
-            else:
-                labels = t_out.argmax(-1)
-                num_labels = t_out.shape[-1]
+        merger.prepare_training(t_out, t_feat, headless=headless, seed=seed, extra_loss_weight=ib_weight)
 
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         identity = {
-            "method": method, "options": info["options"], "r": info["r"], "prop_attn": info["prop_attn"],
+            "method": method, "options": info["options"], "r": info["r"], "r_range": r_range,
+            "prop_attn": info["prop_attn"],
             "weights_sha256": weights_sha, "n_images": n, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "ib_weight": ib_weight if method == "ltm" else None, "world": dist.world,
+            "ib_weight": ib_weight, "world": dist.world,
         }
         step, history, drift_history = 0, [], []
         if resume and ckpt_path.is_file():
@@ -340,6 +335,8 @@ def train_adapter(
         def measure() -> dict | None:
             if h_out is None:
                 return None
+            if r_range is not None:
+                set_constant_r(model, r_range[1])
             d = heldout_drift(model, heldout, h_out, headless, batch_size, dist.device)
             drift_history.append({"step": step, **d})
             return d
@@ -363,11 +360,14 @@ def train_adapter(
                     idx = order[:batch_size]
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                if r_range is not None:
+                    set_constant_r(model, _sampled_r(r_range, seed, step))
                 x = images[idx].to(dist.device)
                 s_out, s_feat = student(x)
                 loss = distill_loss(s_out, t_out[idx].to(dist.device), headless)
-                if centroids is not None:
-                    loss = loss + ib_weight * ib_loss(s_feat, labels[idx].to(dist.device), centroids, num_labels)
+                extra = merger.extra_loss(s_feat, idx)
+                if extra is not None:
+                    loss = loss + extra
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -383,6 +383,8 @@ def train_adapter(
                     save_checkpoint()
                 if on_step is not None:
                     on_step(step, value)
+            if r_range is not None:
+                set_constant_r(model, r_range[1])
             final_drift = measure() if dist.main else None
             bar.set_drift(final_drift)
         finally:
@@ -402,7 +404,8 @@ def train_adapter(
             "world_size": dist.world,
             "lr": lr,
             "seed": seed,
-            "ib_weight": ib_weight if method == "ltm" else None,
+            "ib_weight": ib_weight,
+            "r_range": list(r_range) if r_range is not None else None,
             "loss": "kl_logits" if not headless else "cosine_features",
             "initial_loss": history[0] if history else None,
             "final_loss": sum(window) / len(window) if window else None,
@@ -412,8 +415,9 @@ def train_adapter(
             "train_seconds": round(time.perf_counter() - started, 1),
             "adapter": str(out),
         }
-        if dist.main:
-            save_adapter(model, out, summary, weights_sha256=weights_sha)
+        if dist.main:  # wall-clock and path stay out of the file: the same seed gives the same bytes
+            saved = {k: v for k, v in summary.items() if k not in ("train_seconds", "adapter")}
+            save_adapter(model, out, saved, weights_sha256=weights_sha)
         dist.barrier()
         summary["loss_history"] = history
         summary["drift_history"] = drift_history

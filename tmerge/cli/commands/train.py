@@ -12,7 +12,7 @@ import torch
 from ...data import load_images
 from ...errors import TmergeError
 from ...models import load_model, model_label
-from ...training import TRAINABLE_METHODS, train_adapter
+from ...training import trainable_methods, train_adapter
 from ..app import app, print_json
 from ..options import (CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOptionsOpt, ModelOpt,
                        PropAttnOpt, ROpt, ScheduleOpt, merge_config)
@@ -24,6 +24,7 @@ def train_command(
     model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     r: ROpt = None,
+    r_range: Annotated[Optional[str], typer.Option("--r-range", help="LO:HI: draw a constant r from LO..HI every step, so one adapter serves that range (instead of --r/--schedule)")] = None,
     inflection: InflectionOpt = None,
     schedule: ScheduleOpt = None,
     keep_ratio: KeepRatioOpt = None,
@@ -53,13 +54,22 @@ def train_command(
     (LTM adds the information-bottleneck cluster term). Load the result with --adapter in
     export / profile / sweep, with the same --method and schedule.
     """
-    if method not in TRAINABLE_METHODS:
-        raise TmergeError(f"only learned methods can be trained ({', '.join(TRAINABLE_METHODS)}); got {method!r}")
+    if method not in trainable_methods():
+        raise TmergeError(f"only learned methods can be trained ({', '.join(trainable_methods())}); got {method!r}")
     if not out.endswith(".safetensors"):
         raise TmergeError(f"--out must end with .safetensors, got {out!r}")
     if heldout < 0:
         raise TmergeError("--heldout must be >= 0")
     merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option)
+    r_bounds = None
+    if r_range is not None:
+        lo, sep, hi = r_range.partition(":")
+        try:
+            r_bounds = (int(lo), int(hi)) if sep else None
+        except ValueError:
+            r_bounds = None
+        if r_bounds is None:
+            raise TmergeError(f"--r-range takes LO:HI (e.g. 4:16), got {r_range!r}")
     net = load_model(model, checkpoint=checkpoint)
     n_train = n_images if n_images is not None else (256 if data == "samples" else None)
     if heldout_data is None and heldout:
@@ -77,7 +87,7 @@ def train_command(
                     "heldout": heldout_data or (f"{heldout} images of {data}" if heldout else None)}
     summary = train_adapter(
         net, method, images=images, heldout=held, out=out, prop_attn=prop_attn, options=merge.options,
-        **merge.schedule_args(),
+        r_range=r_bounds, **merge.schedule_args(),
         steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, ib_weight=ib_weight,
         eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume, progress=not no_progress,
         model_name=model_label(model, checkpoint), data_summary=data_summary, device=device,

@@ -16,7 +16,15 @@ merges exactly like ToMe. This equality needs ``attn.k_norm`` to be the identity
 DTEM then starts from the un-normalised key projection (close, not identical) and training adapts it.
 
 Training (``method.train()``; the backbone stays frozen and in eval mode, see :mod:`tmerge.training`)
-uses the continuous relaxation of the paper, so the embedding gets gradients:
+differentiates through the paper's soft assignment P (below: top-k candidates, r softmax rounds).
+Two training-time merges use it (option ``relaxed``):
+
+* ``relaxed=0`` (default), straight-through: the forward is exactly ToMe's hard merge on the learned
+  metric (the inference forward, at its reduced cost: cheaper and no train/test gap); the merge
+  weights are hard + P - stopgrad(P), so the gradient is the relaxation's at the hard solution. This
+  is tmerge's choice; with few training images on a CPU it moved the embedding more reliably than
+  the full relaxation.
+* ``relaxed=1``, the paper's relaxation:
 
 * the block holds all N tokens; the first ``n_l`` (the count the block has at inference, from the
   schedule) are "live", the rest are tokens earlier blocks merged away (near-zero size);
@@ -32,7 +40,10 @@ uses the continuous relaxation of the paper, so the embedding gets gradients:
   by the r A tokens ToMe would have merged, then the older faded tokens; so block l+1 matches among
   the same live set (and the same A/B parity) as at inference. (The reference sorts by size instead.)
 
-The embedding reads a detached input, as in the reference implementation.
+The embedding reads a detached input, as in the reference implementation. Nothing in it depends on
+r: trained with r drawn per step from a range (``tmerge train --r-range 4:16``, as the relaxation
+allows any r), one embedding serves that whole range; the shipped adapter of the default model is
+trained that way.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import TmergeError
-from ..base import BlockInput, MergePlan, Option, bipartite_slots
+from ..base import BlockInput, MergePlan, Option, bipartite_match, candidate_destinations, interleave
 from .tome import ToMe
 
 KEEP_EPS = 1e-4  # smallest share of its size an A token keeps during soft training merges
@@ -57,6 +68,8 @@ class DTEM(ToMe):
         "topk": Option(3, "training: candidate B tokens per A token in the relaxation", int, 1, 4096),
         "tau1": Option(0.1, "training: temperature of the similarity scores", float, 0.0, low_open=True),
         "tau2": Option(0.1, "training: temperature of the soft top-r rounds", float, 0.0, low_open=True),
+        "relaxed": Option(0, "training: 1 = the paper's relaxation (all tokens kept, soft sizes); "
+                             "0 = straight-through on ToMe's hard merge", int, 0, 1),
     }
 
     def __init__(self, depth: int, **options) -> None:
@@ -94,7 +107,43 @@ class DTEM(ToMe):
     def plan(self, block: BlockInput) -> MergePlan:
         if not self.training:
             return super().plan(block)
-        return self.soft_plan(block)
+        return self.soft_plan(block) if self.config["relaxed"] else self.straight_through_plan(block)
+
+    def _soft_assignment(self, match, num_prefix: int, r: int) -> tuple[Tensor, Tensor]:
+        """The relaxation's soft k-hot choice P (B, n_a, k) of r (A token, candidate B) pairs, and the
+        candidates (B, n_a, k) (candidate 0 = ToMe's match)."""
+        n_a, n_b = match.scores.shape[1:]
+        prot_a, prot_b = (num_prefix + 1) // 2, num_prefix // 2
+        k = min(int(self.config["topk"]), n_b - prot_b)
+        cand_idx, cand_score = candidate_destinations(match.scores, match.best_b, k)
+        logits = cand_score / float(self.config["tau1"])
+        logits = logits.masked_fill((torch.arange(n_a, device=logits.device) < prot_a)[:, None], -1e4)
+        return soft_top_r(logits, r, float(self.config["tau2"])), cand_idx
+
+    def straight_through_plan(self, block: BlockInput) -> MergePlan:
+        """Training merge (default): the forward is ToMe's hard merge on the learned metric (so the
+        training forward is the inference forward, at its cost); the gradient flows as if the merge
+        weights were the relaxation's soft assignment P (weights = hard + P - stopgrad(P)). Every A
+        token keeps a row on its ToMe slot (weight 1 - sum P: 1 if it stays, 0 if it merges) and sends
+        k extra rows (``MergePlan.sources``) to its k candidates (weights P: one-hot on ToMe's match
+        for the r merged tokens, 0 for the others)."""
+        metric = self.similarity_metric(block)
+        bsz, n, _ = metric.shape
+        match = bipartite_match(metric, block.r, num_protected=block.num_prefix)
+        assign, cand_idx = self._soft_assignment(match, block.num_prefix, block.r)
+        n_a, k = cand_idx.shape[1], cand_idx.shape[2]
+        merged = torch.zeros_like(match.best_b, dtype=assign.dtype).scatter(1, match.merged_a, 1.0)
+        hard = merged.unsqueeze(-1) * (torch.arange(k, device=metric.device) == 0).to(assign.dtype)
+        weights = hard + (assign - assign.detach())  # (B, n_a, k); value: hard
+        own = interleave(1 - weights.sum(-1, keepdim=True), torch.ones_like(metric[:, 1::2, :1]), n)
+        b_slots = match.slots[:, 1::2]
+        extra_slots = b_slots.gather(1, cand_idx.reshape(bsz, -1))
+        sources = (2 * torch.arange(n_a, device=metric.device)).repeat_interleave(k).expand(bsz, -1)
+        return MergePlan(slots=torch.cat([match.slots, extra_slots], dim=1), num_out=n - block.r,
+                         weights=torch.cat([own, weights.reshape(bsz, -1, 1)], dim=1), sources=sources)
+
+    def trainable_layers(self) -> list[nn.Module]:
+        return list(self.embed)
 
     def soft_plan(self, block: BlockInput) -> MergePlan:
         """The training-time relaxation (see the module docstring): keeps all N tokens."""
@@ -103,19 +152,12 @@ class DTEM(ToMe):
         n = self.live_tokens[block.layer] if self.live_tokens else n_all
         p, r = block.num_prefix, block.r
         live = metric[:, :n]
-        hard = bipartite_slots(live.detach(), r, num_protected=p, slot_offset=0)  # ToMe's order, (B, n)
-        a, b = live[:, ::2], live[:, 1::2]
-        n_a, n_b = a.shape[1], b.shape[1]
-        prot_a, prot_b = (p + 1) // 2, p // 2
-        k = min(int(self.config["topk"]), n_b - prot_b)
-
-        scores = a @ b.transpose(1, 2)
-        if prot_b:
-            scores = scores.masked_fill(torch.arange(n_b, device=scores.device) < prot_b, -torch.inf)
-        cand_score, cand_idx = scores.topk(k, dim=-1)  # (B, n_a, k)
-        logits = cand_score / float(self.config["tau1"])
-        logits = logits.masked_fill((torch.arange(n_a, device=logits.device) < prot_a)[:, None], -1e4)
-        assign = soft_top_r(logits, r, float(self.config["tau2"]))  # (B, n_a, k), rows sum <= 1 - eps
+        match = bipartite_match(live, r, num_protected=p)  # ToMe's choice and order on the live tokens
+        hard = match.slots.detach()  # (B, n)
+        n_a, n_b = match.scores.shape[1:]
+        prot_a = (p + 1) // 2
+        assign, cand_idx = self._soft_assignment(match, p, r)  # (B, n_a, k), rows sum <= 1 - eps
+        k = cand_idx.shape[2]
 
         a_hard, b_hard = hard[:, ::2], hard[:, 1::2]
         first_b = p + (n_a - prot_a - r)  # ToMe puts B tokens from this slot on
@@ -127,8 +169,8 @@ class DTEM(ToMe):
         w_a = torch.cat([1 - assign.sum(-1, keepdim=True), assign], dim=-1)
         slots_b = b_hard.unsqueeze(-1).expand(bsz, n_b, k + 1)
         w_b = _self_weights(bsz, n_b, k + 1, w_a)
-        slots = interleave_k(slots_a, slots_b, n)
-        weights = interleave_k(w_a, w_b, n)
+        slots = interleave(slots_a, slots_b, n)
+        weights = interleave(w_a, w_b, n)
         if n < n_all:  # tokens faded in earlier blocks keep their place at the end
             tail = torch.arange(n, n_all, device=slots.device)
             slots = torch.cat([slots, tail.view(1, -1, 1).expand(bsz, -1, k + 1)], dim=1)
@@ -176,11 +218,3 @@ def _self_weights(bsz: int, n: int, k: int, like: Tensor) -> Tensor:
     w = like.new_zeros(bsz, n, k)
     w[..., 0] = 1
     return w
-
-
-def interleave_k(even: Tensor, odd: Tensor, n: int) -> Tensor:
-    """(B, n_even, K) and (B, n_odd, K) back into sequence order (B, n, K)."""
-    if odd.shape[1] < even.shape[1]:
-        odd = torch.cat([odd, odd[:, :1]], dim=1)
-    bsz, _, k = even.shape
-    return torch.stack([even, odd], dim=2).reshape(bsz, -1, k)[:, :n]

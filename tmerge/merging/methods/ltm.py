@@ -9,7 +9,9 @@ tmerge makes the following choices (each one the paper leaves open):
    in ToMe's output order, chosen by ToMe's bipartite matching on the head-averaged keys. Only the r
    tokens ToMe merges are spread by the mask; every other token goes to its own slot with weight 1.
    The mask is therefore sparse (k non-zeros per merged row), which keeps shapes static and the
-   graph as cheap as ToMe's.
+   graph as cheap as ToMe's: every token takes ToMe's hard path (one slot), the r merged tokens send
+   weight w_0 there, and r (k - 1) extra rows (copies of the merged tokens, ``MergePlan.sources``)
+   carry the other k - 1 shares. The mask module scores only those r tokens.
 2. **Candidates.** Each merged A token may send its mass to its top-k (k = 3, option ``topk``) B
    tokens by ToMe's similarity; candidate 0 is ToMe's own match (its argmax).
 3. **Mask module** (one per block): a bilinear scorer on layer-normalised token features (the
@@ -23,9 +25,10 @@ tmerge makes the following choices (each one the paper leaves open):
 4. **Normalisation of M.** Size-weighted, like every tmerge merge: token a sends share w_aj of its
    size s_a to destination j; destination x_j = sum(share * x) / sum(share) (the shared primitive
    with (B, N, K) slots and weights), so sizes are conserved and proportional attention stays valid.
-5. **Training** (see :mod:`tmerge.training`): backbone frozen; loss = distillation (KL to the unmerged
-   model's logits, or 1 - cosine to its features for headless backbones) + lambda * IB term
-   (lambda = 0.1, ``--ib-weight``). The IB term is the cluster-level cross-entropy of the paper's code:
+5. **Training** (see :mod:`tmerge.training`, which calls this file's training hooks): backbone
+   frozen; loss = distillation (KL to the unmerged model's logits, or 1 - cosine to its features for
+   headless backbones) + lambda * IB term (lambda = 0.1, ``--ib-weight``). Nothing in the mask depends
+   on r, so one mask trained with r sampled per step serves a range of r. The IB term is the cluster-level cross-entropy of the paper's code:
    K = 16 k-means centroids of the unmerged model's (L2-normalised) output features on the training
    images; phi(f) = softmax(-||f - c_k||^2 / t) with t = 0.1; pseudo-labels y = the unmerged model's
    argmax for classifiers, its k-means cluster for headless backbones; Q[k, y] = the batch mean of phi
@@ -43,12 +46,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ...errors import TmergeError
-from ..base import BlockInput, MergePlan, Option, bipartite_slots, key_metric
-from .dtem import interleave_k
+from ..base import BlockInput, MergePlan, Option, bipartite_match, candidate_destinations, key_metric
 from .tome import ToMe
 
 
 SCORER_GRAD = 0.05  # the scorer learns as if the gate were at least this open (value unchanged)
+IB_CLUSTERS = 16
+IB_TEMPERATURE = 0.1
 
 
 class MaskModule(nn.Module):
@@ -70,8 +74,7 @@ class MaskModule(nn.Module):
         kk = self.key(F.layer_norm(x_cand, (width,)))  # (B, n, k, d)
         h = (kk @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(q.shape[-1]) + self.sim_scale * sim
         soft = torch.softmax(h, dim=-1)
-        hard = torch.zeros_like(soft)
-        hard[..., 0] = 1
+        hard = (torch.arange(sim.shape[-1], device=sim.device) == 0).to(soft.dtype)  # ToMe's choice
         g = self.gate.clamp(0.0, 1.0)
         # The last term is zero in value; it gives the scorer a gradient while the gate is (near) 0.
         return (1 - g) * hard + g * soft + SCORER_GRAD * (soft - soft.detach())
@@ -90,6 +93,7 @@ class LTM(ToMe):
     def __init__(self, depth: int, **options) -> None:
         super().__init__(depth, **options)
         self.masks = nn.ModuleList()  # one MaskModule per block, built by bind()
+        self._ib: tuple[Tensor, Tensor, int, float] | None = None  # centroids, labels, #labels, weight
 
     def bind(self, model: nn.Module) -> None:
         blocks = model.blocks
@@ -110,40 +114,84 @@ class LTM(ToMe):
     def plan(self, block: BlockInput) -> MergePlan:
         if not len(self.masks):
             raise TmergeError("LTM is not bound to a model: use tmerge.apply(model, 'ltm', ...)")
-        metric = key_metric(block.keys)
-        bsz, n, _ = metric.shape
-        p, r = block.num_prefix, block.r
-        slots = bipartite_slots(metric, r, num_protected=p, slot_offset=0)
-        a, b = metric[:, ::2], metric[:, 1::2]
-        n_a, n_b = a.shape[1], b.shape[1]
-        prot_a, prot_b = (p + 1) // 2, p // 2
-        k = max(1, min(int(self.config["topk"]), n_b - prot_b))
-
-        scores = a @ b.transpose(1, 2)
-        if prot_b:
-            scores = scores.masked_fill(torch.arange(n_b, device=scores.device) < prot_b, -torch.inf)
-        cand_score, cand_idx = scores.topk(k, dim=-1)  # (B, n_a, k)
-        best = scores.argmax(dim=-1)  # ToMe's own match (argmax: identical tie-breaking)
-        cand_idx = torch.cat([best.unsqueeze(-1), cand_idx[..., 1:]], dim=-1)
-        cand_score = scores.gather(2, cand_idx)
-
+        match = bipartite_match(key_metric(block.keys), block.r, block.num_prefix)
         x = block.x
-        width = x.shape[-1]
-        x_a, x_b = x[:, ::2], x[:, 1::2]
-        x_cand = x_b.gather(1, cand_idx.reshape(bsz, -1, 1).expand(-1, -1, width)).reshape(bsz, n_a, k, width)
-        weights_a = self.masks[block.layer](x_a, x_cand, cand_score)  # (B, n_a, k)
+        bsz, n, width = x.shape
+        n_b = match.scores.shape[2]
+        k = max(1, min(int(self.config["topk"]), n_b - block.num_prefix // 2))
+        merged = match.merged_a  # (B, r) A indices of the tokens ToMe merges: only these are spread
+        cand_idx, cand_score = candidate_destinations(
+            match.scores.gather(1, merged.unsqueeze(-1).expand(-1, -1, n_b)), match.best_b.gather(1, merged), k)
+        source = 2 * merged  # sequence positions of the merged tokens
+        x_cand = x[:, 1::2].gather(1, cand_idx.reshape(bsz, -1, 1).expand(-1, -1, width))
+        weights = self.masks[block.layer](x.gather(1, source.unsqueeze(-1).expand(-1, -1, width)),
+                                          x_cand.reshape(bsz, -1, k, width), cand_score)  # (B, r, k)
+        # ToMe's hard path for every token; a merged token's own row carries w_0 (its ToMe match) ...
+        own = torch.ones_like(x[..., :1]).scatter(1, source.unsqueeze(-1), weights[..., :1])
+        # ... and k - 1 extra rows carry its other shares
+        b_slots = match.slots[:, 1::2]
+        extra_slots = b_slots.gather(1, cand_idx[..., 1:].reshape(bsz, -1))
+        return MergePlan(
+            slots=torch.cat([match.slots, extra_slots], dim=1), num_out=n - block.r,
+            weights=torch.cat([own, weights[..., 1:].reshape(bsz, -1, 1)], dim=1),
+            sources=source.repeat_interleave(k - 1, dim=1),
+        )
 
-        a_slots, b_slots = slots[:, ::2], slots[:, 1::2]
-        first_b = p + (n_a - prot_a - r)
-        merged = (a_slots >= first_b).unsqueeze(-1)  # (B, n_a, 1)
-        cand_slots = b_slots.gather(1, cand_idx.reshape(bsz, -1)).reshape(bsz, n_a, k)
-        own = torch.zeros_like(weights_a)
-        own[..., 0] = 1
-        slots_a = torch.where(merged, cand_slots, a_slots.unsqueeze(-1).expand(-1, -1, k))
-        w_a = torch.where(merged, weights_a, own)
-        slots_b = b_slots.unsqueeze(-1).expand(-1, -1, k)
-        w_b = own[:, :1].expand(bsz, n_b, k)
-        full_slots = interleave_k(slots_a, slots_b, n)
-        full_weights = interleave_k(w_a, w_b, n)
-        return MergePlan(slots=full_slots, num_out=n - r, weights=full_weights)
+    # ---- training hooks -------------------------------------------------------------------
+    def trainable_layers(self) -> list[nn.Module]:
+        return list(self.masks)
 
+    def prepare_training(self, outputs: Tensor, features: Tensor, *, headless: bool, seed: int,
+                         extra_loss_weight: float) -> None:
+        """The IB term's centroids and pseudo-labels from the unmerged model (module docstring, 5)."""
+        self._ib = None
+        if extra_loss_weight <= 0:
+            return
+        centroids = kmeans(features, IB_CLUSTERS, seed=seed)
+        if headless:
+            labels = torch.cdist(F.normalize(features.float(), dim=-1), centroids).argmin(1)
+            num_labels = centroids.shape[0]
+        else:
+            labels, num_labels = outputs.argmax(-1), outputs.shape[-1]
+        device = next(self.parameters()).device
+        self._ib = (centroids.to(device), labels, num_labels, extra_loss_weight)
+
+    def extra_loss(self, features: Tensor, index: Tensor) -> Tensor | None:
+        if self._ib is None:
+            return None
+        centroids, labels, num_labels, weight = self._ib
+        return weight * ib_loss(features, labels[index].to(features.device), centroids, num_labels)
+
+
+def kmeans(features: Tensor, k: int, seed: int = 0, iters: int = 25) -> Tensor:
+    """Plain Lloyd k-means (k-means++ init, seeded) on L2-normalised features; returns (k, D)."""
+    x = F.normalize(features.float(), dim=-1)
+    k = min(k, x.shape[0])
+    gen = torch.Generator().manual_seed(seed)
+    centroids = [x[torch.randint(x.shape[0], (1,), generator=gen)].squeeze(0)]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, torch.stack(centroids)).pow(2).min(1).values
+        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / len(d2))
+        centroids.append(x[torch.multinomial(probs, 1, generator=gen)].squeeze(0))
+    c = torch.stack(centroids)
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(1)
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                c[j] = members.mean(0)
+    return c
+
+
+def cluster_assign(features: Tensor, centroids: Tensor, temperature: float = IB_TEMPERATURE) -> Tensor:
+    """phi(f) = softmax(-||f_hat - c_k||^2 / t) (N, K) on L2-normalised features."""
+    d2 = torch.cdist(F.normalize(features.float(), dim=-1), centroids).pow(2)
+    return torch.softmax(-d2 / temperature, dim=-1)
+
+
+def ib_loss(features: Tensor, labels: Tensor, centroids: Tensor, num_labels: int) -> Tensor:
+    """Cluster-level cross-entropy: -mean_i sum_k phi_ik log Q[k, y_i], Q[:, y] = mean phi over label y."""
+    phi = cluster_assign(features, centroids)  # (B, K)
+    onehot = F.one_hot(labels, num_labels).to(phi.dtype)  # (B, L)
+    q = (phi.T @ onehot) / onehot.sum(0).clamp_min(1)  # (K, L)
+    return -(phi * torch.log(q[:, labels].T + 1e-8)).sum(-1).mean()

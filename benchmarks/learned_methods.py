@@ -43,7 +43,7 @@ from tmerge.data import (FASHION_MNIST_CLASSES, extract_features, fashion_mnist,
 from tmerge.models import load_model  # noqa: E402
 from tmerge.profiling import latency as lat  # noqa: E402
 from tmerge.profiling.drift import output_drift  # noqa: E402
-from tmerge.profiling.flops import count_flops  # noqa: E402
+from tmerge.models.flops import count_flops  # noqa: E402
 from tmerge.profiling.profile import export_for_runtime  # noqa: E402
 from tmerge.models.adapters import SHIPPED_DIR, load_adapter, shipped_adapter_name  # noqa: E402
 

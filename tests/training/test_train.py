@@ -150,10 +150,13 @@ def test_training_errors(data, tmp_path):
 def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
+    import tmerge.cli.commands.train as train_command
     import tmerge.models
+    import tmerge.models.merged
     from tmerge.cli import main
 
-    monkeypatch.setattr(tmerge.models, "load_model", lambda name=None, **kw: tiny_vit("plain"))
+    for module in (tmerge.models, tmerge.models.merged, train_command):  # every module that bound the name
+        monkeypatch.setattr(module, "load_model", lambda name=None, **kw: tiny_vit("plain"))
     folder = tmp_path / "imgs"
     folder.mkdir()
     g = torch.Generator().manual_seed(0)

@@ -2,7 +2,8 @@
 
 Reproducible bit for bit from ``--seed`` on a CPU with the same thread count (default 2): the
 training images, their order, the r drawn at every step and the initialisations are functions of the
-seed; the adapter files hold no wall-clock values. ``--check`` compares the sha256 of the files it
+seed; the adapter files hold no wall-clock values; the merges use the summing form ("scatter":
+``index_add`` in eager PyTorch), the one the shipped adapters were trained with. ``--check`` compares the sha256 of the files it
 wrote with the shipped ones (tmerge/models/adapters/).
 
 Training data (none of it is used by the held-out evaluation, benchmarks/learned_methods.py):
@@ -102,7 +103,7 @@ def main() -> int:
             model, method, images=images, teacher_outputs=teacher, out=out,
             r_range=(args.r_min, args.r_max), epochs=args.epochs, batch_size=args.batch_size,
             lr=lrs[method], seed=args.seed, checkpoint_every=0, progress=False, eval_every=0,
-            model_name="dinov2-s14", data_summary=data,
+            model_name="dinov2-s14", data_summary=data, merge_form="scatter",
         )
         seconds = time.perf_counter() - started
         out.with_name(out.name + ".ckpt.pt").unlink(missing_ok=True)  # the trainer's resume point

@@ -226,6 +226,7 @@ def train_adapter(
     max_seconds: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
     teacher_outputs: tuple[Tensor, Tensor] | None = None,
+    merge_form: str | None = None,
 ) -> dict:
     """Train ``method`` (dtem | ltm) on ``model`` (UNMERGED, any timm ViT tmerge supports) by
     distillation from the unmerged model; write the adapter to ``out``; return a summary dict.
@@ -236,7 +237,8 @@ def train_adapter(
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it. ``max_seconds``
     stops early once the training loop has run that long (the summary says so; not deterministic).
     ``teacher_outputs`` (outputs, pooled features) of the unmerged model on ``images``, when already
-    computed (e.g. shared by several trainings on the same images), skip that pass.
+    computed (e.g. shared by several trainings on the same images), skip that pass. ``merge_form``
+    (default: :func:`tmerge.apply`'s) fixes the merge ops, hence the float rounding of a reproduction.
     """
     if method not in trainable_methods():
         raise TmergeError(f"only learned methods can be trained ({', '.join(trainable_methods())}); got {method!r}")
@@ -267,7 +269,9 @@ def train_adapter(
         model.to(dist.device)
         teacher = copy.deepcopy(model).eval()
         weights_sha = backbone_sha256(model)
-        apply(model, method, r=r, schedule=schedule, keep_ratio=keep_ratio, prop_attn=prop_attn, **(options or {}))
+        form = {} if merge_form is None else {"merge_form": merge_form}
+        apply(model, method, r=r, schedule=schedule, keep_ratio=keep_ratio, prop_attn=prop_attn, **form,
+              **(options or {}))
         merger = model.tmerge_method
         model.eval()
         merger.train()

@@ -111,7 +111,11 @@ def test_avg_pool_is_size_weighted():
 def test_any_schedule_runs_and_forms_agree(variant, method, schedule, form):
     model = tiny_vit(variant)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    tmerge.apply(model, method, schedule=schedule)
+    try:
+        tmerge.apply(model, method, schedule=schedule)
+    except TmergeError as e:  # an explicit entry the model cannot do is refused, never silently capped
+        assert "is impossible at block" in str(e)
+        return
     with torch.no_grad():
         out = model(x)
         info = merge_info(model)

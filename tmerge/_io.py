@@ -69,3 +69,52 @@ def write_text(path: str | os.PathLike, text: str, *, mkdir: bool = False) -> Pa
     with atomic_paths([path], mkdir=mkdir) as (tmp,):
         tmp.write_text(text)
     return path
+
+
+def existing_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path when it is a readable file; else a TmergeError that says what is wrong
+    (missing, a directory, unreadable)."""
+    path = Path(path)
+    if path.is_dir():
+        raise TmergeError(f"{what} {path} is a directory, not a file")
+    if not path.is_file():
+        raise TmergeError(f"{what} {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise TmergeError(f"{what} {path} is not readable")
+    return path
+
+
+def writable_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """``path`` as a Path when a file can be written there: checked before any work, nothing created.
+
+    The folder must exist (no command creates folders for a file it writes) and be writable, the
+    path must not be a folder or a read-only file, and it must end in one of ``suffixes`` if given.
+    """
+    path = Path(path).expanduser()
+    if str(path) in ("", ".") or path.name in ("", ".", ".."):
+        raise TmergeError(f"{what} {str(path)!r} is not a file path")
+    if path.is_dir():
+        raise TmergeError(f"{what} {path} is a directory; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise TmergeError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TmergeError(f"cannot write {path}: directory {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise TmergeError(f"cannot write {path}: the existing file is not writable")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise TmergeError(f"{what} {path} should end in {' or '.join(suffixes)}")
+    return path
+
+
+def writable_folder(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path when files can be written into it (it may not exist yet if its parent does)."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise TmergeError(f"{what} {path} is a file, not a folder")
+    base = path if path.is_dir() else path.parent
+    if not base.is_dir():
+        raise TmergeError(f"cannot write into {path}: directory {base} does not exist")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise TmergeError(f"cannot write into {path}: directory {base} is not writable")
+    return path

@@ -207,6 +207,8 @@ def _check_supported(model: nn.Module) -> None:
             f"tmerge supports timm VisionTransformer models (vit_*, deit_*, DINOv2, registers, distilled); "
             f"got {type(model).__name__}"
         )
+    if len(model.blocks) == 0:
+        raise TmergeError("the model has no transformer blocks: nothing to merge")
     for i, blk in enumerate(model.blocks):
         if type(blk).forward is not Block.forward or not isinstance(blk.attn, Attention):
             raise TmergeError(
@@ -253,10 +255,16 @@ def apply(
     ``method="none"`` restores the unmodified model.
     """
     unpatch(model)
+    schedule_given = [n for n, v in (("r", r), ("schedule", schedule), ("keep_ratio", keep_ratio)) if v is not None]
     if method == "none":
         if method_options:
             raise TmergeError(f"method 'none' takes no options (got {', '.join(sorted(method_options))})")
+        if schedule_given:
+            raise TmergeError(f"method 'none' merges nothing: drop {', '.join(schedule_given)}")
         return model
+    if not schedule_given:
+        name = method.name if isinstance(method, MergeMethod) else method
+        raise TmergeError(f"method {name!r} needs a schedule: give r, schedule or keep_ratio (r=0 merges nothing)")
     _check_supported(model)
     if merge_form not in MERGE_FORMS:
         raise TmergeError(f"merge_form must be one of {', '.join(MERGE_FORMS)}, got {merge_form!r}")

@@ -86,10 +86,12 @@ def make_spec(
     if schedule is not None:
         if isinstance(schedule, str):
             try:
-                schedule = [int(v) for v in schedule.replace(" ", "").split(",") if v != ""]
+                schedule = [int(v) for v in schedule.replace(" ", "").split(",")]
             except ValueError:
                 raise TmergeError(f"schedule must be a comma-separated list of integers, got {schedule!r}") from None
         values = tuple(schedule)
+        if not values:
+            raise TmergeError("schedule is empty; give one r per block, e.g. 8,8,4")
         for v in values:
             _check_r(v, "schedule entries")
         return ScheduleSpec(per_layer=values)
@@ -131,8 +133,10 @@ def resolve(
 ) -> ResolvedSchedule:
     """Resolve ``spec`` for a model of ``depth`` blocks starting with ``num_tokens`` tokens.
 
-    ``max_r(layer, tokens, num_prefix)`` is the method's cap; a larger request is reduced to it and
-    recorded in ``capped`` so reports can say so.
+    ``max_r(layer, tokens, num_prefix)`` is the method's cap. ToMe-style capping of late blocks (a
+    constant r=16 on 197 tokens runs out in block 11) reduces the request and records it in ``capped``
+    so reports can say so; a request the first block cannot do, or an explicit per-block entry the
+    model cannot do, is an error.
     """
     if spec.per_layer is not None and len(spec.per_layer) > depth:
         raise TmergeError(f"schedule has {len(spec.per_layer)} entries but the model has only {depth} blocks")
@@ -145,4 +149,7 @@ def resolve(
             capped.append((layer, asked, applied))
         rs.append(applied)
         tokens.append(n - applied)
+    if capped and (spec.per_layer is not None or capped[0][0] == 0):
+        layer, asked, applied = capped[0]
+        raise TmergeError(f"r={asked} is impossible at block {layer}: {tokens[layer]} tokens allow at most {applied}")
     return ResolvedSchedule(spec=spec, r=rs, tokens=tokens, capped=capped)

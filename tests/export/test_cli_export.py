@@ -47,7 +47,7 @@ def test_cli_export_avg_pool_static_batch_with_checkpoint(checkpoint, tmp_path, 
     out = tmp_path / "cli.onnx"
     rc = main(["export", "--model", ARCH, "--model-kwargs", f"{MODEL_KWARGS},global_pool=avg,class_token=false",
                "--checkpoint", str(checkpoint / "avg.safetensors"),
-               "--method", "tome", "--r", "2", "--batch", "3", "--merge-form", "onehot", "--out", str(out), "--json"])
+               "--method", "tome", "--r", "2", "--batch-size", "3", "--static-batch", "--merge-form", "onehot", "--out", str(out), "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     data = json.loads(captured.out)

@@ -32,4 +32,4 @@ def test_cli_sweep_tiny(tmp_path, capsys):
 def test_cli_sweep_bad_method(tmp_path, capsys):
     rc = main(["sweep", "--methods", "nope", "--r", "2", "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: unknown method nope")
+    assert rc == 2 and err.startswith("error: unknown method 'nope'")

@@ -89,13 +89,15 @@ def test_same_seed_same_adapter_and_resume(data, tmp_path):
     with pytest.raises(Stop):
         _train(copy.deepcopy(base), tmp_path / "cut.safetensors", data, on_step=interrupt)
     assert (tmp_path / "cut.safetensors.ckpt.pt").is_file() and not (tmp_path / "cut.safetensors").exists()
+    # a checkpoint of another run is refused
+    with pytest.raises(tmerge.TmergeError, match="different run"):
+        _train(copy.deepcopy(base), tmp_path / "cut.safetensors", data, resume=True, lr=5e-3, steps=9)
     summary = _train(copy.deepcopy(base), tmp_path / "cut.safetensors", data, resume=True)
     resumed, _ = read_adapter(tmp_path / "cut.safetensors")
     assert summary["steps"] == 8
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    # a checkpoint of another run is refused
-    with pytest.raises(tmerge.TmergeError, match="different run"):
-        _train(copy.deepcopy(base), tmp_path / "cut.safetensors", data, resume=True, lr=5e-3, steps=9)
+    # once the adapter is written the checkpoint (3x its size) is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.safetensors", "cut.safetensors", "full.safetensors"]
     assert meta["method"] == "dtem" and meta["r"] == [3, 3, 3] and meta["steps"] == 8
     assert meta["data"] == {"n_images": 32} and "final_loss" in meta and meta["weights_sha256"]
 
@@ -151,7 +153,7 @@ def test_training_errors(data, tmp_path):
         _train(copy.deepcopy(base), out, data, r=0)
     with pytest.raises(tmerge.TmergeError, match="not both"):
         _train(copy.deepcopy(base), out, data, epochs=1)
-    with pytest.raises(tmerge.TmergeError, match="learning rate"):
+    with pytest.raises(tmerge.TmergeError, match="--lr must be a finite number > 0"):
         _train(copy.deepcopy(base), out, data, lr=0.0)
 
 
@@ -195,6 +197,7 @@ def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
     import tmerge.models.adapters as adapters
 
     shipped = tmp_path / "shipped"
+    shipped.mkdir()  # commands write files into existing folders only
     assert main(["train", "--method", "ltm", "--r-range", "1:2", "--data", str(folder), "--heldout", "0",
                  "--steps", "2", "--batch-size", "4", "--no-progress", "--json",
                  "--out", str(shipped / adapters.shipped_adapter_name("ltm"))]) == 0
@@ -286,3 +289,32 @@ def test_shipped_adapters_match_the_default_model_only():
         tiny = tmerge.apply(tiny_vit("plain"), method, r=2)
         assert shipped_adapter(tiny, method) is None  # other weights: untrained (= ToMe)
         assert tmerge.merge_info(tiny)["adapter"] == "untrained"
+
+
+def test_resume_needs_a_readable_checkpoint(data, tmp_path):
+    base = tiny_vit("plain")
+    out = tmp_path / "r.safetensors"
+    with pytest.raises(tmerge.TmergeError, match="no checkpoint .* to continue from"):
+        _train(copy.deepcopy(base), out, data, resume=True)
+    (tmp_path / "r.safetensors.ckpt.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(tmerge.TmergeError, match="cannot be read"):
+        _train(copy.deepcopy(base), out, data, resume=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--ib-weight", "nan"], "--ib-weight must be a finite number >= 0"),
+    (["--resume"], "--resume: there is no checkpoint"),
+    (["--num-images", "0"], "--num-images must be at least 1"),
+])
+def test_train_cli_refuses_before_work(tmp_path, capsys, args, message):
+    from tmerge.cli import main
+
+    out = tmp_path / "a.safetensors"
+    argv = ["train", "--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,depth=2",
+            "--r", "2", "--out", str(out), "--steps", "1", "--no-progress", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []

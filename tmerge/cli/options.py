@@ -27,15 +27,52 @@ PropAttnOpt = Annotated[Optional[bool], typer.Option("--prop-attn/--no-prop-attn
 MethodOptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="method option KEY=VALUE (see `tmerge methods`); repeatable")]
 AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="trained DTEM/LTM adapter (.safetensors) from `tmerge train`")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
-
+MergeFormOpt = Annotated[Optional[str], typer.Option(
+    "--merge-form", help="ops the exported graph merges with: scatter_nd (default for onnx), scatter "
+                         "(ScatterElements, default for trt) or onehot (one-hot matmul)")]
 # measuring (profile, sweep)
 BackendsOpt = Annotated[str, typer.Option("--backends", "--backend", help="comma list of torch, onnxruntime, tensorrt")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
 BatchSizesOpt = Annotated[str, typer.Option("--batch-sizes", help="comma list of batch sizes, e.g. 1,8,32")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch threads and ONNX Runtime intra-op threads")]
-DataOpt = Annotated[str, typer.Option("--data", help="drift images: 'samples', 'fashion-mnist[:test]' or an ImageFolder dir")]
-NumImagesOpt = Annotated[Optional[int], typer.Option("--num-images", help="images for drift (default: source's default)")]
+WarmupOpt = Annotated[int, typer.Option("--warmup", help="untimed runs of each model before timing")]
+ItersOpt = Annotated[int, typer.Option("--iters", help="timed runs of each model (interleaved)")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", help="torch threads and ONNX Runtime intra-op threads (default: torch's, recorded)")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch backend: time torch.compile'd models")]
+DataOpt = Annotated[str, typer.Option("--data", help="images: 'samples', 'fashion-mnist[:split]' or an ImageFolder dir")]
+NumImagesOpt = Annotated[Optional[int], typer.Option("--num-images", help="images to load (default: the source's default)")]
 NoDriftOpt = Annotated[bool, typer.Option("--no-drift", help="skip the drift measurement")]
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """"1,8,32" -> [1, 8, 32]; empty entries, non-integers and values below 1 are errors."""
+    parts = [v.strip() for v in text.split(",")]
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        raise TmergeError(f"{what} takes a comma list of integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise TmergeError(f"{what} takes positive integers, got {text!r}")
+    return values
+
+
+def parse_float_list(text: str, what: str) -> list[float]:
+    """"0.9,0.8" -> [0.9, 0.8]; empty entries and non-numbers are errors."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise TmergeError(f"{what} takes a comma list of numbers, got {text!r}") from None
+    return values
+
+
+def parse_backends(text: str) -> list[str]:
+    backends = [b.strip().lower() for b in text.split(",")]
+    aliases = {"ort": "onnxruntime", "trt": "tensorrt", "eager": "torch"}
+    backends = [aliases.get(b, b) for b in backends]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise TmergeError(f"unknown backend {', '.join(repr(b) for b in unknown)}; use {', '.join(BACKENDS)}")
+    return list(dict.fromkeys(backends))
 
 
 def parse_key_values(items: str | list[str] | None, what: str, *, split_commas: bool = False) -> dict[str, Any]:
@@ -77,23 +114,3 @@ def merge_config(method: str, r: int | None = None, inflection: float | None = N
     return MergeConfig(method=method, r=r, inflection=inflection, schedule=schedule, keep_ratio=keep_ratio,
                        prop_attn=prop_attn, options=parse_method_options(option), adapter=adapter,
                        merge_form=merge_form)
-
-
-def parse_int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise TmergeError(f"{what} takes a comma list of integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise TmergeError(f"{what} takes positive integers, got {text!r}")
-    return values
-
-
-def parse_backends(text: str) -> list[str]:
-    backends = [b.strip().lower() for b in text.split(",") if b.strip()]
-    aliases = {"ort": "onnxruntime", "trt": "tensorrt", "eager": "torch"}
-    backends = [aliases.get(b, b) for b in backends]
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown or not backends:
-        raise TmergeError(f"unknown backend {', '.join(unknown) or text!r}; use {', '.join(BACKENDS)}")
-    return list(dict.fromkeys(backends))

@@ -248,6 +248,21 @@ def _open_image(path: Path):
 # one entry point
 
 
+def _check_images_fit(n: int, model: nn.Module) -> None:
+    """A one-line error when ``n`` preprocessed images cannot fit in the memory available now."""
+    from ..models import available_memory
+
+    if n < 1:
+        raise TmergeError(f"the number of images must be at least 1, got {n}")
+    pe = getattr(model, "patch_embed", None)
+    h, w = getattr(pe, "img_size", None) or (224, 224)
+    need = n * 3 * h * w * 4
+    available = available_memory()
+    if available is not None and need > available:
+        raise TmergeError(f"{n} images of {h}x{w} need about {need / 2**30:.1f} GiB; "
+                          f"{available / 2**30:.1f} GiB of memory is available")
+
+
 def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed: int = 0) -> ImageSet:
     """``n`` images from ``source`` preprocessed for ``model``: (images, labels or None, class names or None).
 
@@ -257,9 +272,13 @@ def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed
     """
     text = str(source)
     if not _is_named_source(text) and not Path(text).exists():
+        if "/" in text or text.startswith((".", "~")):  # meant as a folder
+            raise TmergeError(f"image folder {text} does not exist")
         raise TmergeError(
-            f"unknown image source {text!r}: use 'samples', 'fashion-mnist', 'fashion-mnist:test' or a folder"
+            f"unknown image source {text!r}: use 'samples', 'fashion-mnist', 'fashion-mnist:test' or an existing folder"
         )
+    if n is not None:
+        _check_images_fit(n, model)
     if text == "samples":
         return ImageSet(sample_views(_default(n, DEFAULT_COUNT["samples"]), model, seed), None, None)
     if text == "fashion-mnist" or text.startswith("fashion-mnist:"):

@@ -8,8 +8,8 @@ manifest (:mod:`.manifest`); parity with PyTorch (:mod:`.verify`); TensorRT engi
 from __future__ import annotations
 
 from .api import ExportResult, export, export_onnx
-from .checks import FORMATS, GRAPH_FORMS, check_schedule_possible
+from .checks import FORMATS, GRAPH_FORMS
 from .manifest import Manifest, read_manifest
 
-__all__ = ["ExportResult", "FORMATS", "GRAPH_FORMS", "Manifest", "check_schedule_possible", "export",
+__all__ = ["ExportResult", "FORMATS", "GRAPH_FORMS", "Manifest", "export",
            "export_onnx", "read_manifest"]

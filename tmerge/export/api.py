@@ -19,16 +19,17 @@ import dataclasses
 import hashlib
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .._io import write_files
 from ..errors import TmergeError, VerificationError, first_line
-from ..models import DEFAULT_MODEL, model_label as label_of
+from ..models import DEFAULT_MODEL, check_batch_fits, model_label as label_of
 from ..models.merged import MergeConfig, build_merged_model
 from .checks import (ENGINE_SUFFIXES, check_atol, check_batch, check_format, check_graph_form, check_opset,
-                     check_out_path, check_plugin_method, check_schedule_possible, require_onnx)
+                     check_out_path, check_plugin_method, require_onnx)
 from .graph import strip_slots
 from .instrument import build_graph
 from .manifest import ExportResult, build_manifest, manifest_bytes, manifest_path
@@ -105,7 +106,7 @@ def export(
     out: str | os.PathLike | None = None,
     graph: str | None = None,
     batch: int = 2,
-    dynamic_batch: bool = False,
+    dynamic_batch: bool = True,
     opset: int = 18,
     format: str = "onnx",  # noqa: A002  (mirrors --format)
     fp16: bool = False,
@@ -160,9 +161,12 @@ def export(
         merge = dataclasses.replace(merge, merge_form="scatter" if format == "trt" else "scatter_nd")
     model = build_merged_model(model_name, merge.check(), checkpoint=None if checkpoint is None else str(checkpoint),
                                pretrained=pretrained, model_kwargs=model_kwargs)
-    check_schedule_possible(model, model_name)
-    source = {"model_name": model_name or DEFAULT_MODEL, "checkpoint": str(checkpoint) if checkpoint else None,
-              "pretrained": bool(pretrained), "adapter": merge.adapter, "model_kwargs": model_kwargs or None}
+    check_batch_fits(model, batch, "--batch-size")
+    # absolute paths: the manifest is read from wherever the export is used, not where it was made
+    source = {"model_name": model_name or DEFAULT_MODEL,
+              "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+              "pretrained": bool(pretrained), "adapter": str(Path(merge.adapter).resolve()) if merge.adapter else None,
+              "model_kwargs": model_kwargs or None}
     result = export_onnx(model, onnx_path, batch_size=batch, dynamic_batch=dynamic_batch or format == "trt",
                          opset=opset, graph=graph, atol=atol, model_name=label_of(model_name, checkpoint),
                          source=source)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from torch import nn
 
+from .._io import writable_file
 from .._optional import require
 from ..errors import TmergeError
-from ..patch import merge_info, merging_blocks
+from ..patch import merging_blocks
 from ..plugins import spec as plugin_spec
 
 MIN_OPSET = 18
@@ -64,21 +65,7 @@ def check_atol(atol: float) -> float:
 
 def check_out_path(out: str | os.PathLike, suffixes: tuple[str, ...] = (".onnx",)) -> Path:
     """Fail early (before any work) when ``out`` cannot be written; nothing is created."""
-    path = Path(out).expanduser()
-    if str(out) == "" or path.name in ("", ".", ".."):
-        raise TmergeError(f"--out {out!s} is not a file path")
-    if path.is_dir():
-        raise TmergeError(f"--out {path} is a directory; give a file name like {path / 'model.onnx'}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise TmergeError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TmergeError(f"cannot write {path}: directory {parent} is not writable")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise TmergeError(f"cannot write {path}: the existing file is not writable")
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise TmergeError(f"--out {path} should end in {' or '.join(suffixes)}")
-    return path
+    return writable_file(out, "--out", suffixes)
 
 
 def check_plugin_method(model: nn.Module) -> None:
@@ -86,21 +73,3 @@ def check_plugin_method(model: nn.Module) -> None:
     blocks = merging_blocks(model)
     if blocks is not None and blocks.method.name not in plugin_spec.OP_TYPES:
         raise TmergeError(f"method {blocks.method.name!r} has no merge plugin; use --graph portable")
-
-
-def check_schedule_possible(model: nn.Module, model_name: str | None = None) -> None:
-    """An explicit schedule entry the model cannot do, or a constant r larger than the first
-    block can merge, is an error; ToMe-style capping of late blocks (r=16 on 197 tokens) is kept
-    and reported in the manifest."""
-    info = merge_info(model)
-    capped = info.get("capped") or []
-    if not capped:
-        return
-    explicit = str(info.get("schedule") or "").startswith("list:")
-    first = capped[0]
-    if explicit or first["layer"] == 0:
-        tokens = info["tokens"][first["layer"]]
-        raise TmergeError(
-            f"r={first['asked']} is impossible for {model_name or 'the model'} at block {first['layer']}: "
-            f"{tokens} tokens allow at most {first['applied']}"
-        )

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import _compat  # noqa: F401  (must precede the timm import)
 from .._optional import missing_extra
-from .._io import atomic_paths
+from .._io import atomic_paths, existing_file
 from ..errors import TmergeError, first_line
 
 log = logging.getLogger(__name__)
@@ -109,9 +109,14 @@ def load_model(
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     img_size: int | None = None,
+    seed: int | None = 0,
     **timm_kwargs,
 ) -> nn.Module:
     """Build a timm model in eval mode.
+
+    ``seed`` seeds the random initialisation (without disturbing the caller's random state), so a
+    model without pretrained weights or a checkpoint is the same in every command and run: an
+    export of it can be profiled, and an adapter trained on it loaded again. None: torch's state.
 
     ``name`` None or "dinov2-s14": the embedded DINOv2 ViT-S/14 (always with its real weights;
     ``pretrained`` does not apply). Any other name: ``timm.create_model(name, pretrained=...)``;
@@ -119,10 +124,18 @@ def load_model(
     keys (.pth/.pt/.bin via torch.load(weights_only=True), or .safetensors), loaded strictly.
     ``img_size`` also sets the model's data config input size, so preprocessing matches.
     """
-    import timm
-
     if checkpoint is not None and pretrained:
         raise TmergeError("pass either --pretrained or --checkpoint, not both")
+    if seed is None:
+        return _load(name, checkpoint, pretrained, img_size, timm_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _load(name, checkpoint, pretrained, img_size, timm_kwargs)
+
+
+def _load(name: str | None, checkpoint, pretrained: bool, img_size: int | None, timm_kwargs: dict) -> nn.Module:
+    import timm
+
     if name in (None, DEFAULT_MODEL):
         if timm_kwargs:
             raise TmergeError(f"{DEFAULT_MODEL} takes no model options (got {', '.join(timm_kwargs)})")
@@ -143,6 +156,36 @@ def load_model(
     return model.eval()
 
 
+def check_batch_fits(model: nn.Module, batch_size: int, what: str = "--batch-sizes") -> None:
+    """A one-line error when a forward at ``batch_size`` cannot fit in the memory available now.
+
+    Estimate per image: the input, the activations a block keeps alive (about 16 token-width
+    tensors: qkv, attention output, residuals, the 4x MLP hidden layer) and the attention matrix.
+    """
+    pe = model.patch_embed
+    h, w = pe.img_size if getattr(pe, "img_size", None) is not None else (224, 224)
+    tokens = pe.num_patches + int(getattr(model, "num_prefix_tokens", 0))
+    width = int(getattr(model, "embed_dim", 768))
+    heads = int(getattr(model.blocks[0].attn, "num_heads", 1)) if len(model.blocks) else 1
+    per_image = 4 * (3 * h * w + 16 * tokens * width + 2 * heads * tokens * tokens)
+    need = batch_size * per_image
+    available = available_memory()
+    if available is not None and need > available:
+        raise TmergeError(f"{what} {batch_size} needs about {need / 2**30:.1f} GiB for one forward of this model; "
+                          f"{available / 2**30:.1f} GiB of memory is available")
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _unknown_model_message(name: str) -> str:
     import timm
 
@@ -151,13 +194,55 @@ def _unknown_model_message(name: str) -> str:
     return f"unknown model {name!r}{hint}"
 
 
-def _create_timm(name: str, *, pretrained: bool, **kwargs) -> nn.Module:
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((_hub_host(), 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether timm's hub weights for ``name`` are already in the local Hugging Face cache."""
     import timm
 
     try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        repo = getattr(cfg, "hf_hub_id", None)
+        return bool(repo) and any(isinstance(try_to_load_from_cache(repo, f), str)
+                                  for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
+    except Exception:  # no huggingface_hub, no config: let timm decide
+        return False
+
+
+def kwargs_text(kwargs: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in kwargs.items()) or "no options"
+
+
+def _create_timm(name: str, *, pretrained: bool, **kwargs) -> nn.Module:
+    import timm
+
+    if pretrained and not _in_hub_cache(name) and not _hub_reachable():
+        # fail at once: the hub client would retry for about a minute and print every attempt
+        raise TmergeError(f"could not download pretrained weights for {name}: {_hub_host()} is unreachable; "
+                          "offline, pass --checkpoint PATH with a local state dict instead")
+    try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:  # a keyword the model's constructor does not take, e.g. img_size on a CNN
-        raise TmergeError(f"{name} does not accept these options: {e}") from e
+        raise TmergeError(f"{name} does not accept these options: {first_line(e)}") from e
+    except (ValueError, AssertionError, ZeroDivisionError) as e:  # a value it cannot build with, e.g. img_size=-1
+        raise TmergeError(f"{name} cannot be built with these options ({kwargs_text(kwargs)}): "
+                          f"{first_line(e)}") from e
     except (OSError, RuntimeError) as e:
         if not pretrained:
             raise
@@ -177,9 +262,7 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors or a torch pickle, unwrapping {"state_dict": ...},
     {"model": ...} and the ``module.`` prefix that DataParallel/DDP adds."""
-    path = Path(path)
-    if not path.is_file():
-        raise TmergeError(f"checkpoint {path} does not exist")
+    path = existing_file(path, "checkpoint")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

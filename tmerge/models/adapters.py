@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .._io import atomic_paths
+from .._io import atomic_paths, existing_file
 from ..errors import TmergeError
 from ..patch import merge_info
 from . import backbone_sha256
@@ -91,9 +91,7 @@ def _sort_header(path: Path) -> None:
 
 def read_adapter(path: str | Path) -> tuple[dict, dict]:
     """(state dict, metadata) of an adapter file; a TmergeError when it is missing or not an adapter."""
-    path = Path(path)
-    if not path.is_file():
-        raise TmergeError(f"adapter {path} does not exist")
+    path = existing_file(path, "adapter")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = dict(f.metadata() or {})

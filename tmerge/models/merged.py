@@ -42,10 +42,13 @@ class MergeConfig:
     merge_form: str | None = None
 
     def check(self) -> MergeConfig:
-        """Errors that need no model: unknown method, --inflection without --r."""
+        """Errors that need no model: unknown method, --inflection without --r, a merge form or
+        schedule given to method "none"."""
         self.schedule_args()
         if self.method != "none":
             registry.get(self.method)
+        elif self.merge_form is not None:
+            raise TmergeError("--merge-form applies to merged models; method 'none' merges nothing")
         return self
 
     def schedule_args(self) -> dict[str, Any]:
@@ -79,10 +82,12 @@ class MergeConfig:
 
 
 def build_merged_model(model_name: str | None, merge: MergeConfig, *, checkpoint: str | None = None,
-                       pretrained: bool = False, model_kwargs: dict | None = None) -> nn.Module:
-    """Load the model (``model_kwargs`` go to timm) and merge it as ``merge`` says; eval mode."""
+                       pretrained: bool = False, model_kwargs: dict | None = None, seed: int | None = 0) -> nn.Module:
+    """Load the model (``model_kwargs`` go to timm) and merge it as ``merge`` says; eval mode.
+
+    ``seed``: see :func:`tmerge.models.load_model`."""
     merge.check()
-    net = load_model(model_name, checkpoint=checkpoint, pretrained=pretrained, **(model_kwargs or {}))
+    net = load_model(model_name, checkpoint=checkpoint, pretrained=pretrained, seed=seed, **(model_kwargs or {}))
     return merge.apply_to(net)
 
 
@@ -91,11 +96,9 @@ def build_pair(model_name: str | None, merge: MergeConfig, *, checkpoint: str | 
                seed: int | None = 0) -> tuple[nn.Module, nn.Module]:
     """(merged, unmerged): one load, a deep copy, the copy merged. Same weights, eval mode.
 
-    ``seed`` seeds torch before the model is built, so random-init models (no pretrained weights,
-    no checkpoint) get the same weights in every run and reports stay comparable."""
+    ``seed``: see :func:`tmerge.models.load_model` (random-init models are the same in every run)."""
     merge.check()
-    if seed is not None:
-        torch.manual_seed(seed)
-    unmerged = load_model(model_name, checkpoint=checkpoint, pretrained=pretrained, **(model_kwargs or {}))
+    unmerged = load_model(model_name, checkpoint=checkpoint, pretrained=pretrained, seed=seed,
+                          **(model_kwargs or {}))
     merged = merge.apply_to(copy.deepcopy(unmerged))
     return merged, unmerged.eval()

@@ -244,11 +244,11 @@ def sample_warnings(report: dict, baseline: dict, threshold: Threshold) -> list[
         noise = 2 * math.sqrt(se_new ** 2 + se_base ** 2)  # relative
         allowed = threshold.allowed(base_ratio) / abs(base_ratio) if base_ratio else math.inf
         if noise >= allowed:
-            iters = (entry.get("iters"), base_entries[key].get("iters"))
-            warnings.append(
-                f"latency {key[0]}/{key[1]}/b{key[2]}: with {iters[0]} and {iters[1]} timed runs and the recorded "
-                f"spread, the ratio is known only to about ±{noise * 100:.1f}%, not finer than the allowed "
-                f"{allowed * 100:.1f}%; profile with more --iters (and --warmup)")
+            iters = f"{entry.get('iters')} and {base_entries[key].get('iters')} timed runs"
+            known = ("the spread is unknown" if math.isinf(noise) else
+                     f"the recorded spread puts the ratio within about ±{noise * 100:.1f}%")
+            warnings.append(f"latency {key[0]}/{key[1]}/b{key[2]}: with {iters} {known}, not finer than the "
+                            f"allowed {allowed * 100:.1f}%; profile with more --iters (and --warmup)")
     return warnings
 
 

@@ -7,6 +7,7 @@ the same images, latency per (backend, batch size) with the merged and unmerged 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 from ..data import load_images
 from ..errors import TmergeError
 from ..export import Manifest, export_onnx, read_manifest
-from ..models import DEFAULT_MODEL, weights_sha256
+from ..models import DEFAULT_MODEL, check_batch_fits, weights_sha256
 from ..models.flops import FLOPS_CONVENTION, count_flops
 from ..models.forward import forward_with_features, has_classifier, input_shape
 from ..models.merged import MergeConfig, build_pair
@@ -26,6 +27,9 @@ from ..patch import merge_info
 from . import latency as lat
 from .drift import knn_agreement, output_drift
 from .report import KIND, SCHEMA_VERSION, environment, now_iso
+
+
+MAX_THREADS = 4 * (os.cpu_count() or 1) + 64  # beyond this a thread count is a typo, not a setting
 
 
 @dataclass
@@ -54,6 +58,18 @@ class ProfileConfig:
             raise TmergeError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
         if self.iters < 1 or self.warmup < 0:
             raise TmergeError("--iters must be >= 1 and --warmup >= 0")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise TmergeError(f"--threads must be between 1 and {MAX_THREADS}, got {self.threads}")
+        if self.num_images is not None:
+            if self.data is None:
+                raise TmergeError("--num-images is for drift: drop it or --no-drift")
+            if self.num_images < 1:
+                raise TmergeError(f"--num-images must be at least 1, got {self.num_images}")
+        if self.compile and "torch" not in self.backends:
+            raise TmergeError("--compile applies to the torch backend: add it with --backends, or drop --compile")
+        if self.workdir is not None and not set(self.backends) & {"onnxruntime", "tensorrt"}:
+            raise TmergeError("--onnx-dir keeps the ONNX files of the onnxruntime/tensorrt backends: add one with "
+                              "--backends, or drop --onnx-dir")
 
 
 class Progress:
@@ -189,6 +205,8 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     else ``config.data`` is loaded.
     """
     progress = progress or Progress()
+    for bs in config.batch_sizes:
+        check_batch_fits(unmerged, bs, "--batch-sizes")
     torch_threads = lat.set_torch_threads(config.threads)
     # Without --threads every runtime gets torch's default count, set explicitly and recorded: a
     # report always says how many threads its timings used.

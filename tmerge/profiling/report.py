@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .._io import write_text
+from .._io import existing_file, write_files
 from ..errors import TmergeError
 from .latency import cpu_name, usable_cpus
 
@@ -122,11 +122,9 @@ def validate_report(data: Any, where: str = "report") -> dict:
 
 def load_report(path: str | Path) -> dict:
     """Read and validate a report; unreadable, corrupt or incomplete files are a TmergeError."""
-    path = Path(path)
+    path = existing_file(path, "report")
     try:
         text = path.read_text()
-    except FileNotFoundError:
-        raise TmergeError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise TmergeError(f"cannot read {path}: {e}") from e
     try:
@@ -143,7 +141,9 @@ def dumps(report: dict) -> str:
 def save_report(report: dict, path: str | Path) -> Path:
     """Validate, then write atomically (temp file in the same folder + rename)."""
     validate_report(report, "the report to write")
-    return write_text(path, dumps(report), mkdir=True)
+    path = Path(path)
+    write_files({path: dumps(report).encode()})
+    return path
 
 
 def _loadavg() -> list[float] | None:

@@ -9,6 +9,7 @@ model at (1, 0).
 from __future__ import annotations
 
 import copy
+import io
 import json
 import re
 from dataclasses import dataclass, replace
@@ -17,12 +18,13 @@ from typing import Callable
 
 from torch import nn
 
-from .._io import write_text
+from .._io import write_files
 from .._optional import pyplot
 from ..data import load_images
 from ..errors import TmergeError
 from ..merging import registry
 from ..models.merged import MergeConfig
+from ..schedule import make_spec
 from .profile import ProfileConfig, Progress, export_for_runtime, profile_pair
 from .report import save_report
 
@@ -37,26 +39,39 @@ class Point:
 
     @property
     def label(self) -> str:
+        if self.method == "none":
+            return "unmerged"
         return f"r={self.r}" if self.r is not None else f"keep={self.keep_ratio:g}"
 
     @property
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.method}_{self.label.replace('=', '')}")
 
-    def merge_config(self, options: dict | None = None) -> MergeConfig:
-        return MergeConfig(method=self.method, r=self.r, keep_ratio=self.keep_ratio, options=dict(options or {}))
+    def merge_config(self, options: dict | None = None, merge_form: str | None = None) -> MergeConfig:
+        if self.method == "none":
+            return MergeConfig(method="none")
+        return MergeConfig(method=self.method, r=self.r, keep_ratio=self.keep_ratio, options=dict(options or {}),
+                           merge_form=merge_form)
 
 
 def grid(methods: list[str], rs: list[int] | None, keep_ratios: list[float] | None) -> list[Point]:
+    """Every method at every r and keep ratio (``none``: one unmerged point); all checked here."""
     if not methods:
         raise TmergeError("--methods needs at least one method")
-    unknown = [m for m in methods if m not in registry.available()]
-    if unknown:
-        raise TmergeError(f"unknown method {', '.join(unknown)}; available: {', '.join(registry.available())}")
+    unknown = [m for m in methods if m != "none" and m not in registry.available()]
+    if unknown or not all(methods):
+        raise TmergeError(f"unknown method {', '.join(repr(m) for m in unknown) or 'name (empty)'}; available: "
+                          f"none, {', '.join(registry.available())}")
     if not rs and not keep_ratios:
         raise TmergeError("give --r values and/or --keep-ratios to sweep")
-    points = [Point(m, r=r) for m in methods for r in (rs or [])]
-    points += [Point(m, keep_ratio=k) for m in methods for k in (keep_ratios or [])]
+    for r in rs or []:
+        make_spec(r=r)
+    for k in keep_ratios or []:
+        make_spec(keep_ratio=k)
+    merging = [m for m in dict.fromkeys(methods) if m != "none"]
+    points = [Point("none")] if "none" in methods else []
+    points += [Point(m, r=r) for m in merging for r in dict.fromkeys(rs or [])]
+    points += [Point(m, keep_ratio=k) for m in merging for k in dict.fromkeys(keep_ratios or [])]
     return points
 
 
@@ -100,12 +115,22 @@ def summary_row(point: Point, report: dict, drift_metric: str) -> dict:
 def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *, model_name: str,
               out_dir: str | Path, model_info: dict | None = None, method_options: dict | None = None,
               drift_metric: str = "cosine_distance_mean", on_point: Callable[[int, Point], None] | None = None,
-              progress: Progress | None = None) -> dict:
+              progress: Progress | None = None, merge_form: str | None = None) -> dict:
     """Profile every point; write ``points/<slug>.json``, ``sweep.json`` and ``pareto.png`` into
-    ``out_dir``. Returns the sweep summary (also in sweep.json)."""
+    ``out_dir``. Returns the sweep summary (also in sweep.json).
+
+    Every point is checked (its schedule on this model, its options) before any is measured, and
+    the files are written only once all points are measured; point reports of earlier sweeps in
+    ``points/`` are removed, so the folder holds exactly this sweep.
+    """
     check_drift_metric(drift_metric)
     out_dir = Path(out_dir)
-    (out_dir / "points").mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TmergeError(f"--out-dir {out_dir} is a file, not a folder")
+    scratch = copy.deepcopy(unmerged)
+    for point in points:  # bad points fail here, before any work
+        point.merge_config((method_options or {}).get(point.method), merge_form).apply_to(scratch)
+    del scratch
     progress = progress or Progress()
     unmerged.eval()
     images = None
@@ -118,22 +143,27 @@ def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *
         progress.log("exporting the unmerged model to ONNX")
         config.onnx_unmerged = export_for_runtime(unmerged, onnx_dir / "unmerged.onnx", model_name=model_name)["path"]
         config.workdir = str(onnx_dir)
-    rows, files = [], []
+    rows, reports = [], {}
     for i, point in enumerate(points):
         if on_point is not None:
             on_point(i, point)
         merged = copy.deepcopy(unmerged)
-        point.merge_config((method_options or {}).get(point.method)).apply_to(merged)
+        point.merge_config((method_options or {}).get(point.method), merge_form).apply_to(merged)
         point_config = replace(config, workdir=str(Path(config.workdir) / point.slug) if config.workdir else None)
         report = profile_pair(merged, unmerged, point_config, model_name=model_name, model_info=model_info,
                               progress=progress, drift_images=images)
         report["sweep_point"] = {"method": point.method, "r": point.r, "keep_ratio": point.keep_ratio}
-        path = save_report(report, out_dir / "points" / f"{point.slug}.json")
-        files.append(str(path))
+        reports[point.slug] = report
         rows.append(summary_row(point, report, drift_metric))
         del merged
     if on_point is not None:
         on_point(len(points), None)
+    points_dir = out_dir / "points"
+    points_dir.mkdir(parents=True, exist_ok=True)
+    for stale in points_dir.glob("*.json"):
+        if stale.stem not in reports:
+            stale.unlink()
+    files = [str(save_report(report, points_dir / f"{slug}.json")) for slug, report in reports.items()]
     summary = {
         "schema_version": 1,
         "kind": "tmerge.sweep",
@@ -146,7 +176,7 @@ def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *
     }
     png = plot_pareto(rows, out_dir / "pareto.png", title=f"{model_name}: drift vs cost", drift_metric=drift_metric)
     summary["png"] = str(png)
-    write_text(out_dir / "sweep.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_files({out_dir / "sweep.json": (json.dumps(summary, indent=2, default=str) + "\n").encode()})
     return summary
 
 
@@ -188,7 +218,8 @@ def plot_pareto(rows: list[dict], out: str | Path, *, title: str = "", drift_met
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
     plt.close(fig)
+    write_files({out: png.getvalue()})
     return out

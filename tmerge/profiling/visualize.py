@@ -12,12 +12,14 @@ and outlined. matplotlib is imported lazily (extra ``report``).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._io import existing_file, write_files, writable_file
 from .._optional import pyplot, require
 from ..data import SAMPLE_PHOTOS, data_config, model_transform, sample_images
 from ..errors import TmergeError
@@ -107,8 +109,7 @@ def load_image_for(model: nn.Module, path: str | Path) -> tuple[torch.Tensor, np
         pil = dict(sample_images())[str(path)]
     else:
         Image = require("PIL.Image")
-        if not p.is_file():
-            raise TmergeError(f"image {p} does not exist")
+        existing_file(p, "image")
         try:
             with Image.open(p) as im:
                 pil = im.convert("RGB")
@@ -124,10 +125,8 @@ def visualize(model: nn.Module, image_path: str | Path, out: str | Path, *, per_
     """Draw the patch groups of ``model`` (patched) on an image and save a PNG. Returns a summary:
     {out, layers, groups (number per drawn layer), tokens}."""
     plt = pyplot()
-    x, display = load_image_for(model, image_path)
-    groups = patch_groups(model, x)
-    depth = len(groups)
-    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    out = writable_file(out, "--out", (".png",))
+    depth = len(model.blocks)
     info = merge_info(model)
     if layers is None:
         layers = [l for l, r in enumerate(info["r"]) if r > 0] if per_layer else [depth - 1]
@@ -136,6 +135,9 @@ def visualize(model: nn.Module, image_path: str | Path, out: str | Path, *, per_
     if bad:
         raise TmergeError(f"--layers {bad} out of range: the model has {depth} blocks (0..{depth - 1})")
     layers = [l % depth for l in layers]
+    x, display = load_image_for(model, image_path)
+    groups = patch_groups(model, x)
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
     panels = [("input", display)] + [
         (f"after block {l} ({len(np.unique(groups[l][0]))} patch tokens)", render_groups(display, groups[l][0], grid, style=style))
         for l in layers
@@ -150,9 +152,9 @@ def visualize(model: nn.Module, image_path: str | Path, out: str | Path, *, per_
         ax.set_title(name, fontsize=9)
     fig.suptitle(title or f"{info['method']} {info.get('schedule') or ''}".strip(), fontsize=10)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
+    write_files({out: png.getvalue()})
     return {"out": str(out), "layers": layers, "groups": [int(len(np.unique(groups[l][0]))) for l in layers],
             "tokens": info.get("tokens"), "num_patches": int(model.patch_embed.num_patches)}

@@ -197,6 +197,29 @@ def _fingerprint(info: dict) -> str:
     return json.dumps(info, sort_keys=True, default=str)
 
 
+def checkpoint_path(out: str | Path) -> Path:
+    """Where training on ``out`` keeps its resumable checkpoint (removed once the adapter is written)."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt.pt")
+
+
+def check_training_options(*, lr: float, ib_weight: float = 0.0, batch_size: int = 1, steps: int | None = None,
+                           epochs: int | None = None, eval_every: int = 0, checkpoint_every: int = 0) -> None:
+    """One-line errors for training settings that cannot work, before any data or model is loaded."""
+    if steps is not None and epochs is not None:
+        raise TmergeError("give --steps or --epochs, not both")
+    if not (math.isfinite(lr) and lr > 0):
+        raise TmergeError(f"--lr must be a finite number > 0, got {lr}")
+    if not (math.isfinite(ib_weight) and ib_weight >= 0):
+        raise TmergeError(f"--ib-weight must be a finite number >= 0, got {ib_weight}")
+    if batch_size < 1:
+        raise TmergeError(f"--batch-size must be at least 1, got {batch_size}")
+    if (steps is not None and steps < 1) or (epochs is not None and epochs < 1):
+        raise TmergeError("--steps/--epochs must be >= 1")
+    if eval_every < 0 or checkpoint_every < 0:
+        raise TmergeError("--eval-every and --checkpoint-every must be >= 0")
+
+
 def train_adapter(
     model: nn.Module,
     method: str,
@@ -242,10 +265,8 @@ def train_adapter(
     """
     if method not in trainable_methods():
         raise TmergeError(f"only learned methods can be trained ({', '.join(trainable_methods())}); got {method!r}")
-    if steps is not None and epochs is not None:
-        raise TmergeError("give --steps or --epochs, not both")
-    if batch_size < 1 or lr <= 0:
-        raise TmergeError("batch size must be >= 1 and the learning rate > 0")
+    check_training_options(lr=lr, ib_weight=ib_weight, batch_size=batch_size, steps=steps, epochs=epochs,
+                           eval_every=eval_every, checkpoint_every=checkpoint_every)
     if len(images) < 1 or (isinstance(images, Tensor) and images.ndim != 4):
         raise TmergeError("training needs at least one image (a (N, 3, H, W) batch)")
     if r_range is not None:
@@ -255,10 +276,10 @@ def train_adapter(
         if not 0 < r_range[0] <= r_range[1]:
             raise TmergeError(f"r_range must be 0 < lo <= hi, got {r_range}")
         r = r_range[1]
-    if (steps is not None and steps < 1) or (epochs is not None and epochs < 1):
-        raise TmergeError("steps/epochs must be >= 1")
     out = Path(out)
-    ckpt_path = out.with_name(out.name + ".ckpt.pt")
+    ckpt_path = checkpoint_path(out)
+    if resume and not ckpt_path.is_file():
+        raise TmergeError(f"--resume: there is no checkpoint {ckpt_path} to continue from")
     dist = Dist(device)
     started = time.perf_counter()
     try:
@@ -309,9 +330,13 @@ def train_adapter(
             "ib_weight": ib_weight, "world": dist.world,
         }
         step, history, drift_history = 0, [], []
-        if resume and ckpt_path.is_file():
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            if state.get("identity") != _fingerprint(identity):
+        if resume:
+            try:
+                state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            except Exception as e:  # truncated or not a checkpoint: torch raises many kinds
+                raise TmergeError(f"checkpoint {ckpt_path} cannot be read ({type(e).__name__}); "
+                                  "remove it or drop --resume") from e
+            if not isinstance(state, dict) or state.get("identity") != _fingerprint(identity):
                 raise TmergeError(
                     f"checkpoint {ckpt_path} belongs to a different run (method, schedule, model, data size, "
                     "batch size, lr, seed or world size differ); remove it or drop --resume"
@@ -422,6 +447,7 @@ def train_adapter(
         if dist.main:  # wall-clock and path stay out of the file: the same seed gives the same bytes
             saved = {k: v for k, v in summary.items() if k not in ("train_seconds", "adapter")}
             save_adapter(model, out, saved, weights_sha256=weights_sha)
+            ckpt_path.unlink(missing_ok=True)  # the adapter holds the result; the checkpoint was only for resuming
         dist.barrier()
         summary["loss_history"] = history
         summary["drift_history"] = drift_history

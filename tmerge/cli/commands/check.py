@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..._io import writable_file
 from ...errors import TmergeError, VerificationError
 from ...profiling.check import compare, parse_threshold
 from ...profiling.report import load_report, save_report
@@ -31,6 +32,8 @@ def check_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Gate a profile report against a baseline: compares merged/unmerged ratios, not absolute times."""
+    if update_baseline:
+        writable_file(baseline, "--baseline", (".json",))
     thresholds = dict(latency=parse_threshold(max_latency_regression, "--max-latency-regression"),
                       flops=parse_threshold(max_flops_regression, "--max-flops-regression"),
                       drift=parse_threshold(max_drift, "--max-drift"))

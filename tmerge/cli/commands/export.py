@@ -9,19 +9,18 @@ import typer
 from ...export import export
 from ..app import app, print_json
 from ..render import render_export
-from ..options import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
+from ..options import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MergeFormOpt, MethodOpt,
                        MethodOptionsOpt, ModelKwargsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt,
                        merge_config, parse_model_kwargs)
 
-OutOpt = Annotated[Optional[str], typer.Option("--out", help="output file: .onnx, or .engine/.plan with --format trt")]
+OutOpt = Annotated[Optional[str], typer.Option("--out", "-O", help="output file: .onnx, or .engine/.plan with --format trt")]
 GraphOpt = Annotated[Optional[str], typer.Option("--graph", help="portable: standard ONNX ops only; plugin: one tmerge:: node per merge (+ local function). Default: portable for onnx, plugin for trt")]
 OldGraphOpt = Annotated[Optional[str], typer.Option("--ops", hidden=True, help="old name of --graph")]
-BatchOpt = Annotated[int, typer.Option("--batch", help="batch size of the export and of the parity check (TensorRT: opt batch)")]
-DynamicBatchOpt = Annotated[bool, typer.Option("--dynamic-batch", help="make the batch dimension dynamic (always on for --format trt)")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="batch size of the parity check (and of a --static-batch graph; TensorRT: opt batch)")]
+DynamicBatchOpt = Annotated[bool, typer.Option("--dynamic-batch/--static-batch", help="dynamic batch dimension (default; always on for --format trt), or fixed at --batch-size")]
 MaxBatchOpt = Annotated[Optional[int], typer.Option("--max-batch", help="--format trt: largest batch of the optimisation profile (default 4x --batch)")]
 OpsetOpt = Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18)")]
 FormatOpt = Annotated[str, typer.Option("--format", help="onnx or trt (TensorRT engine built from the plugin graph)")]
-MergeFormOpt = Annotated[Optional[str], typer.Option("--merge-form", help="scatter_nd (ScatterND, default for onnx: fastest on ONNX Runtime), scatter (ScatterElements, default for trt) or onehot (one-hot matmul)")]
 Fp16Opt = Annotated[bool, typer.Option("--fp16", help="--format trt: build an fp16 engine")]
 
 
@@ -43,7 +42,7 @@ def export_command(
     graph: GraphOpt = None,
     ops: OldGraphOpt = None,
     batch: BatchOpt = 2,
-    dynamic_batch: DynamicBatchOpt = False,
+    dynamic_batch: DynamicBatchOpt = True,
     max_batch: MaxBatchOpt = None,
     opset: OpsetOpt = 18,
     fmt: FormatOpt = "onnx",

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..._io import existing_file, writable_file, writable_folder
 from ...errors import TmergeError
 from ...models import DEFAULT_MODEL, model_label, weights_sha256
 from ...models.merged import build_pair
@@ -14,14 +15,12 @@ from ...profiling.profile import ProfileConfig, pair_from_manifest, profile_pair
 from ...profiling.report import save_report
 from ..app import app, print_json
 from ..render import RichProgress, render_report
-from ..options import (AdapterOpt, BackendsOpt, BatchSizesOpt, CheckpointOpt, DataOpt, DeviceOpt, InflectionOpt,
-                       JsonOpt, KeepRatioOpt, MethodOpt, MethodOptionsOpt, ModelKwargsOpt, ModelOpt, NoDriftOpt,
-                       NumImagesOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt, ThreadsOpt, merge_config,
-                       parse_backends, parse_int_list, parse_model_kwargs)
+from ..options import (AdapterOpt, BackendsOpt, BatchSizesOpt, CheckpointOpt, CompileOpt, DataOpt, DeviceOpt,
+                       InflectionOpt, ItersOpt, JsonOpt, KeepRatioOpt, MergeFormOpt, MethodOpt, MethodOptionsOpt,
+                       ModelKwargsOpt, ModelOpt, NoDriftOpt, NumImagesOpt, PretrainedOpt, PropAttnOpt, ROpt,
+                       ScheduleOpt, ThreadsOpt, WarmupOpt, merge_config, parse_backends,
+                       parse_int_list, parse_model_kwargs)
 
-WarmupOpt = Annotated[int, typer.Option("--warmup", help="untimed runs of each model before timing")]
-ItersOpt = Annotated[int, typer.Option("--iters", help="timed runs of each model (interleaved)")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch backend: time torch.compile'd models")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-O", help="also write the JSON report to this file")]
 OnnxOpt = Annotated[Optional[Path], typer.Option(
     "--onnx", help="time this exported merged model (its manifest <PATH>.json names the model and schedule)")]
@@ -42,6 +41,7 @@ def profile_command(
     prop_attn: PropAttnOpt = None,
     option: MethodOptionsOpt = None,
     adapter: AdapterOpt = None,
+    merge_form: MergeFormOpt = None,
     onnx: OnnxOpt = None,
     onnx_dir: KeepOnnxOpt = None,
     backends: BackendsOpt = "torch",
@@ -58,6 +58,10 @@ def profile_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Profile a merged model against its unmerged self: FLOPs, latency, memory, drift."""
+    if out is not None:
+        writable_file(out, "--out", (".json",))
+    if onnx_dir is not None:
+        writable_folder(onnx_dir, "--onnx-dir")
     config = ProfileConfig(
         backends=parse_backends(backends), device=device, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
         warmup=warmup, iters=iters, threads=threads, compile=compile, data=None if no_drift else data,
@@ -65,8 +69,14 @@ def profile_command(
     )
     kwargs = parse_model_kwargs(model_kwargs)
     if onnx is not None:
-        if not onnx.is_file():
-            raise TmergeError(f"{onnx} does not exist")
+        from_manifest = [flag for flag, value in (("--r", r), ("--inflection", inflection), ("--schedule", schedule),
+                                                  ("--keep-ratio", keep_ratio), ("--prop-attn", prop_attn),
+                                                  ("--option", option), ("--merge-form", merge_form),
+                                                  ("--pretrained", pretrained or None)) if value is not None]
+        if from_manifest:
+            raise TmergeError(f"{', '.join(from_manifest)}: with --onnx the merge settings come from the "
+                              "export's manifest; drop them")
+        existing_file(onnx, "--onnx")
         merged, unmerged, name, manifest = pair_from_manifest(onnx, model=model, checkpoint=checkpoint,
                                                               model_kwargs=kwargs, adapter=adapter)
         static = None if manifest.dynamic_batch else manifest.export_batch
@@ -77,7 +87,7 @@ def profile_command(
         ckpt = checkpoint or manifest.checkpoint
         label = model_label(name, ckpt)
     else:
-        merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option, adapter)
+        merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option, adapter, merge_form)
         merged, unmerged = build_pair(model, merge, checkpoint=checkpoint, pretrained=pretrained,
                                       model_kwargs=kwargs)
         name, label, ckpt = model or DEFAULT_MODEL, model_label(model, checkpoint), checkpoint

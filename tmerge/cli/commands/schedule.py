@@ -7,12 +7,13 @@ from ...models.merged import build_merged_model
 from ...patch import merge_info
 from ..app import app, print_json
 from ..options import (CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt, MethodOptionsOpt,
-                       ModelOpt, PropAttnOpt, ROpt, ScheduleOpt, merge_config)
+                       ModelKwargsOpt, ModelOpt, PropAttnOpt, ROpt, ScheduleOpt, merge_config, parse_model_kwargs)
 
 
 @app.command("schedule")
 def schedule_command(
     model: ModelOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
     checkpoint: CheckpointOpt = None,
     method: MethodOpt = "tome",
     r: ROpt = None,
@@ -25,7 +26,8 @@ def schedule_command(
 ) -> None:
     """Show how many tokens each block merges and keeps."""
     merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option)
-    info = merge_info(build_merged_model(model, merge, checkpoint=checkpoint))
+    info = merge_info(build_merged_model(model, merge, checkpoint=checkpoint,
+                                         model_kwargs=parse_model_kwargs(model_kwargs)))
     info["model"] = model or DEFAULT_MODEL
     if as_json:
         print_json(info)

@@ -9,25 +9,17 @@ import typer
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ...errors import TmergeError
+from ..._io import writable_folder
 from ...models import DEFAULT_MODEL, model_label, weights_sha256
 from ...models.merged import MergeConfig, build_pair
 from ...profiling.profile import ProfileConfig
 from ...profiling.sweep import check_drift_metric, grid, run_sweep
 from ..app import app, print_json
 from ..render import render_sweep, wide_console
-from ..options import (BackendsOpt, BatchSizesOpt, CheckpointOpt, DataOpt, DeviceOpt, JsonOpt, ModelKwargsOpt,
-                       ModelOpt, NoDriftOpt, NumImagesOpt, PretrainedOpt, ThreadsOpt, parse_backends, parse_int_list,
+from ..options import (BackendsOpt, BatchSizesOpt, CheckpointOpt, DataOpt, DeviceOpt, ItersOpt, JsonOpt,
+                       MergeFormOpt, ModelKwargsOpt, ModelOpt, NoDriftOpt, NumImagesOpt, PretrainedOpt, ThreadsOpt,
+                       WarmupOpt, parse_backends, parse_float_list, parse_int_list,
                        parse_model_kwargs)
-
-
-def _floats(text: str | None, what: str) -> list[float]:
-    if not text:
-        return []
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise TmergeError(f"{what} takes a comma list of numbers, got {text!r}") from None
 
 
 @app.command("sweep")
@@ -36,16 +28,17 @@ def sweep_command(
     model_kwargs: ModelKwargsOpt = None,
     checkpoint: CheckpointOpt = None,
     pretrained: PretrainedOpt = False,
-    methods: Annotated[str, typer.Option("--methods", help="comma list of methods, e.g. tome,pitome")] = "tome,pitome",
-    r: Annotated[Optional[str], typer.Option("--r", "-r", help="comma list of constant r values, e.g. 2,4,8,16")] = "4,8,12,16",
+    methods: Annotated[str, typer.Option("--methods", help="comma list of methods, e.g. tome,pitome (none: the unmerged point)")] = "tome,pitome",
+    r: Annotated[Optional[str], typer.Option("--r", "-r", help="comma list of constant r values (default 4,8,12,16 unless --keep-ratios is given)")] = None,
     keep_ratios: Annotated[Optional[str], typer.Option("--keep-ratios", help="comma list of keep ratios, e.g. 0.95,0.9")] = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", "-O", help="folder for reports, sweep.json and pareto.png")] = Path("sweep"),
     backends: BackendsOpt = "torch",
     device: DeviceOpt = "cpu",
     batch_sizes: BatchSizesOpt = "8",
-    warmup: Annotated[int, typer.Option("--warmup")] = 5,
-    iters: Annotated[int, typer.Option("--iters")] = 20,
+    warmup: WarmupOpt = 5,
+    iters: ItersOpt = 20,
     threads: ThreadsOpt = None,
+    merge_form: MergeFormOpt = None,
     data: DataOpt = "samples",
     num_images: NumImagesOpt = None,
     no_drift: NoDriftOpt = False,
@@ -53,9 +46,12 @@ def sweep_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Profile a grid of methods x schedules and plot drift against FLOPs and latency ratios."""
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    points = grid(method_list, parse_int_list(r, "--r") if r else [], _floats(keep_ratios, "--keep-ratios"))
+    method_list = [m.strip() for m in methods.split(",")]
+    keep_list = parse_float_list(keep_ratios, "--keep-ratios") if keep_ratios is not None else []
+    r_list = parse_int_list(r, "--r") if r is not None else ([] if keep_list else [4, 8, 12, 16])
+    points = grid(method_list, r_list, keep_list)
     check_drift_metric(drift_metric)
+    writable_folder(out_dir, "--out-dir")
     config = ProfileConfig(backends=parse_backends(backends), device=device,
                            batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), warmup=warmup, iters=iters,
                            threads=threads, data=None if no_drift else data, num_images=num_images)
@@ -73,7 +69,7 @@ def sweep_command(
             bar.update(task, completed=i, description=f"sweep: {point.method} {point.label}" if point else "sweep: done")
 
         summary = run_sweep(unmerged, points, config, model_name=model or DEFAULT_MODEL, out_dir=out_dir,
-                            model_info=info, drift_metric=drift_metric, on_point=on_point)
+                            model_info=info, drift_metric=drift_metric, on_point=on_point, merge_form=merge_form)
     if as_json:
         print_json(summary)
     else:

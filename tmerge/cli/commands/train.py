@@ -10,18 +10,21 @@ import typer
 import torch
 
 from ...data import load_images
+from ..._io import writable_file
 from ...errors import TmergeError
 from ...models import load_model, model_label
-from ...training import trainable_methods, train_adapter
+from ...training import check_training_options, checkpoint_path, trainable_methods, train_adapter
 from ..app import app, print_json
-from ..options import (CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOptionsOpt, ModelOpt,
-                       PropAttnOpt, ROpt, ScheduleOpt, merge_config)
+from ..options import (CheckpointOpt, DataOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOptionsOpt,
+                       ModelKwargsOpt, ModelOpt, NumImagesOpt, PropAttnOpt, ROpt, ScheduleOpt, merge_config,
+                       parse_model_kwargs)
 
 
 @app.command("train")
 def train_command(
     method: Annotated[str, typer.Option("--method", help="learned method to train: dtem or ltm")] = "dtem",
     model: ModelOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
     checkpoint: CheckpointOpt = None,
     r: ROpt = None,
     r_range: Annotated[Optional[str], typer.Option("--r-range", help="LO:HI: draw a constant r from LO..HI every step, so one adapter serves that range (instead of --r/--schedule)")] = None,
@@ -30,8 +33,8 @@ def train_command(
     keep_ratio: KeepRatioOpt = None,
     prop_attn: PropAttnOpt = None,
     option: MethodOptionsOpt = None,
-    data: Annotated[str, typer.Option("--data", help="training images: a folder, 'samples' or 'fashion-mnist[:split]'")] = "samples",
-    n_images: Annotated[Optional[int], typer.Option("--n-images", help="training images to load (default 256 sample views; 1000 Fashion-MNIST; a whole folder)")] = None,
+    data: DataOpt = "samples",
+    num_images: NumImagesOpt = None,
     heldout: Annotated[int, typer.Option("--heldout", help="images held out (from the same source unless --heldout-data) for the periodic drift; 0 = none")] = 32,
     heldout_data: Annotated[Optional[str], typer.Option("--heldout-data", help="a separate source for the held-out images")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="passes over the training images (default 1)")] = None,
@@ -44,7 +47,7 @@ def train_command(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="write <out>.ckpt.pt every N steps")] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="continue from <out>.ckpt.pt")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")] = "auto",
-    out: Annotated[str, typer.Option("--out", help="adapter file to write (.safetensors)")] = "adapter.safetensors",
+    out: Annotated[str, typer.Option("--out", "-O", help="adapter file to write (.safetensors)")] = "adapter.safetensors",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -56,10 +59,15 @@ def train_command(
     """
     if method not in trainable_methods():
         raise TmergeError(f"only learned methods can be trained ({', '.join(trainable_methods())}); got {method!r}")
-    if not out.endswith(".safetensors"):
-        raise TmergeError(f"--out must end with .safetensors, got {out!r}")
+    writable_file(out, "--out", (".safetensors",))
     if heldout < 0:
         raise TmergeError("--heldout must be >= 0")
+    if num_images is not None and num_images < 1:
+        raise TmergeError(f"--num-images must be at least 1, got {num_images}")
+    check_training_options(lr=lr, ib_weight=ib_weight, batch_size=batch_size, steps=steps, epochs=epochs,
+                           eval_every=eval_every, checkpoint_every=checkpoint_every)
+    if resume and not checkpoint_path(out).is_file():
+        raise TmergeError(f"--resume: there is no checkpoint {checkpoint_path(out)} to continue from")
     merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option)
     r_bounds = None
     if r_range is not None:
@@ -70,8 +78,8 @@ def train_command(
             r_bounds = None
         if r_bounds is None:
             raise TmergeError(f"--r-range takes LO:HI (e.g. 4:16), got {r_range!r}")
-    net = load_model(model, checkpoint=checkpoint)
-    n_train = n_images if n_images is not None else (256 if data == "samples" else None)
+    net = load_model(model, checkpoint=checkpoint, **parse_model_kwargs(model_kwargs))
+    n_train = num_images if num_images is not None else (256 if data == "samples" else None)
     if heldout_data is None and heldout:
         want = None if n_train is None else n_train + heldout
         images, _labels, _names = load_images(data, net, n=want, seed=seed)

@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-import torch
-
+from ..._io import writable_file
 from ...errors import TmergeError
 from ...models import DEFAULT_MODEL
 from ...models.merged import build_merged_model
@@ -43,14 +42,14 @@ def visualize_command(
 ) -> None:
     """Track which input patches end up in each token and draw the groups over the image."""
     layer_list = None
-    if layers:
+    if style not in ("mean", "random"):
+        raise TmergeError(f"--style must be mean or random, got {style!r}")
+    if layers is not None:
         try:
-            layer_list = [int(v) for v in layers.split(",") if v.strip()]
+            layer_list = [int(v) for v in layers.split(",")]
         except ValueError:
             raise TmergeError(f"--layers takes a comma list of block indices, got {layers!r}") from None
-    if out.suffix.lower() != ".png":
-        raise TmergeError(f"--out must be a .png file, got {out}")
-    torch.manual_seed(0)  # random-init models draw the same weights as `tmerge profile` builds
+    writable_file(out, "--out", (".png",))
     merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option, adapter)
     merged = build_merged_model(model, merge, checkpoint=checkpoint, pretrained=pretrained,
                                 model_kwargs=parse_model_kwargs(model_kwargs))

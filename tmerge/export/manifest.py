@@ -132,6 +132,35 @@ def read_manifest(path: str | Path) -> Manifest:
     raise TmergeError(f"{path} has no manifest ({manifest_path(path)}); export it with `tmerge export`")
 
 
+def check_describes(path: str | Path, manifest: Manifest) -> None:
+    """A one-line TmergeError unless ``manifest`` describes the file at ``path``: the file's sha256
+    must be the recorded one, and a plugin graph's merge nodes must carry the recorded per-block r
+    and token counts. (Whether the graph computes what the manifest's model computes is checked by
+    running it: :func:`tmerge.export.verify.recheck_file`.)"""
+    from ..models import file_sha256
+
+    path = Path(path)
+    if not manifest.file_sha256:
+        raise TmergeError(f"the manifest of {path} records no file_sha256, so it cannot be checked against the "
+                          "file; re-export it")
+    digest = file_sha256(path)
+    if digest != manifest.file_sha256:
+        raise TmergeError(f"{path} is not the file its manifest describes (file_sha256 {digest[:12]} vs "
+                          f"{str(manifest.file_sha256)[:12]} in {manifest_path(path).name}); re-export it, or keep "
+                          "each .onnx with the manifest written beside it")
+    if manifest.graph == "plugin":
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        nodes = describe_plugin_nodes(proto)
+        found = [(int(n["attributes"].get("r", -1)), int(n["attributes"].get("num_tokens", -1))) for n in nodes]
+        expected = [(int(l["r"]), int(l.get("tokens_in") or -1)) for l in manifest.layers if int(l["r"]) > 0]
+        if [r for r, _ in found] != [r for r, _ in expected] or any(
+                e != -1 and f != e for (_, f), (_, e) in zip(found, expected)):
+            raise TmergeError(f"the merge nodes of {path} (r, tokens: {found}) are not the manifest's schedule "
+                              f"({expected}); re-export it")
+
+
 def versions() -> dict:
     out = {}
     for pkg in VERSIONED_PACKAGES:

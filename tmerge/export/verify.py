@@ -101,6 +101,34 @@ def compare_once(model, session, images, merged_layers, atol):
     return entry, out
 
 
+def recheck_file(model: nn.Module, onnx_path, *, batch_size: int = 2, atol: float = 1e-4,
+                 input_name: str = "images") -> dict:
+    """Run an exported file in ONNX Runtime against ``model`` (rebuilt from the file's manifest) on
+    fixed inputs: the parity a profile of the file reports, measured now rather than read from the
+    manifest. Outputs that differ on every input mean the file computes something else than the
+    manifest says (another schedule, method or model): a TmergeError. Differences on only some
+    inputs are recorded as near-ties (discrete matching can rank a near-tie differently)."""
+    from .._optional import require
+    from ..errors import TmergeError
+
+    require("onnxruntime")
+    session = ort_session(str(onnx_path), threads=1)
+    checks = []
+    for seed in SEEDS:
+        images = fixed_inputs((batch_size, *input_shape(model)[1:]), seed)
+        ref, _ = torch_reference(model, images)
+        out = session.run(None, {input_name: images.numpy()})[0]
+        checks.append(float(np.abs(out - ref.numpy()).max()) if out.shape == tuple(ref.shape) else float("inf"))
+    matched = sum(err <= atol for err in checks)
+    if matched == 0:
+        raise TmergeError(f"{onnx_path} does not compute what its manifest describes (max abs diff "
+                          f"{min(checks):.3g} > {atol:g} against the model rebuilt from the manifest on every "
+                          "input); re-export it")
+    return {"verified": matched == len(checks), "checked_by": "profile (on load)", "atol": atol,
+            "max_abs_diff": max(checks), "inputs": len(checks), "inputs_matched": matched,
+            "batches": [batch_size], "providers": ["CPUExecutionProvider"]}
+
+
 def verify_graph(model: nn.Module, proto_with_slots, final_proto, *, merged_layers: list[int], batch_size: int,
                  dynamic_batch: bool, atol: float = 1e-4) -> dict:
     """Verify both the slot-instrumented graph and the final graph; raise VerificationError or

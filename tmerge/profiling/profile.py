@@ -19,6 +19,8 @@ from torch import nn
 from ..data import load_images
 from ..errors import TmergeError
 from ..export import Manifest, export_onnx, read_manifest
+from ..export.manifest import check_describes
+from ..export.verify import recheck_file
 from ..models import DEFAULT_MODEL, check_batch_fits, weights_sha256
 from ..models.flops import FLOPS_CONVENTION, count_flops
 from ..models.forward import forward_with_features, has_classifier, input_shape
@@ -47,6 +49,7 @@ class ProfileConfig:
     memory: bool = True
     flops: bool = True
     onnx_merged: str | None = None  # an exported merged model to time instead of exporting one
+    onnx_merged_parity: dict | None = None  # re-checked when the file was loaded (pair_from_manifest)
     onnx_unmerged: str | None = None
     workdir: str | None = None  # where exported ONNX files go (default: a temp dir, removed)
 
@@ -92,6 +95,9 @@ def pair_from_manifest(onnx_path: str | Path, *, model: str | None = None, check
     """Rebuild the torch merged/unmerged pair an exported model came from (for FLOPs, drift, the
     unmerged ONNX counterpart and the torch backend): (merged, unmerged, model name, manifest).
 
+    The manifest must describe the file (its sha256 and merge nodes, :func:`check_describes`) and
+    the file must compute what the rebuilt model computes (:func:`recheck_file`); the returned
+    manifest's ``parity`` is that re-check, never the one stored at export time.
     From the manifest: model name, method, options, proportional attention and the per-block r;
     ``checkpoint``, ``model_kwargs`` and ``adapter`` from the manifest when the exporter recorded
     them, else from the arguments. The rebuilt models must hash to the manifest's
@@ -101,8 +107,10 @@ def pair_from_manifest(onnx_path: str | Path, *, model: str | None = None, check
     manifest = read_manifest(onnx_path)
     # "model_name" is what was asked for (e.g. "dinov2-s14"); "model" is a human-readable label
     name = (manifest.model_name or manifest.model) if model is None else model
+    check_describes(onnx_path, manifest)
     merge = MergeConfig(method=manifest.method, schedule=tuple(manifest.per_block_r), prop_attn=manifest.prop_attn,
-                        options=dict(manifest.options or {}), adapter=adapter or manifest.adapter)
+                        options=dict(manifest.options or {}), adapter=adapter or manifest.adapter,
+                        merge_form=manifest.merge_form)
     if merge.method == "none":
         merge = MergeConfig(method="none")
     merged, unmerged = build_pair(name, merge, checkpoint=checkpoint or manifest.checkpoint,
@@ -112,6 +120,10 @@ def pair_from_manifest(onnx_path: str | Path, *, model: str | None = None, check
         raise TmergeError(f"rebuilding {name} here gives other weights than {onnx_path} was exported with "
                           "(weights_sha256 mismatch); pass the --model/--model-kwargs/--checkpoint/--adapter "
                           "it was exported from")
+    batch = 2 if manifest.dynamic_batch else int(manifest.export_batch)
+    manifest.parity = recheck_file(merged, onnx_path, batch_size=batch,
+                                   atol=float((manifest.parity or {}).get("atol") or 1e-4),
+                                   input_name=(manifest.input or {}).get("name", "images"))
     return merged, unmerged, name or DEFAULT_MODEL, manifest
 
 
@@ -266,13 +278,6 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     return report
 
 
-def _manifest_parity(onnx_path: str) -> dict | None:
-    try:
-        return read_manifest(onnx_path).parity
-    except TmergeError:
-        return None
-
-
 def _batch(images: torch.Tensor | None, batch_size: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     if images is None or len(images) == 0:
         return torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(seed))
@@ -300,7 +305,8 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
                 if given:
                     if not Path(given).is_file():
                         raise TmergeError(f"{given} does not exist")
-                    onnx_paths[name] = {"path": str(given), "parity": _manifest_parity(given), "exported": False}
+                    parity = config.onnx_merged_parity if name == "merged" else None
+                    onnx_paths[name] = {"path": str(given), "parity": parity, "exported": False}
                 else:
                     progress.log(f"exporting the {name} model to ONNX")
                     onnx_paths[name] = {**export_for_runtime(model, workdir / f"{name}.onnx", model_name=model_name),

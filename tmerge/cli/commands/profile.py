@@ -84,6 +84,7 @@ def profile_command(
             raise TmergeError(f"{onnx} was exported with a static batch of {static}: use --batch-sizes {static} "
                               "or export with --dynamic-batch")
         config.onnx_merged = str(onnx)
+        config.onnx_merged_parity = manifest.parity
         ckpt = checkpoint or manifest.checkpoint
         label = model_label(name, ckpt)
     else:

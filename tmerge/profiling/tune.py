@@ -726,7 +726,7 @@ def pareto_front(entries: list[Entry], speed: Callable[[Entry], float | None]) -
 def export_command(flags: list[str], cand: Candidate, config: TuneConfig, out: str | None) -> str:
     fmt = ["--format", "trt"] if config.runtime == "tensorrt" else []
     default_out = "model.engine" if config.runtime == "tensorrt" else "model.onnx"
-    args = ["tmerge", "export", *flags, *cand.export_flags(), *fmt, "--batch", str(config.batch),
+    args = ["tmerge", "export", *flags, *cand.export_flags(), *fmt, "--batch-size", str(config.batch),
             "--dynamic-batch", "--out", out or default_out]
     return " ".join(shlex.quote(a) for a in args)
 

@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "onnxscript": ("onnxscript", "onnx"),
     "onnx_ir": ("onnxscript", "onnx"),
     "onnxruntime": ("onnxruntime", "onnx"),
+    "openvino": ("openvino", "onnx"),
     "tensorrt": ("tensorrt", "trt"),
     "matplotlib": ("matplotlib", "report"),
     "triton": ("triton", "gpu"),

@@ -37,7 +37,7 @@ class MergeStep(Protocol):
     def __call__(self, method: MergeMethod, block: BlockInput, form: str) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
-def eager_merge_step(method: MergeMethod, block: BlockInput, form: str = "scatter_nd"
+def eager_merge_step(method: MergeMethod, block: BlockInput, form: str = "gather"
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """The default step: the method chooses, the shared primitive merges. Returns (x, size, slots)."""
     plan = method.plan(block)
@@ -70,7 +70,7 @@ class MergingBlocks(nn.Sequential):
     """Drop-in replacement for ``model.blocks`` that merges ``schedule.r[l]`` tokens in block l."""
 
     def __init__(self, blocks: nn.Sequential, method: MergeMethod, schedule: ResolvedSchedule,
-                 num_prefix: int, prop_attn: bool, merge_form: str = "scatter_nd") -> None:
+                 num_prefix: int, prop_attn: bool, merge_form: str = "gather") -> None:
         super().__init__(*blocks)
         # Not a submodule of the sequence (nn.Sequential runs every child): the model owns it as
         # ``model.tmerge_method`` so learned methods' parameters live in the model's state dict.
@@ -240,7 +240,7 @@ def apply(
     schedule: Any = None,
     keep_ratio: float | None = None,
     prop_attn: bool | None = None,
-    merge_form: str = "scatter_nd",
+    merge_form: str = "gather",
     **method_options: Any,
 ) -> nn.Module:
     """Patch a timm VisionTransformer in place to merge tokens; returns the same model.
@@ -250,7 +250,7 @@ def apply(
     (list or "8,8,4") or ``keep_ratio`` sets the reduction schedule. ``prop_attn=None`` uses the
     method's default (on for ToMe, off for PiToMe, always off by default for MAE-style weights).
     ``merge_form`` picks the ops an exported graph merges with (see
-    :func:`tmerge.merging.ops.merge_tokens`): ``"scatter_nd"`` (default, fastest in ONNX Runtime),
+    :func:`tmerge.merging.ops.merge_tokens`): ``"gather"`` (default: exact and deterministic on every runtime),
     ``"scatter"`` (ScatterElements, what TensorRT parses) or ``"onehot"`` (no scatter).
     ``method="none"`` restores the unmodified model.
     """

@@ -20,7 +20,7 @@ class _FakeSession:
     def __init__(self, outputs):
         self.outputs = outputs
 
-    def run(self, _names, _feeds):
+    def run(self, _images):
         return self.outputs
 
 

@@ -10,7 +10,7 @@ def test_hand_checked_weighted_merge():
     x = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [5.0, 4.0]]])
     size = torch.tensor([[[1.0], [3.0], [2.0]]])
     slots = torch.tensor([[0, 1, 0]])  # tokens 0 and 2 merge into slot 0, token 1 alone in slot 1
-    for form in ("scatter", "scatter_nd", "onehot"):
+    for form in ("gather", "scatter", "onehot"):
         out, new_size = merge_tokens(x, size, slots, 2, form=form)
         assert torch.allclose(out, torch.tensor([[[(1 * 1 + 2 * 5) / 3, (0 + 2 * 4) / 3], [3.0, 2.0]]]))
         assert torch.equal(new_size, torch.tensor([[[3.0], [3.0]]]))
@@ -52,7 +52,7 @@ def test_merge_preserves_total_size_and_mass_and_forms_agree(problem):
     assert out.shape == (x.shape[0], n_out, x.shape[2])
     assert torch.allclose(new_size.sum(1), size.sum(1))
     assert torch.allclose((out * new_size).sum(1), (x * size).sum(1))
-    for form in ("scatter_nd", "onehot"):
+    for form in ("gather", "scatter", "onehot"):
         out_f, size_f = merge_tokens(x, size, slots, n_out, form=form)
         assert torch.allclose(out, out_f) and torch.allclose(new_size, size_f)
     # each slot is exactly the size-weighted mean of its group

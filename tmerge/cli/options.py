@@ -11,7 +11,7 @@ import typer
 from ..errors import TmergeError
 from ..models import DEFAULT_MODEL
 from ..models.merged import MergeConfig
-from ..profiling.latency import BACKENDS
+from ..runtime import resolve
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help=f"timm model name; default: the embedded DINOv2 ViT-S/14 ({DEFAULT_MODEL})")]
 ModelKwargsOpt = Annotated[Optional[str], typer.Option(
@@ -28,10 +28,11 @@ MethodOptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o",
 AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="trained DTEM/LTM adapter (.safetensors) from `tmerge train`")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 MergeFormOpt = Annotated[Optional[str], typer.Option(
-    "--merge-form", help="ops the exported graph merges with: scatter_nd (default for onnx), scatter "
-                         "(ScatterElements, default for trt) or onehot (one-hot matmul)")]
+    "--merge-form", help="ops the exported graph merges with: gather (default for onnx/openvino: exact and "
+                         "deterministic on every runtime), scatter (ScatterElements, default for trt) or onehot "
+                         "(one-hot matmul)")]
 # measuring (profile, sweep)
-BackendsOpt = Annotated[str, typer.Option("--backends", "--backend", help="comma list of torch, onnxruntime, tensorrt")]
+BackendsOpt = Annotated[str, typer.Option("--backends", "--backend", help="comma list of torch, torch.compile, onnxruntime, openvino, tensorrt (aliases: eager, compile, ort, ov, trt)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
 BatchSizesOpt = Annotated[str, typer.Option("--batch-sizes", help="comma list of batch sizes, e.g. 1,8,32")]
 WarmupOpt = Annotated[int, typer.Option("--warmup", help="untimed runs of each model before timing")]
@@ -66,13 +67,8 @@ def parse_float_list(text: str, what: str) -> list[float]:
 
 
 def parse_backends(text: str) -> list[str]:
-    backends = [b.strip().lower() for b in text.split(",")]
-    aliases = {"ort": "onnxruntime", "trt": "tensorrt", "eager": "torch"}
-    backends = [aliases.get(b, b) for b in backends]
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        raise TmergeError(f"unknown backend {', '.join(repr(b) for b in unknown)}; use {', '.join(BACKENDS)}")
-    return list(dict.fromkeys(backends))
+    """Registered backend names (aliases resolved, see :mod:`tmerge.runtime`); empty entries are errors."""
+    return list(dict.fromkeys(resolve(b).name for b in text.split(",")))
 
 
 def parse_key_values(items: str | list[str] | None, what: str, *, split_commas: bool = False) -> dict[str, Any]:

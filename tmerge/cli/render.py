@@ -130,7 +130,7 @@ def render_sweep(summary: dict, console=None) -> None:
 def render_export(result: ExportResult) -> None:
     """What an export wrote and how well it matched PyTorch."""
     m = result.manifest
-    parity = m.get("onnx_parity", m["parity"]) if m["format"] == "trt" else m["parity"]
+    parity = m.get("onnx_parity", m["parity"]) if m["format"] != "onnx" else m["parity"]
     table = Table(title=f"tmerge export · {m['model']}", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
@@ -149,11 +149,19 @@ def render_export(result: ExportResult) -> None:
                                 f"unmerged (ratio {f['ratio']:.3f})")
     if parity.get("verified"):
         ties = len(parity.get("near_ties", []))
+        runtimes = ", ".join(f"{r['runtime']}/{r['device']}" for r in parity["runtimes"])
+        threads = sorted({str(r["threads"]) for r in parity["repeats"]})
+        identical = all(r["bit_identical"] for r in parity["repeats"])
         table.add_row("ONNX parity", f"max abs diff {parity['max_abs_diff']:.2e} ≤ {parity['atol']:g} "
-                                     f"({', '.join(p.replace('ExecutionProvider', '') for p in parity['providers'])}; "
-                                     f"batches {parity['batches']}; near-ties {ties})")
+                                     f"({runtimes}; batches {parity['batches']}; near-ties {ties})")
+        table.add_row("determinism", f"{parity['runs_per_session']} runs per session, threads {'/'.join(threads)}: "
+                                     f"{'bit-identical' if identical else 'NOT bit-identical'}")
     else:
         table.add_row("ONNX parity", "not verified")
+    if m["format"] == "openvino":
+        ir = m["parity"]
+        table.add_row("IR parity", f"OpenVINO {m['openvino']['precision_hint']}: max abs diff {ir['max_abs_diff']:.2e}, "
+                                   f"{ir['runs_per_session']} runs per session, bit-identical")
     if m["format"] == "trt":
         checks = m["parity"]["checks"]
         table.add_row("TensorRT parity", "; ".join(

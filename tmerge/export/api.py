@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import runtime
 from .._io import write_files
 from ..errors import TmergeError, VerificationError, first_line
 from ..models import DEFAULT_MODEL, check_batch_fits, model_label as label_of
@@ -33,8 +34,9 @@ from .checks import (ENGINE_SUFFIXES, check_atol, check_batch, check_format, che
 from .graph import strip_slots
 from .instrument import build_graph
 from .manifest import ExportResult, build_manifest, manifest_bytes, manifest_path
+from .openvino import IR_SUFFIXES, export_ir
 from .tensorrt import build_engine, require_tensorrt
-from .verify import verify_graph
+from .verify import VERIFIED_RUNTIMES, verify_graph
 
 
 def export_onnx(
@@ -77,7 +79,8 @@ def export_onnx(
         raise VerificationError(f"the exported graph fails onnx.checker: {first_line(e)}") from e
     if verify:
         parity = verify_graph(model, proto, final, merged_layers=merged_layers, batch_size=batch_size,
-                              dynamic_batch=dynamic_batch, atol=atol)
+                              dynamic_batch=dynamic_batch, atol=atol,
+                              runtimes=("onnxruntime",) if graph == "plugin" else VERIFIED_RUNTIMES)
     else:
         parity = {"verified": False}
     parity["export_seconds"] = round(export_s, 2)
@@ -124,10 +127,12 @@ def export(
     The merge is ``merge`` when given, else built from ``method``, ``r`` (an int or an
     ``(r, inflection)`` pair), ``inflection``, ``schedule``, ``keep_ratio``, ``prop_attn``,
     ``method_options``, ``adapter`` and ``merge_form``; ``model_kwargs`` go to ``timm.create_model``. ``merge_form`` (see
-    :func:`tmerge.merging.ops.merge_tokens`) defaults to ``"scatter_nd"`` (ScatterND(add) over token
-    rows, the fastest in ONNX Runtime) for ONNX and to ``"scatter"`` (ScatterElements(add), which
+    :func:`tmerge.merging.ops.merge_tokens`) defaults to ``"gather"`` (no summing scatter: exact and
+    bit-identical on every runtime and thread count) for ONNX and OpenVINO and to ``"scatter"`` (ScatterElements(add), which
     TensorRT's parser supports with reduction) for TensorRT. ``graph`` defaults to "portable" for
     ONNX and "plugin" for TensorRT. ``format="onnx"`` writes ``out`` (+ ``out.json``).
+    ``format="openvino"`` exports and verifies the portable ONNX beside ``out`` (same stem,
+    ``.onnx``), converts it to an OpenVINO IR ``out`` (.xml + .bin, f32) and verifies that again.
     ``format="trt"`` exports the plugin ONNX beside ``out`` (same stem, ``.onnx``), then builds and
     checks a TensorRT engine at ``out`` (needs TensorRT >= 10.9 and an NVIDIA GPU). Every input
     problem is a :class:`TmergeError` raised before anything is written; a failed parity check is a
@@ -140,10 +145,17 @@ def export(
     check_batch(batch)
     require_onnx()
     check_opset(opset)
+    if format in ("onnx", "openvino") and fp16:
+        raise TmergeError(f"--fp16 applies to --format trt ({format} exports are verified in fp32)")
     if format == "onnx":
-        if fp16:
-            raise TmergeError("--fp16 applies to --format trt (ONNX exports are verified in fp32)")
         out_path = onnx_path = check_out_path(out)
+    elif format == "openvino":
+        out_path = check_out_path(out, IR_SUFFIXES)
+        check_out_path(out_path.with_suffix(".bin"), (".bin",))
+        onnx_path = check_out_path(out_path.with_suffix(".onnx"))
+        if graph != "portable":
+            raise TmergeError("--format openvino converts the portable graph: use --graph portable (the default)")
+        runtime.check("openvino")
     else:
         out_path = check_out_path(out, ENGINE_SUFFIXES)
         onnx_path = check_out_path(out_path.with_suffix(".onnx"))
@@ -158,7 +170,7 @@ def export(
                             prop_attn=prop_attn, options=dict(method_options or {}), adapter=adapter,
                             merge_form=merge_form)
     if merge.merge_form is None:
-        merge = dataclasses.replace(merge, merge_form="scatter" if format == "trt" else "scatter_nd")
+        merge = dataclasses.replace(merge, merge_form="scatter" if format == "trt" else "gather")
     model = build_merged_model(model_name, merge.check(), checkpoint=None if checkpoint is None else str(checkpoint),
                                pretrained=pretrained, model_kwargs=model_kwargs)
     check_batch_fits(model, batch, "--batch-size")
@@ -172,4 +184,6 @@ def export(
                          source=source)
     if format == "trt":
         return build_engine(result, model, out_path, batch=batch, max_batch=max_batch, fp16=fp16)
+    if format == "openvino":
+        return export_ir(result, model, out_path, atol=atol)
     return result

@@ -15,7 +15,7 @@ from ..plugins import spec as plugin_spec
 
 MIN_OPSET = 18
 GRAPH_FORMS = ("portable", "plugin")
-FORMATS = ("onnx", "trt")
+FORMATS = ("onnx", "openvino", "trt")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 

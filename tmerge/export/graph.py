@@ -18,14 +18,19 @@ SLOTS_PREFIX = "tmerge_slots_"
 
 
 def _light_optimize(proto):
-    """Constant folding + dead-code and common-subexpression elimination (the full onnxscript
-    optimizer's pattern rewriter costs seconds per export for nothing we need)."""
+    """Constant folding, identity transposes (``index_put`` leaves them; runtimes copy the tensor),
+    dead-code and common-subexpression elimination (the full onnxscript optimizer's pattern
+    rewriter costs seconds per export for nothing we need)."""
     import onnx_ir as ir
-    from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
-    from onnxscript import optimizer
+    from onnx_ir.passes.common import (CommonSubexpressionEliminationPass, IdentityEliminationPass,
+                                       RemoveUnusedNodesPass)
+    from onnxscript import optimizer, rewriter
+    from onnxscript.rewriter.rules.common import no_op_transpose_rule
 
     model = ir.from_proto(proto)
     optimizer.fold_constants(model)
+    rewriter.rewrite(model, pattern_rewrite_rules=[no_op_transpose_rule])
+    IdentityEliminationPass()(model)
     RemoveUnusedNodesPass()(model)
     CommonSubexpressionEliminationPass()(model)
     RemoveUnusedNodesPass()(model)

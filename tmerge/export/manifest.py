@@ -27,7 +27,7 @@ from ..plugins import spec as plugin_spec
 from ..models.flops import count_flops
 from .plugin_nodes import describe_plugin_nodes
 
-VERSIONED_PACKAGES = ("tmerge", "torch", "timm", "onnx", "onnxruntime", "onnxscript")
+VERSIONED_PACKAGES = ("tmerge", "torch", "timm", "onnx", "onnxruntime", "onnxscript", "openvino")
 
 
 @dataclass
@@ -43,7 +43,7 @@ class ExportResult:
 
 @dataclass
 class Manifest:
-    format: str  # "onnx" or "trt"
+    format: str  # "onnx", "openvino" or "trt"
     file: str
     model: str  # human-readable label
     weights_sha256: str  # backbone only

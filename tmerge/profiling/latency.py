@@ -16,7 +16,8 @@ Methodology (also in the README):
   batch size / mean time. Ratios merged/unmerged of p50 and of mean; the CI gate uses ratios.
 - Threads: ``torch.set_num_threads(threads)``; ONNX Runtime ``intra_op_num_threads=threads``,
   ``inter_op_num_threads=1``, sequential execution, and intra-op thread spinning off, because with
-  two sessions interleaved, one session's spinning pool would steal cores from the other.
+  two sessions interleaved, one session's spinning pool would steal cores from the other;
+  OpenVINO ``INFERENCE_NUM_THREADS=threads`` with f32 precision (see :mod:`tmerge.runtime`).
 - Peak memory per model: on CUDA, ``torch.cuda.max_memory_allocated`` growth during one forward
   (torch backend only); on CPU not measured ("n/a"): the runtimes keep no allocation accounting
   there, and the process's resident-set growth mostly shows allocator reuse (it read 0.0 MiB).
@@ -27,20 +28,15 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from .._optional import missing_extra
+from .. import runtime
 from ..errors import TmergeError
-from ..plugins.spec import DOMAIN
-from ..plugins.trt import prepare_onnx_for_trt, register_tensorrt_plugins
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-DEVICES = ("cpu", "cuda")
+STAT_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "throughput_ips")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +94,7 @@ def time_interleaved(runs: dict[str, Callable[[], Any]], *, warmup: int, iters: 
 
 def peak_memory_mb(fn: Callable[[], Any], device: str, backend: str = "torch") -> tuple[float | None, str]:
     """Peak memory growth (MiB) while ``fn`` runs once, and how it was measured (None: not measurable)."""
-    if device == "cuda" and backend == "torch":
+    if device == "cuda" and backend in ("torch", "torch.compile"):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -113,7 +109,7 @@ def peak_memory_mb(fn: Callable[[], Any], device: str, backend: str = "torch") -
 
 
 # ----------------------------------------------------------------------------------------------
-# backends: each makes a zero-argument callable that runs one synchronous forward
+# backends: runners come from tmerge.runtime; timing calls their prepared zero-argument forwards
 
 
 def set_torch_threads(threads: int | None) -> int:
@@ -124,145 +120,26 @@ def set_torch_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def check_backend(backend: str, device: str) -> None:
-    """A one-line TmergeError when the backend or device is unknown or not usable here."""
-    if backend not in BACKENDS:
-        raise TmergeError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if device not in DEVICES:
-        raise TmergeError(f"unknown device {device!r}; use cpu or cuda")
-    if device == "cuda" and backend == "torch" and not torch.cuda.is_available():
-        raise TmergeError("--device cuda: torch sees no CUDA device")
-    if backend == "onnxruntime":
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise missing_extra("onnxruntime", "onnx") from e
-        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise TmergeError("--device cuda: this onnxruntime build has no CUDAExecutionProvider "
-                              "(pip install onnxruntime-gpu)")
-    if backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError as e:
-            raise missing_extra("tensorrt", "trt") from e
-        if device != "cuda":
-            raise TmergeError("the tensorrt backend needs --device cuda")
-
-
-@dataclass
-class Runner:
-    """One model ready to run on one backend: ``run()`` does a synchronous forward on ``inputs``."""
-
-    backend: str
-    device: str
-    run: Callable[[], Any]
-
-
-def torch_runner(model: nn.Module, inputs: torch.Tensor, device: str, *, compile: bool = False) -> Runner:
-    model = model.to(device).eval()
-    x = inputs.to(device)
-    fn = torch.compile(model) if compile else model
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def run():
-        with torch.inference_mode():
-            out = fn(x)
-        sync()
-        return out
-
-    return Runner("torch", device, run)
-
-
-def ort_session(onnx_path: str, device: str, threads: int | None):
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise missing_extra("onnxruntime", "onnx") from e
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    try:
-        return ort.InferenceSession(str(onnx_path), options, providers=providers)
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... classes
-        raise TmergeError(f"onnxruntime cannot load {onnx_path}: {str(e).strip().splitlines()[0]}") from e
-
-
-def ort_runner(onnx_path: str, inputs: torch.Tensor, device: str, threads: int | None) -> Runner:
-    session = ort_session(onnx_path, device, threads)
-    feeds = {session.get_inputs()[0].name: inputs.detach().cpu().numpy().astype(np.float32)}
-
-    def run():
-        return session.run(None, feeds)[0]
-
-    return Runner("onnxruntime", device, run)
-
-
-def tensorrt_runner(onnx_path: str, inputs: torch.Tensor, device: str) -> Runner:  # pragma: no cover - needs TRT
-    """TensorRT engine built from the ONNX file (fp32, the batch size of ``inputs``).
-
-    Not verified on the build machines (TensorRT cannot be installed there); the plugin graph needs
-    the tmerge plugins registered, the portable graph runs with TensorRT's own ops.
-    """
-    check_backend("tensorrt", device)
-    import onnx
-    import tensorrt as trt
-
-    proto = onnx.load(str(onnx_path))
-    if any(node.domain == DOMAIN for node in proto.graph.node):  # a plugin graph
-        proto = prepare_onnx_for_trt(proto, aot=any(register_tensorrt_plugins().values()))
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(proto.SerializeToString()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise TmergeError(f"TensorRT cannot parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    name = network.get_input(0).name
-    shape = tuple(inputs.shape)
-    profile.set_shape(name, shape, shape, shape)
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise TmergeError(f"TensorRT could not build an engine from {onnx_path}")
-    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
-    context = engine.create_execution_context()
-    x = inputs.to("cuda").float().contiguous()
-    context.set_input_shape(name, shape)
-    out_name = network.get_output(0).name
-    out = torch.empty(tuple(context.get_tensor_shape(out_name)), device="cuda", dtype=torch.float32)
-    context.set_tensor_address(name, x.data_ptr())
-    context.set_tensor_address(out_name, out.data_ptr())
-    stream = torch.cuda.current_stream()
-
-    def run():
-        context.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
-        return out
-
-    return Runner("tensorrt", device, run)
+def check_backend(backend: str, device: str) -> str:
+    """The registered name of ``backend``; a one-line TmergeError when it or the device is not usable."""
+    return runtime.check(backend, device).name
 
 
 # ----------------------------------------------------------------------------------------------
 # one (backend, device, batch size) measurement
 
 
-def measure_pair(merged: Runner, unmerged: Runner, batch_size: int, *, warmup: int, iters: int,
-                 memory: bool = True, progress: Callable[[int], None] | None = None) -> dict:
-    """Interleaved timing of a merged/unmerged pair; the ``latency`` entry of a report (without the
-    backend/device/batch fields the caller adds)."""
+def measure_pair(merged: Callable[[], Any], unmerged: Callable[[], Any], batch_size: int, *, device: str,
+                 backend: str = "torch", warmup: int, iters: int, memory: bool = True,
+                 progress: Callable[[int], None] | None = None) -> dict:
+    """Interleaved timing of a merged/unmerged pair of prepared forwards (:meth:`Runner.prepare`);
+    the ``latency`` entry of a report (without the backend/device/batch fields the caller adds)."""
     mem: dict[str, float | None] = {"merged": None, "unmerged": None}
     method = "skipped"
     if memory:  # before warm-up: the first forward at this shape is the one that allocates
-        for name, runner in (("unmerged", unmerged), ("merged", merged)):
-            mem[name], method = peak_memory_mb(runner.run, merged.device, merged.backend)
-    times = time_interleaved({"merged": merged.run, "unmerged": unmerged.run}, warmup=warmup, iters=iters,
+        for name, run in (("unmerged", unmerged), ("merged", merged)):
+            mem[name], method = peak_memory_mb(run, device, backend)
+    times = time_interleaved({"merged": merged, "unmerged": unmerged}, warmup=warmup, iters=iters,
                              progress=progress)
     stats = {name: summarize(t, batch_size) for name, t in times.items()}
     for name in stats:

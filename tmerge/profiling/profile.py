@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import runtime
 from ..data import load_images
 from ..errors import TmergeError
 from ..export import Manifest, export_onnx, read_manifest
@@ -55,8 +56,7 @@ class ProfileConfig:
 
     def __post_init__(self) -> None:
         """Bad settings fail here, before any model is loaded."""
-        for backend in self.backends:
-            lat.check_backend(backend, self.device)
+        self.backends = [lat.check_backend(backend, self.device) for backend in self.backends]
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise TmergeError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
         if self.iters < 1 or self.warmup < 0:
@@ -122,8 +122,7 @@ def pair_from_manifest(onnx_path: str | Path, *, model: str | None = None, check
                           "it was exported from")
     batch = 2 if manifest.dynamic_batch else int(manifest.export_batch)
     manifest.parity = recheck_file(merged, onnx_path, batch_size=batch,
-                                   atol=float((manifest.parity or {}).get("atol") or 1e-4),
-                                   input_name=(manifest.input or {}).get("name", "images"))
+                                   atol=float((manifest.parity or {}).get("atol") or 1e-4))
     return merged, unmerged, name or DEFAULT_MODEL, manifest
 
 
@@ -290,10 +289,13 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
     if not config.backends or config.iters == 0:
         return entries
     shape = input_shape(unmerged)[1:]
-    onnx_paths: dict[str, dict] = {}
+    backends = [runtime.resolve(b) for b in config.backends]
+    if config.compile:  # --compile: the torch backend compiled
+        backends = [runtime.resolve("torch.compile") if b.name == "torch" else b for b in backends]
+    artifacts: dict[str, dict] = {}
     tmp = None
     try:
-        if any(b in ("onnxruntime", "tensorrt") for b in config.backends):
+        if any(b.takes == "onnx" for b in backends):
             if config.workdir:
                 workdir = Path(config.workdir)
                 workdir.mkdir(parents=True, exist_ok=True)
@@ -306,35 +308,36 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
                     if not Path(given).is_file():
                         raise TmergeError(f"{given} does not exist")
                     parity = config.onnx_merged_parity if name == "merged" else None
-                    onnx_paths[name] = {"path": str(given), "parity": parity, "exported": False}
+                    artifacts[name] = {"path": str(given), "parity": parity, "exported": False}
                 else:
                     progress.log(f"exporting the {name} model to ONNX")
-                    onnx_paths[name] = {**export_for_runtime(model, workdir / f"{name}.onnx", model_name=model_name),
-                                        "exported": True}
-        for backend in config.backends:
+                    artifacts[name] = {**export_for_runtime(model, workdir / f"{name}.onnx", model_name=model_name),
+                                       "exported": True}
+        for backend in backends:
+            sources = {"merged": merged, "unmerged": unmerged}
+            if backend.takes == "onnx":
+                sources = {k: v["path"] for k, v in artifacts.items()}
+                ir = [p for p in sources.values() if Path(p).suffix.lower() == ".xml"]
+                if ir and backend.name != "openvino":
+                    raise TmergeError(f"{ir[0]} is an OpenVINO IR: only the openvino backend runs it")
+            runners = {k: runtime.create(backend.name, v, device=config.device, threads=config.threads, timing=True)
+                       for k, v in sources.items()}
             for bs in config.batch_sizes:
                 x = _batch(images, bs, shape, config.seed)
-                if backend == "torch":
-                    m = lat.torch_runner(merged, x, config.device, compile=config.compile)
-                    u = lat.torch_runner(unmerged, x, config.device, compile=config.compile)
-                elif backend == "onnxruntime":
-                    m = lat.ort_runner(onnx_paths["merged"]["path"], x, config.device, config.threads)
-                    u = lat.ort_runner(onnx_paths["unmerged"]["path"], x, config.device, config.threads)
-                else:
-                    m = lat.tensorrt_runner(onnx_paths["merged"]["path"], x, config.device)
-                    u = lat.tensorrt_runner(onnx_paths["unmerged"]["path"], x, config.device)
-                update = progress.step(f"{backend} {config.device} batch {bs}", total=config.iters)
-                result = lat.measure_pair(m, u, bs, warmup=config.warmup, iters=config.iters,
+                update = progress.step(f"{backend.name} {config.device} batch {bs}", total=config.iters)
+                result = lat.measure_pair(runners["merged"].prepare(x), runners["unmerged"].prepare(x), bs,
+                                          device=config.device, backend=backend.name, warmup=config.warmup,
+                                          iters=config.iters,
                                           memory=config.memory, progress=update)
-                entry = {"backend": backend, "device": config.device, "batch_size": bs,
-                         "threads": config.threads if backend != "tensorrt" else None,
-                         "compile": bool(config.compile) if backend == "torch" else None,
-                         "iters": config.iters, **result}
-                if backend != "torch":
+                entry = {"backend": backend.name, "device": config.device, "batch_size": bs,
+                         "threads": config.threads if backend.name != "tensorrt" else None,
+                         "compile": backend.name == "torch.compile" if backend.takes == "torch" else None,
+                         "runtime": runners["merged"].describe(), "iters": config.iters, **result}
+                if backend.takes == "onnx":
                     entry["artifacts"] = {k: {kk: vv for kk, vv in v.items() if kk != "path" or not tmp}
-                                          for k, v in onnx_paths.items()}
+                                          for k, v in artifacts.items()}
                 entries.append(entry)
-                del m, u
+            del runners
     finally:
         if tmp is not None:
             tmp.cleanup()

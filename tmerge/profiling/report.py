@@ -181,6 +181,7 @@ def environment(torch_threads: int | None = None, ort_threads: int | None = None
             "timm": version("timm"),
             "onnx": version("onnx"),
             "onnxruntime": version("onnxruntime") or version("onnxruntime-gpu"),
+            "openvino": version("openvino"),
             "tensorrt": version("tensorrt"),
             "python": platform.python_version(),
         },

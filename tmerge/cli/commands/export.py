@@ -13,14 +13,14 @@ from ..options import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRa
                        MethodOptionsOpt, ModelKwargsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt,
                        merge_config, parse_model_kwargs)
 
-OutOpt = Annotated[Optional[str], typer.Option("--out", "-O", help="output file: .onnx, or .engine/.plan with --format trt")]
+OutOpt = Annotated[Optional[str], typer.Option("--out", "-O", help="output file: .onnx, .xml with --format openvino (+ .bin), or .engine/.plan with --format trt")]
 GraphOpt = Annotated[Optional[str], typer.Option("--graph", help="portable: standard ONNX ops only; plugin: one tmerge:: node per merge (+ local function). Default: portable for onnx, plugin for trt")]
 OldGraphOpt = Annotated[Optional[str], typer.Option("--ops", hidden=True, help="old name of --graph")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="batch size of the parity check (and of a --static-batch graph; TensorRT: opt batch)")]
 DynamicBatchOpt = Annotated[bool, typer.Option("--dynamic-batch/--static-batch", help="dynamic batch dimension (default; always on for --format trt), or fixed at --batch-size")]
 MaxBatchOpt = Annotated[Optional[int], typer.Option("--max-batch", help="--format trt: largest batch of the optimisation profile (default 4x --batch)")]
 OpsetOpt = Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18)")]
-FormatOpt = Annotated[str, typer.Option("--format", help="onnx or trt (TensorRT engine built from the plugin graph)")]
+FormatOpt = Annotated[str, typer.Option("--format", help="onnx, openvino (IR .xml + .bin, converted from the verified ONNX) or trt (TensorRT engine built from the plugin graph)")]
 Fp16Opt = Annotated[bool, typer.Option("--fp16", help="--format trt: build an fp16 engine")]
 
 

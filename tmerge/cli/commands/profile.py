@@ -13,6 +13,7 @@ from ...models import DEFAULT_MODEL, model_label, weights_sha256
 from ...models.merged import build_pair
 from ...profiling.profile import ProfileConfig, pair_from_manifest, profile_pair
 from ...profiling.report import save_report
+from ...runtime import resolve
 from ..app import app, print_json
 from ..render import RichProgress, render_report
 from ..options import (AdapterOpt, BackendsOpt, BatchSizesOpt, CheckpointOpt, CompileOpt, DataOpt, DeviceOpt,
@@ -80,7 +81,8 @@ def profile_command(
         merged, unmerged, name, manifest = pair_from_manifest(onnx, model=model, checkpoint=checkpoint,
                                                               model_kwargs=kwargs, adapter=adapter)
         static = None if manifest.dynamic_batch else manifest.export_batch
-        if static is not None and any(b != static for b in config.batch_sizes) and "onnxruntime" in config.backends:
+        if static is not None and any(b != static for b in config.batch_sizes) and any(
+                resolve(b).takes == "onnx" for b in config.backends):
             raise TmergeError(f"{onnx} was exported with a static batch of {static}: use --batch-sizes {static} "
                               "or export with --dynamic-batch")
         config.onnx_merged = str(onnx)

@@ -54,6 +54,11 @@ class ProfileConfig:
     onnx_unmerged: str | None = None
     workdir: str | None = None  # where exported ONNX files go (default: a temp dir, removed)
 
+    @property
+    def needs_onnx(self) -> bool:
+        """Whether a backend runs exported graphs (ONNX Runtime, OpenVINO, TensorRT)."""
+        return any(runtime.resolve(b).takes == "onnx" for b in self.backends)
+
     def __post_init__(self) -> None:
         """Bad settings fail here, before any model is loaded."""
         self.backends = [lat.check_backend(backend, self.device) for backend in self.backends]
@@ -295,7 +300,7 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
     artifacts: dict[str, dict] = {}
     tmp = None
     try:
-        if any(b.takes == "onnx" for b in backends):
+        if config.needs_onnx:
             if config.workdir:
                 workdir = Path(config.workdir)
                 workdir.mkdir(parents=True, exist_ok=True)

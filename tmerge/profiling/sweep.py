@@ -21,7 +21,6 @@ from torch import nn
 from .._io import write_files
 from .._optional import pyplot
 from ..data import load_images
-from .. import runtime
 from ..errors import TmergeError
 from ..merging import registry
 from ..models.merged import MergeConfig
@@ -138,7 +137,7 @@ def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *
     if config.data is not None:
         images = load_images(config.data, unmerged, n=config.num_images, seed=config.seed)
     config = replace(config)
-    if any(runtime.resolve(b).takes == "onnx" for b in config.backends) and not config.onnx_unmerged:
+    if config.needs_onnx and not config.onnx_unmerged:
         onnx_dir = Path(config.workdir) if config.workdir else out_dir / "onnx"
         onnx_dir.mkdir(parents=True, exist_ok=True)
         progress.log("exporting the unmerged model to ONNX")

@@ -110,16 +110,20 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", default="benchmarks/results/runtimes.json")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(THREADS)
     started = time.time()
     results = {"threads": THREADS, "iters": args.iters, "warmup": args.warmup, "load_start": os.getloadavg(),
                "versions": {k: runtime.package_version(k) for k in ("torch", "onnxruntime", "openvino")},
                "rows": [], "merge_share": [], "determinism": []}
     workdir = Path(tempfile.mkdtemp(prefix="tmerge-bench-"))
-    for model_label, name in MODELS.items():
+    for model_label in args.models.split(","):
+        name = MODELS[model_label]
         torch.manual_seed(0)
         unmerged = load_model(name).eval()
         shape = input_shape(unmerged, 1)
@@ -153,12 +157,16 @@ def main() -> None:
                                                "openvino": ov_merge_share(m_path, x)})
                 if model_label == "dinov2-s14" and method == "tome" and batch == 8:
                     results["determinism"] = determinism(m_path, merged, x)
+                save(results, out, started)  # partial results survive an interrupted run
+    save(results, out, started)
+    print(table(results))
+
+
+def save(results: dict, out: Path, started: float) -> None:
     results["load_end"] = os.getloadavg()
     results["seconds"] = round(time.time() - started)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    Path(args.out).with_suffix(".md").write_text(table(results))
-    print(table(results))
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table(results))
 
 
 def table(results: dict) -> str:

@@ -13,7 +13,7 @@
 * Merge share: a separate profiling session per merged model (``enable_profiling``); every node
   whose export stack trace comes from the merge step (``merge_step(`` in ``patch.py``) counts as
   merge, ``size.log()`` as proportional attention. Nodes ORT fused and renamed count as "other".
-* ``method:r:FORM`` picks the merge form (default ``scatter_nd``; ``scatter`` = ScatterElements, ``onehot``).
+* ``method:r:FORM`` picks the merge form (default ``gather``; ``scatter`` = ScatterElements, ``onehot``).
 * ``--export-vit-b``: wall and CPU time of exporting ViT-B/16 (ToMe r=16, portable, verified).
 """
 
@@ -36,7 +36,7 @@ import timm
 from tmerge.export import export_onnx
 
 
-def export_model(arch: str, method: str, r: int | None, out: Path, batch: int, form: str = "scatter_nd") -> dict:
+def export_model(arch: str, method: str, r: int | None, out: Path, batch: int, form: str = "gather") -> dict:
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False).eval()
     if method != "none":
@@ -117,14 +117,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    configs = [("none", None, "scatter_nd")]
+    configs = [("none", None, "gather")]
     for c in filter(None, args.configs.split(",")):
         parts = c.split(":")  # method:r[:scatter|onehot]
-        configs.append((parts[0], int(parts[1]), parts[2] if len(parts) > 2 else "scatter_nd"))
+        configs.append((parts[0], int(parts[1]), parts[2] if len(parts) > 2 else "gather"))
     tmpdir = tempfile.mkdtemp(prefix="tmerge-bench-")
     models = {}
     for method, r, form in configs:
-        label = "unmerged" if method == "none" else f"{method} r={r}" + ("" if form == "scatter_nd" else f" {form}")
+        label = "unmerged" if method == "none" else f"{method} r={r}" + ("" if form == "gather" else f" {form}")
         info = export_model(args.arch, method, r, Path(tmpdir) / f"{method}_{r}_{form}.onnx", args.batch, form)
         models[label] = info
         print(f"exported {label}: {info['export_wall_s']:.1f} s wall, {info['export_cpu_s']:.1f} s CPU, "

@@ -58,6 +58,7 @@ from tmerge.errors import TmergeError  # noqa: E402
 from tmerge.models.adapters import load_adapter  # noqa: E402
 from tmerge.data import SAMPLE_PHOTOS, cached_linear_probe, extract_features, load_images  # noqa: E402
 from tmerge.models import load_model, weights_sha256  # noqa: E402
+from tmerge import runtime  # noqa: E402
 from tmerge.profiling import latency as lat  # noqa: E402
 from tmerge.profiling.drift import output_drift  # noqa: E402
 from tmerge.models.flops import FLOPS_CONVENTION, count_flops  # noqa: E402
@@ -217,7 +218,7 @@ def main() -> int:
     x = photos[: args.batch] if len(photos) >= args.batch else photos.repeat(math.ceil(args.batch / len(photos)), 1, 1, 1)[: args.batch]
     x = x.contiguous()
     u_export = export_for_runtime(base, onnx_dir / "unmerged.onnx", model_name="dinov2-s14")
-    unmerged_runner = lat.ort_runner(u_export["path"], x, "cpu", args.threads)
+    unmerged_runner = runtime.create("onnxruntime", u_export["path"], threads=args.threads, timing=True).prepare(x)
     log(f"exported the unmerged model (parity {json.dumps(u_export['parity'], default=str)[:160]})")
 
     result = {
@@ -305,8 +306,9 @@ def main() -> int:
         parity = export["parity"] or {}
         row["export_parity"] = {k: parity.get(k) for k in ("verified", "max_abs_diff", "slots_match",
                                                              "export_seconds") if k in parity} or parity
-        merged_runner = lat.ort_runner(export["path"], x, "cpu", args.threads)
-        timing = lat.measure_pair(merged_runner, unmerged_runner, args.batch, warmup=args.warmup,
+        merged_runner = runtime.create("onnxruntime", export["path"], threads=args.threads, timing=True).prepare(x)
+        timing = lat.measure_pair(merged_runner, unmerged_runner, args.batch, device="cpu", backend="onnxruntime",
+                                  warmup=args.warmup,
                                   iters=args.iters, memory=False)
         row.update(latency_ratio_p50=timing["ratio_p50"], latency_ratio_mean=timing["ratio_mean"],
                    merged_p50_ms=timing["merged"]["p50_ms"], unmerged_p50_ms=timing["unmerged"]["p50_ms"],

@@ -48,17 +48,9 @@ def export_model(arch: str, method: str, r: int | None, out: Path, batch: int, f
 
 
 def session(path: Path, threads: int, profile_prefix: str | None = None):
-    import onnxruntime as ort
+    from tmerge.runtime.ort import session as ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads=threads, spinning=False, profile_prefix=profile_prefix)
 
 
 def node_categories(path: Path) -> dict[str, str]:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import runtime
 from .._io import write_files
 from ..errors import TmergeError, VerificationError
 from ..models.forward import input_shape as model_input_shape
@@ -57,30 +58,7 @@ def build_serialized_engine(onnx_proto, input_shape, *, batch: int, max_batch: i
 
 def run_engine(engine_bytes: bytes, images: torch.Tensor) -> np.ndarray:
     """Run a serialized engine on one batch (CUDA), returning the first output as numpy."""
-    trt = require_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    x = images.to("cuda", torch.float32).contiguous()
-    if not context.set_input_shape(inputs[0], tuple(x.shape)):
-        raise TmergeError(f"input shape {tuple(x.shape)} is outside the engine's optimisation profile")
-    context.set_tensor_address(inputs[0], x.data_ptr())
-    buffers = []
-    for name in outputs:
-        shape = tuple(context.get_tensor_shape(name))
-        dtype = torch.float16 if engine.get_tensor_dtype(name) == trt.DataType.HALF else torch.float32
-        buf = torch.empty(shape, dtype=dtype, device="cuda")
-        context.set_tensor_address(name, buf.data_ptr())
-        buffers.append(buf)
-    stream = torch.cuda.Stream()  # TensorRT warns about (and serialises on) the default stream
-    stream.wait_stream(torch.cuda.current_stream())  # x and the buffers were made on the current one
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise VerificationError("TensorRT execution failed")
-    stream.synchronize()
-    return buffers[0].float().cpu().numpy()
+    return runtime.create("tensorrt", None, device="cuda", engine=engine_bytes).run(images)[0]
 
 
 def engine_parity(engine_bytes: bytes, model: nn.Module, input_shape, *, fp16: bool, atol: float = 1e-4,

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import runtime as runtimes
 from .._io import write_files
 from .._optional import pyplot
 from ..data import SAMPLE_PHOTOS, load_images
@@ -279,25 +280,19 @@ class Evaluator:
 
 
 def make_runner(runtime: str, model: nn.Module, x: torch.Tensor, workdir: Path, name: str,
-                threads: int | None, device: str) -> lat.Runner:
-    """One model ready to time on ``runtime`` (ONNX runtimes: exported once, unverified — the chosen
-    configuration is exported and verified by ``tmerge export``)."""
-    if runtime == "torch":
-        return lat.torch_runner(model, x, device)
-    path = workdir / f"{name}.onnx"
-    export_for_runtime(model, path, model_name=None, verify=False)
-    if runtime == "onnxruntime":
-        return lat.ort_runner(str(path), x, device, threads)
-    if runtime == "tensorrt":
-        return lat.tensorrt_runner(str(path), x, device)
-    raise TmergeError(f"--runtime {runtime} is not supported by this tmerge yet")
+                threads: int | None, device: str) -> Callable[[], Any]:
+    """One model's prepared forward on ``x`` for timing on ``runtime`` (ONNX runtimes: exported once,
+    unverified — the chosen configuration is exported and verified by ``tmerge export``)."""
+    source: Any = model
+    if runtimes.resolve(runtime).takes == "onnx":
+        source = workdir / f"{name}.onnx"
+        export_for_runtime(model, source, model_name=None, verify=False)
+    return runtimes.create(runtime, source, device=device, threads=threads, timing=True).prepare(x)
 
 
 def check_runtime(runtime: str, device: str) -> None:
     if runtime not in RUNTIMES:
         raise TmergeError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-    if runtime == "openvino":
-        raise TmergeError("--runtime openvino is not supported by this tmerge yet; use onnxruntime or torch")
     lat.check_backend(runtime, device)
 
 
@@ -457,7 +452,7 @@ def tune(unmerged: nn.Module, config: TuneConfig, *, model_name: str, progress: 
 
     rounds: dict[str, Any] = {"unmerged_ms": None}
     workdir = tempfile.TemporaryDirectory(prefix="tmerge-tune-")
-    runners: dict[int, lat.Runner] = {}
+    runners: dict[int, Callable[[], Any]] = {}
     try:
         x = _timing_batch(calibration, config.batch)
         unmerged_runner = _unmerged_runner(config, unmerged, x, Path(workdir.name), progress, rounds)
@@ -521,14 +516,14 @@ def _timing_batch(images: torch.Tensor, batch: int) -> torch.Tensor:
     return images.repeat(reps, 1, 1, 1)[:batch].contiguous()
 
 
-def _unmerged_runner(config, unmerged, x, workdir, progress, rounds) -> lat.Runner:
+def _unmerged_runner(config, unmerged, x, workdir, progress, rounds) -> Callable[[], Any]:
     progress.log(f"preparing the unmerged model on {config.runtime}")
     t0 = time.monotonic()
     runner = make_runner(config.runtime, unmerged, x, workdir, "unmerged", config.threads, config.device)
     rounds["prepare_s"] = time.monotonic() - t0
     if config.reserve_exports:  # room for the verified export of the choice (about 3 unverified ones)
         rounds["reserved_s"] = 3 * rounds["prepare_s"] * config.reserve_exports
-    times = lat.time_interleaved({"unmerged": runner.run}, warmup=1, iters=2)["unmerged"]
+    times = lat.time_interleaved({"unmerged": runner}, warmup=1, iters=2)["unmerged"]
     rounds["unmerged_ms"] = float(sorted(times)[len(times) // 2] * 1e3)
     return runner
 
@@ -684,7 +679,7 @@ def _time_rungs(pool, reference, mode, config, ev, unmerged_runner, x, workdir, 
             runners[id(e)] = make_runner(config.runtime, model, x, workdir, f"c{len(runners)}", config.threads,
                                          config.device)
             update(i + 1)
-        runs = {"unmerged": unmerged_runner.run, **{str(id(e)): runners[id(e)].run for e in alive}}
+        runs = {"unmerged": unmerged_runner, **{str(id(e)): runners[id(e)] for e in alive}}
         update = progress.step(f"rung {len(rungs) + 1}: timing {len(alive)} candidates + unmerged, {iters} rounds",
                                total=iters)
         times = lat.time_interleaved(runs, warmup=1, iters=iters, progress=update)

@@ -31,7 +31,7 @@ from .. import _compat  # noqa: F401  (must precede the timm import)
 from .._io import atomic_paths
 from .._optional import missing_extra
 from ..errors import TmergeError
-from ..models import cache_dir, weights_sha256
+from ..models import available_memory, cache_dir, weights_sha256
 from ..models.forward import forward_with_features, input_shape
 
 if TYPE_CHECKING:
@@ -250,8 +250,6 @@ def _open_image(path: Path):
 
 def _check_images_fit(n: int, model: nn.Module) -> None:
     """A one-line error when ``n`` preprocessed images cannot fit in the memory available now."""
-    from ..models import available_memory
-
     if n < 1:
         raise TmergeError(f"the number of images must be at least 1, got {n}")
     pe = getattr(model, "patch_embed", None)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import TmergeError
-from ..models import backbone_sha256, weights_sha256
+from ..models import backbone_sha256, file_sha256, weights_sha256
 from ..models.forward import input_shape
 from ..patch import merge_info, unmerged
 from ..plugins import spec as plugin_spec
@@ -137,8 +137,6 @@ def check_describes(path: str | Path, manifest: Manifest) -> None:
     must be the recorded one, and a plugin graph's merge nodes must carry the recorded per-block r
     and token counts. (Whether the graph computes what the manifest's model computes is checked by
     running it: :func:`tmerge.export.verify.recheck_file`.)"""
-    from ..models import file_sha256
-
     path = Path(path)
     if not manifest.file_sha256:
         raise TmergeError(f"the manifest of {path} records no file_sha256, so it cannot be checked against the "

@@ -37,7 +37,7 @@ from ..models.forward import input_shape as model_input_shape
 from ..plugins.trt import TRT_MISSING  # noqa: F401  (re-exported)
 from .manifest import ExportResult, manifest_bytes, manifest_path
 from .verify import fixed_inputs
-from ..runtime.tensorrt import (MIN_TRT, NEXT_UNSUPPORTED_TRT, profile_shapes,  # noqa: F401  (re-exported)
+from ..runtime.tensorrt import (MIN_TRT, NEXT_UNSUPPORTED_TRT, build_engine, profile_shapes,  # noqa: F401
                                require_tensorrt)
 
 FP16_MIN_COSINE = 0.999
@@ -47,8 +47,6 @@ def build_serialized_engine(onnx_proto, input_shape, *, batch: int, max_batch: i
                             aot: bool | None = None, workspace_gb: float = 4.0):
     """Parse the plugin graph and build a serialized engine (bytes, build info) with the one engine
     builder, :func:`tmerge.runtime.tensorrt.build_engine`."""
-    from ..runtime.tensorrt import build_engine
-
     try:
         return build_engine(onnx_proto, input_shape, batch=batch, max_batch=max_batch, fp16=fp16, aot=aot,
                             workspace_gb=workspace_gb)

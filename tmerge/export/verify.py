@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import runtime
-from ..errors import VerificationError
+from ..errors import TmergeError, VerificationError
 from ..models.forward import input_shape
 from ..patch import ReplayStep, merging_blocks
 
@@ -106,8 +106,6 @@ def recheck_file(model: nn.Module, onnx_path, *, batch_size: int = 2, atol: floa
     manifest. Outputs that differ on every input mean the file computes something else than the
     manifest says (another schedule, method or model): a TmergeError. Differences on only some
     inputs are recorded as near-ties (discrete matching can rank a near-tie differently)."""
-    from ..errors import TmergeError
-
     name = "openvino" if str(onnx_path).lower().endswith(".xml") else "onnxruntime"
     runner = runtime.create(name, str(onnx_path), threads=1)
     checks = []

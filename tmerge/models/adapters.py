@@ -21,7 +21,7 @@ from torch import nn
 from .._io import atomic_paths, existing_file
 from ..errors import TmergeError
 from ..patch import merge_info
-from . import backbone_sha256
+from . import backbone_sha256, file_sha256
 
 FORMAT = "tmerge-adapter"
 FORMAT_VERSION = 1
@@ -169,8 +169,6 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict:
                           f"(options {meta.get('options')} vs {info['options']}): {detail}")
     ref = next(iter(expected.values()))
     method.load_state_dict({k: v.to(device=ref.device, dtype=expected[k].dtype) for k, v in state.items()})
-    from ..models import file_sha256
-
     method.adapter = {"path": str(path), "sha256": file_sha256(path),
                       "shipped": Path(path).resolve().parent == SHIPPED_DIR,
                       **{k: meta.get(k) for k in ("model", "steps", "final_loss", "data", "r_range")}}

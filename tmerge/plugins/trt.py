@@ -39,6 +39,9 @@ import importlib.util
 import inspect
 from typing import Any, Callable, List, Tuple, Union
 
+from .reference import reference_merge
+from .spec import DOMAIN
+
 import numpy as np
 import numpy.typing as npt
 
@@ -106,8 +109,6 @@ def _output_descs(op_type: str, x, size, keys, attrs: dict):
 
 def _jit(op_type: str, x, size, keys, attrs: dict, outputs, stream: int) -> None:
     import torch
-
-    from .reference import reference_merge
 
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
         xt, st, kt = (torch.as_tensor(t, device="cuda") for t in (x, size, keys))
@@ -212,8 +213,6 @@ def prepare_onnx_for_trt(proto, *, aot: bool):
     are dropped (the parser keys them by op type only: every layer would run layer 0's body)."""
     import onnx
     from onnx import helper
-
-    from .spec import DOMAIN
 
     out = onnx.ModelProto()
     out.CopyFrom(proto)

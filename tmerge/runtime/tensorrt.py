@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from ..errors import TmergeError
+from ..plugins.spec import DOMAIN
+from ..plugins.trt import TRT_MISSING, prepare_onnx_for_trt, register_tensorrt_plugins
 from .base import Runner, artifact_bytes
 
 MIN_TRT = (10, 9)
@@ -21,8 +23,6 @@ NEXT_UNSUPPORTED_TRT = (11, 0)
 
 def require_tensorrt():
     """Import tensorrt (10.9 - 10.x, with tensorrt.plugin) and check for a CUDA device, or TmergeError."""
-    from ..plugins.trt import TRT_MISSING
-
     try:
         import tensorrt as trt
         import tensorrt.plugin  # noqa: F401  (QDP API, TensorRT >= 10.6)
@@ -54,9 +54,6 @@ def build_engine(onnx_model: Any, input_shape: tuple[int, ...], *, batch: int, m
     """Parse ``onnx_model`` (plugin or portable graph) and build a serialized engine; returns
     (engine bytes, build info). Plugin graphs get the tmerge plugins registered first."""
     import onnx
-
-    from ..plugins.spec import DOMAIN
-    from ..plugins.trt import prepare_onnx_for_trt, register_tensorrt_plugins
 
     trt = require_tensorrt()
     source = artifact_bytes(onnx_model)

@@ -44,18 +44,18 @@ from torch.nn import functional as F
 
 from .._io import atomic_paths
 from ..errors import TmergeError
+from ..merging import MergeMethod, available
 from ..models import backbone_sha256
 from ..models.adapters import save_adapter
 from ..models.forward import forward_with_features
 from ..patch import apply, merge_info
 from ..profiling.drift import output_drift
+from ..schedule import make_spec, resolve
 
 
 
 def trainable_methods() -> tuple[str, ...]:
     """Registered methods with learned modules (those overriding ``trainable_layers``)."""
-    from ..merging import MergeMethod, available
-
     return tuple(name for name, cls in available().items()
                  if cls.trainable_layers is not MergeMethod.trainable_layers)
 
@@ -178,8 +178,6 @@ def heldout_drift(model: nn.Module, images: Tensor, reference: Tensor, headless:
 
 def set_constant_r(model: nn.Module, r: int) -> None:
     """Switch a patched model to a constant-r schedule in place (the method keeps its parameters)."""
-    from ..schedule import make_spec, resolve
-
     blocks, method = model.blocks, model.tmerge_method
     blocks.schedule = resolve(make_spec(r=r), len(blocks), blocks.schedule.tokens[0], blocks.num_prefix,
                               method.max_r)

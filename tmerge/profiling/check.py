@@ -142,7 +142,8 @@ BACKEND_RUNTIME = {"torch": "torch", "torch.compile": "torch", "onnxruntime": "o
 
 def check_same_settings(report: dict, baseline: dict) -> None:
     """TmergeError (exit 2) naming the first setting the two reports' latencies were measured under
-    differently: threads, warm-up, iterations, torch.compile, merge form, CPU/GPU model, runtime version."""
+    differently: threads, warm-up, iterations, torch.compile, merge form, precision, CUDA graphs, CPU/GPU
+    model, runtime version."""
     new = {_latency_key(e): e for e in report["latency"]}
     shared = [key for key in (_latency_key(e) for e in baseline["latency"]) if key in new]
     if not shared:
@@ -152,8 +153,11 @@ def check_same_settings(report: dict, baseline: dict) -> None:
         raise TmergeError(f"report and baseline were measured with different {field}{where} ({_short(a)} vs "
                           f"baseline {_short(b)}); profile with the baseline's settings or use --update-baseline")
 
-    if report.get("merge_form") != baseline.get("merge_form"):
-        refuse("merge_form", report.get("merge_form"), baseline.get("merge_form"))
+    for setting, default in (("merge_form", None), ("precision", "fp32"), ("cuda_graphs", False)):
+        a, b = ((r.get("config") or {}).get(setting, default) if setting != "merge_form" else r.get(setting)
+                for r in (report, baseline))
+        if a != b:
+            refuse(setting, a, b)
     env_new, env_base = report.get("env") or {}, baseline.get("env") or {}
     devices = {key[1] for key in shared}
     machine = [("cpu", env_new.get("cpu"), env_base.get("cpu"))]

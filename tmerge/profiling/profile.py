@@ -27,6 +27,7 @@ from ..models.flops import FLOPS_CONVENTION, count_flops
 from ..models.forward import forward_with_features, has_classifier, input_shape
 from ..models.merged import MergeConfig, build_pair
 from ..patch import merge_info
+from ..runtime.torch_eager import autocast, check_precision
 from . import latency as lat
 from .drift import knn_agreement, output_drift
 from .report import KIND, SCHEMA_VERSION, environment, now_iso
@@ -53,6 +54,8 @@ class ProfileConfig:
     onnx_merged_parity: dict | None = None  # re-checked when the file was loaded (pair_from_manifest)
     onnx_unmerged: str | None = None
     workdir: str | None = None  # where exported ONNX files go (default: a temp dir, removed)
+    precision: str = "fp32"  # torch backends and drift: fp32, or fp16/bf16 autocast
+    cuda_graphs: bool = True  # torch backends on CUDA: capture each batch once and replay it
 
     @property
     def needs_onnx(self) -> bool:
@@ -73,6 +76,10 @@ class ProfileConfig:
                 raise TmergeError("--num-images is for drift: drop it or --no-drift")
             if self.num_images < 1:
                 raise TmergeError(f"--num-images must be at least 1, got {self.num_images}")
+        check_precision(self.precision)
+        if self.precision != "fp32" and self.needs_onnx:
+            raise TmergeError(f"--precision {self.precision} is autocast in the torch backends; ONNX backends run "
+                              "the exported fp32 graph: time them in a separate profile")
         if self.compile and "torch" not in self.backends:
             raise TmergeError("--compile applies to the torch backend: add it with --backends, or drop --compile")
         if self.workdir is not None and not set(self.backends) & {"onnxruntime", "tensorrt"}:
@@ -267,8 +274,9 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
 
     if images is not None:
         progress.log(f"drift on {len(images)} images")
-        drift = drift_between(merged, unmerged, images, labels, class_names)
-        drift = {"source": str(config.data), "seed": config.seed, **drift}
+        with autocast("cpu", config.precision):
+            drift = drift_between(merged, unmerged, images, labels, class_names)
+        drift = {"source": str(config.data), "seed": config.seed, "precision": config.precision, **drift}
         report["drift"] = drift
     else:
         report["drift"] = None
@@ -278,6 +286,7 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     report["env"] = environment(torch_threads, ort_threads)
     report["config"] = {"warmup": config.warmup, "iters": config.iters, "batch_sizes": list(config.batch_sizes),
                         "backends": list(config.backends), "device": config.device, "threads": config.threads,
+                        "precision": config.precision, "cuda_graphs": config.cuda_graphs and config.device == "cuda",
                         "compile": config.compile, "data": config.data}
     return report
 
@@ -325,8 +334,10 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
                 ir = [p for p in sources.values() if Path(p).suffix.lower() == ".xml"]
                 if ir and backend.name != "openvino":
                     raise TmergeError(f"{ir[0]} is an OpenVINO IR: only the openvino backend runs it")
-            runners = {k: runtime.create(backend.name, v, device=config.device, threads=config.threads, timing=True)
-                       for k, v in sources.items()}
+            torch_options = ({"precision": config.precision, "cuda_graphs": config.cuda_graphs}
+                             if backend.takes == "torch" else {})
+            runners = {k: runtime.create(backend.name, v, device=config.device, threads=config.threads, timing=True,
+                                         **torch_options) for k, v in sources.items()}
             for bs in config.batch_sizes:
                 x = _batch(images, bs, shape, config.seed)
                 update = progress.step(f"{backend.name} {config.device} batch {bs}", total=config.iters)

@@ -16,10 +16,10 @@ from ...profiling.report import save_report
 from ...runtime import resolve
 from ..app import app, print_json
 from ..render import RichProgress, render_report
-from ..options import (AdapterOpt, BackendsOpt, BatchSizesOpt, CheckpointOpt, CompileOpt, DataOpt, DeviceOpt,
-                       InflectionOpt, ItersOpt, JsonOpt, KeepRatioOpt, MergeFormOpt, MethodOpt, MethodOptionsOpt,
-                       ModelKwargsOpt, ModelOpt, NoDriftOpt, NumImagesOpt, PretrainedOpt, PropAttnOpt, ROpt,
-                       ScheduleOpt, ThreadsOpt, WarmupOpt, merge_config, parse_backends,
+from ..options import (AdapterOpt, BackendsOpt, BatchSizesOpt, CheckpointOpt, CompileOpt, CudaGraphsOpt, DataOpt,
+                       DeviceOpt, InflectionOpt, ItersOpt, JsonOpt, KeepRatioOpt, MergeFormOpt, MethodOpt,
+                       MethodOptionsOpt, ModelKwargsOpt, ModelOpt, NoDriftOpt, NumImagesOpt, PrecisionOpt,
+                       PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt, ThreadsOpt, WarmupOpt, merge_config, parse_backends,
                        parse_int_list, parse_model_kwargs)
 
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-O", help="also write the JSON report to this file")]
@@ -52,6 +52,8 @@ def profile_command(
     iters: ItersOpt = 50,
     threads: ThreadsOpt = None,
     compile: CompileOpt = False,
+    precision: PrecisionOpt = "fp32",
+    cuda_graphs: CudaGraphsOpt = True,
     data: DataOpt = "samples",
     num_images: NumImagesOpt = None,
     no_drift: NoDriftOpt = False,
@@ -66,7 +68,8 @@ def profile_command(
     config = ProfileConfig(
         backends=parse_backends(backends), device=device, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
         warmup=warmup, iters=iters, threads=threads, compile=compile, data=None if no_drift else data,
-        num_images=num_images, workdir=str(onnx_dir) if onnx_dir else None,
+        num_images=num_images, workdir=str(onnx_dir) if onnx_dir else None, precision=precision,
+        cuda_graphs=cuda_graphs,
     )
     kwargs = parse_model_kwargs(model_kwargs)
     if onnx is not None:

@@ -23,8 +23,7 @@ from typing import Any, Iterator, Protocol
 from torch import Tensor, nn
 
 from .errors import TmergeError
-from .merging import BlockInput, MergeMethod, merge_tokens
-from .merging import registry
+from .merging import BlockInput, MergeMethod, merge_tokens, registry
 from .merging.ops import MERGE_FORMS
 from .schedule import ResolvedSchedule, make_spec, resolve
 

@@ -18,15 +18,15 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-
 import tmerge
 from tests.helpers import tiny_vit
 from tmerge.errors import TmergeError
 from tmerge.plugins import spec
 from tmerge.plugins import trt as trtdefs
+
+import numpy as np
+import pytest
+import torch
 
 from . import tensorrt_standin
 

@@ -6,14 +6,13 @@ import copy
 import json
 import time
 
-import pytest
-import torch
-
 from tests.helpers import tiny_vit
 from tmerge import TmergeError, apply, merge_info
 from tmerge.cli import main
-from tmerge.profiling.tune import (Candidate, Entry, TuneConfig, adapter_candidate, pareto_front, parse_duration,
-                                   search_space, split_images, tune)
+from tmerge.profiling.tune import Candidate, Entry, TuneConfig, adapter_candidate, pareto_front, parse_duration, search_space, split_images, tune
+
+import pytest
+import torch
 
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
              "img_size=32,patch_size=8,depth=3,embed_dim=48,num_heads=3,num_classes=10"]

@@ -27,15 +27,25 @@ from torch import nn
 from .. import runtime
 from .._io import write_files
 from ..errors import TmergeError, VerificationError, first_line
-from ..models import DEFAULT_MODEL, check_batch_fits, model_label as label_of
+from ..models import DEFAULT_MODEL, check_batch_fits
+from ..models import model_label as label_of
 from ..models.merged import MergeConfig, build_merged_model
-from .checks import (ENGINE_SUFFIXES, check_atol, check_batch, check_format, check_graph_form, check_opset,
-                     check_out_path, check_plugin_method, require_onnx)
+from .checks import (
+    ENGINE_SUFFIXES,
+    check_atol,
+    check_batch,
+    check_format,
+    check_graph_form,
+    check_opset,
+    check_out_path,
+    check_plugin_method,
+    require_onnx,
+)
 from .graph import strip_slots
 from .instrument import build_graph
 from .manifest import ExportResult, build_manifest, manifest_bytes, manifest_path
 from .openvino import IR_SUFFIXES, export_ir
-from .tensorrt import build_engine, require_tensorrt
+from .tensorrt import export_engine, require_tensorrt
 from .verify import VERIFIED_RUNTIMES, verify_graph
 
 
@@ -183,7 +193,7 @@ def export(
                          opset=opset, graph=graph, atol=atol, model_name=label_of(model_name, checkpoint),
                          source=source)
     if format == "trt":
-        return build_engine(result, model, out_path, batch=batch, max_batch=max_batch, fp16=fp16)
+        return export_engine(result, model, out_path, batch=batch, max_batch=max_batch, fp16=fp16)
     if format == "openvino":
         return export_ir(result, model, out_path, atol=atol)
     return result

@@ -21,10 +21,10 @@ from torch import nn
 
 from ..errors import TmergeError
 from ..models import backbone_sha256, file_sha256, weights_sha256
+from ..models.flops import count_flops
 from ..models.forward import input_shape
 from ..patch import merge_info, unmerged
 from ..plugins import spec as plugin_spec
-from ..models.flops import count_flops
 from .plugin_nodes import describe_plugin_nodes
 
 VERSIONED_PACKAGES = ("tmerge", "torch", "timm", "onnx", "onnxruntime", "onnxscript", "openvino")

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .. import _compat  # noqa: F401  (must precede the timm import)
-from .._optional import missing_extra
 from .._io import atomic_paths, existing_file
+from .._optional import missing_extra
 from ..errors import TmergeError, first_line
 from ..runtime.ort import session as ort_session
 

@@ -159,22 +159,22 @@ def check_same_settings(report: dict, baseline: dict) -> None:
     machine = [("cpu", env_new.get("cpu"), env_base.get("cpu"))]
     if "cuda" in devices:
         machine.append(("gpu", (env_new.get("gpu") or {}).get("name"), (env_base.get("gpu") or {}).get("name")))
-    for field, a, b in machine:
+    for part, a, b in machine:
         if a != b:
-            refuse(f"{field} model", a, b)
+            refuse(f"{part} model", a, b)
     base_entries = {_latency_key(e): e for e in baseline["latency"]}
     for key in shared:
         where = f" for {key[0]}/{key[1]}/b{key[2]}"
-        for field in LATENCY_SETTINGS:
-            a, b = new[key].get(field), base_entries[key].get(field)
-            if field == "warmup":  # older reports keep it in config only
+        for setting in LATENCY_SETTINGS:
+            a, b = new[key].get(setting), base_entries[key].get(setting)
+            if setting == "warmup":  # older reports keep it in config only
                 a = a if a is not None else (report.get("config") or {}).get("warmup")
                 b = b if b is not None else (baseline.get("config") or {}).get("warmup")
-            if field == "iters":
+            if setting == "iters":
                 a = a if a is not None else new[key]["merged"].get("iters")
                 b = b if b is not None else base_entries[key]["merged"].get("iters")
             if a != b:
-                refuse(field, a, b, where)
+                refuse(setting, a, b, where)
         runtime = BACKEND_RUNTIME.get(key[0], key[0])
         a = (env_new.get("versions") or {}).get(runtime)
         b = (env_base.get("versions") or {}).get(runtime)

@@ -52,7 +52,7 @@ from ..models.adapters import read_adapter
 from ..models.flops import count_flops, token_cost_model
 from ..models.forward import input_shape
 from ..models.merged import MergeConfig
-from ..patch import merge_info, tokens_per_layer
+from ..patch import tokens_per_layer
 from ..schedule import make_spec, resolve
 from . import latency as lat
 from .profile import Progress, drift_between, export_for_runtime, model_outputs

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import existing_file, write_files, writable_file
+from .._io import existing_file, writable_file, write_files
 from .._optional import pyplot, require
 from ..data import SAMPLE_PHOTOS, data_config, model_transform, sample_images
 from ..errors import TmergeError

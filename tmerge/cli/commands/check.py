@@ -13,8 +13,8 @@ from ...errors import TmergeError, VerificationError
 from ...profiling.check import compare, parse_threshold
 from ...profiling.report import load_report, save_report
 from ..app import app, print_json
-from ..render import render_check
 from ..options import JsonOpt
+from ..render import render_check
 
 
 @app.command("check")

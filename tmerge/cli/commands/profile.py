@@ -15,12 +15,37 @@ from ...profiling.profile import ProfileConfig, pair_from_manifest, profile_pair
 from ...profiling.report import save_report
 from ...runtime import resolve
 from ..app import app, print_json
+from ..options import (
+    AdapterOpt,
+    BackendsOpt,
+    BatchSizesOpt,
+    CheckpointOpt,
+    CompileOpt,
+    DataOpt,
+    DeviceOpt,
+    InflectionOpt,
+    ItersOpt,
+    JsonOpt,
+    KeepRatioOpt,
+    MergeFormOpt,
+    MethodOpt,
+    MethodOptionsOpt,
+    ModelKwargsOpt,
+    ModelOpt,
+    NoDriftOpt,
+    NumImagesOpt,
+    PretrainedOpt,
+    PropAttnOpt,
+    ROpt,
+    ScheduleOpt,
+    ThreadsOpt,
+    WarmupOpt,
+    merge_config,
+    parse_backends,
+    parse_int_list,
+    parse_model_kwargs,
+)
 from ..render import RichProgress, render_report
-from ..options import (AdapterOpt, BackendsOpt, BatchSizesOpt, CheckpointOpt, CompileOpt, DataOpt, DeviceOpt,
-                       InflectionOpt, ItersOpt, JsonOpt, KeepRatioOpt, MergeFormOpt, MethodOpt, MethodOptionsOpt,
-                       ModelKwargsOpt, ModelOpt, NoDriftOpt, NumImagesOpt, PretrainedOpt, PropAttnOpt, ROpt,
-                       ScheduleOpt, ThreadsOpt, WarmupOpt, merge_config, parse_backends,
-                       parse_int_list, parse_model_kwargs)
 
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-O", help="also write the JSON report to this file")]
 OnnxOpt = Annotated[Optional[Path], typer.Option(

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..._io import writable_folder
@@ -15,11 +14,28 @@ from ...models.merged import MergeConfig, build_pair
 from ...profiling.profile import ProfileConfig
 from ...profiling.sweep import check_drift_metric, grid, run_sweep
 from ..app import app, print_json
+from ..options import (
+    BackendsOpt,
+    BatchSizesOpt,
+    CheckpointOpt,
+    DataOpt,
+    DeviceOpt,
+    ItersOpt,
+    JsonOpt,
+    MergeFormOpt,
+    ModelKwargsOpt,
+    ModelOpt,
+    NoDriftOpt,
+    NumImagesOpt,
+    PretrainedOpt,
+    ThreadsOpt,
+    WarmupOpt,
+    parse_backends,
+    parse_float_list,
+    parse_int_list,
+    parse_model_kwargs,
+)
 from ..render import render_sweep, wide_console
-from ..options import (BackendsOpt, BatchSizesOpt, CheckpointOpt, DataOpt, DeviceOpt, ItersOpt, JsonOpt,
-                       MergeFormOpt, ModelKwargsOpt, ModelOpt, NoDriftOpt, NumImagesOpt, PretrainedOpt, ThreadsOpt,
-                       WarmupOpt, parse_backends, parse_float_list, parse_int_list,
-                       parse_model_kwargs)
 
 
 @app.command("sweep")

@@ -5,19 +5,31 @@ from __future__ import annotations
 import os
 from typing import Annotated, Optional
 
+import torch
 import typer
 
-import torch
-
-from ...data import load_images
 from ..._io import writable_file
+from ...data import load_images
 from ...errors import TmergeError
 from ...models import load_model, model_label
-from ...training import check_training_options, checkpoint_path, trainable_methods, train_adapter
+from ...training import check_training_options, checkpoint_path, train_adapter, trainable_methods
 from ..app import app, print_json
-from ..options import (CheckpointOpt, DataOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOptionsOpt,
-                       ModelKwargsOpt, ModelOpt, NumImagesOpt, PropAttnOpt, ROpt, ScheduleOpt, merge_config,
-                       parse_model_kwargs)
+from ..options import (
+    CheckpointOpt,
+    DataOpt,
+    InflectionOpt,
+    JsonOpt,
+    KeepRatioOpt,
+    MethodOptionsOpt,
+    ModelKwargsOpt,
+    ModelOpt,
+    NumImagesOpt,
+    PropAttnOpt,
+    ROpt,
+    ScheduleOpt,
+    merge_config,
+    parse_model_kwargs,
+)
 
 
 @app.command("train")

@@ -20,8 +20,7 @@ from ...models import DEFAULT_MODEL
 from ...models.merged import MergeConfig, build_pair
 from ...profiling.tune import TuneConfig, adapter_candidate, parse_duration, plot_tune, tune
 from ..app import app, print_json
-from ..options import (CheckpointOpt, DataOpt, JsonOpt, ModelKwargsOpt, ModelOpt, NumImagesOpt, PretrainedOpt,
-                       ThreadsOpt, parse_model_kwargs)
+from ..options import CheckpointOpt, DataOpt, JsonOpt, ModelKwargsOpt, ModelOpt, NumImagesOpt, PretrainedOpt, ThreadsOpt, parse_model_kwargs
 from ..render import RichProgress, calibration_drift, render_tune
 
 

@@ -49,7 +49,6 @@ from ...errors import TmergeError
 from ..base import BlockInput, MergePlan, Option, bipartite_match, candidate_destinations, key_metric
 from .tome import ToMe
 
-
 SCORER_GRAD = 0.05  # the scorer learns as if the gate were at least this open (value unchanged)
 IB_CLUSTERS = 16
 IB_TEMPERATURE = 0.1

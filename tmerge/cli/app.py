@@ -5,7 +5,6 @@ Each command lives in its own module under ``tmerge/cli/commands`` and registers
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Sequence
 
@@ -16,6 +15,7 @@ try:  # typer >= 0.17 vendors click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_exceptions
 
+from .._io import json_bytes
 from ..errors import TmergeError
 
 app = typer.Typer(
@@ -28,7 +28,7 @@ app = typer.Typer(
 
 
 def print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(json_bytes(data).decode())
 
 
 def _register_commands() -> None:

@@ -24,6 +24,10 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return str(value)
 
 
+def _interval(interval: list[float] | None) -> str:
+    return "n/a" if interval is None else f"{interval[0]:.3f}–{interval[1]:.3f}"
+
+
 def human_flops(value: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
@@ -64,7 +68,7 @@ def render_report(report: dict, console=None) -> None:
     if report["latency"]:
         lat = Table(title="latency (merged vs unmerged, interleaved)")
         for col in ("backend", "device", "batch", "threads", "model", "p50 ms", "p90 ms", "p99 ms", "mean±std ms",
-                    "img/s", "peak MiB", "ratio p50", "ratio mean"):
+                    "img/s", "peak MiB", "ratio p50", "95% interval", "ratio mean"):
             lat.add_column(col, justify="right")
         for e in report["latency"]:
             for side in ("unmerged", "merged"):
@@ -74,9 +78,10 @@ def render_report(report: dict, console=None) -> None:
                     e["backend"] if first else "", e["device"] if first else "",
                     str(e["batch_size"]) if first else "", _fmt(e.get("threads")) if first else "", side,
                     _fmt(s["p50_ms"], ".2f"), _fmt(s.get("p90_ms"), ".2f"), _fmt(s.get("p99_ms"), ".2f"),
-                    f"{s['mean_ms']:.2f}±{s.get('std_ms', 0):.2f}", _fmt(s.get("throughput_ips"), ".1f"),
+                    f"{s['mean_ms']:.2f}±" + ("n/a" if s.get("std_ms") is None else f"{s['std_ms']:.2f}"), _fmt(s.get("throughput_ips"), ".1f"),
                     "n/a" if s.get("peak_mem_mb") is None else _fmt(s["peak_mem_mb"], ".0f"),
                     _fmt(e["ratio_p50"]) if side == "merged" else "",
+                    _interval(e.get("ratio_p50_ci")) if side == "merged" else "",
                     _fmt(e.get("ratio_mean")) if side == "merged" else "",
                 )
         console.print(lat)

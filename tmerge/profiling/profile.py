@@ -275,6 +275,7 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     report["latency"] = _latency(merged, unmerged, config, images, progress, model_name)
     ort_threads = config.threads if "onnxruntime" in config.backends else None
     report["env"] = environment(torch_threads, ort_threads)
+    report["warnings"] = lat.interval_warnings(report["latency"], report["env"]["loadavg"])
     report["config"] = {"warmup": config.warmup, "iters": config.iters, "batch_sizes": list(config.batch_sizes),
                         "backends": list(config.backends), "device": config.device, "threads": config.threads,
                         "compile": config.compile, "data": config.data}

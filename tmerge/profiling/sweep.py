@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Callable
 
 from torch import nn
 
-from .._io import write_files
+from .._io import json_bytes, write_files
 from .._optional import pyplot
 from ..data import load_images
 from ..errors import TmergeError
@@ -176,7 +175,7 @@ def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *
     }
     png = plot_pareto(rows, out_dir / "pareto.png", title=f"{model_name}: drift vs cost", drift_metric=drift_metric)
     summary["png"] = str(png)
-    write_files({out_dir / "sweep.json": (json.dumps(summary, indent=2, default=str) + "\n").encode()})
+    write_files({out_dir / "sweep.json": json_bytes(summary)})
     return summary
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -129,3 +130,5 @@ def profile_command(
         print_json(report)
     else:
         render_report(report)
+    for warning in report["warnings"]:
+        sys.stderr.write(f"warning: {warning}\n")

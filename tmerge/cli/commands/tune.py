@@ -4,14 +4,13 @@ faithful one within a latency budget) on the target runtime; Pareto table, JSON,
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..._io import write_files
+from ..._io import json_bytes, write_files
 from ...errors import TmergeError, VerificationError
 from ...export import export
 from ...export.checks import ENGINE_SUFFIXES, check_out_path
@@ -88,7 +87,7 @@ def tune_command(
     out_dir.mkdir(parents=True, exist_ok=True)
     result["png"] = str(plot_tune(result, out_dir / "pareto.png"))
     result["json"] = str(out_dir / "tune.json")
-    write_files({out_dir / "tune.json": (json.dumps(result, indent=2, default=str) + "\n").encode()})
+    write_files({out_dir / "tune.json": json_bytes(result)})
     if as_json:
         print_json(result)
     else:

@@ -67,8 +67,8 @@ def render_report(report: dict, console=None) -> None:
 
     if report["latency"]:
         lat = Table(title="latency (merged vs unmerged, interleaved)")
-        for col in ("backend", "device", "batch", "threads", "model", "p50 ms", "p90 ms", "p99 ms", "mean±std ms",
-                    "img/s", "peak MiB", "ratio p50", "95% interval", "ratio mean"):
+        for col in ("backend", "device", "batch", "threads", "model", "p50 ms", "p90 ms", "mean±std ms",
+                    "img/s", "peak MiB", "ratio p50", "95% CI", "ratio mean"):
             lat.add_column(col, justify="right")
         for e in report["latency"]:
             for side in ("unmerged", "merged"):
@@ -77,7 +77,7 @@ def render_report(report: dict, console=None) -> None:
                 lat.add_row(
                     e["backend"] if first else "", e["device"] if first else "",
                     str(e["batch_size"]) if first else "", _fmt(e.get("threads")) if first else "", side,
-                    _fmt(s["p50_ms"], ".2f"), _fmt(s.get("p90_ms"), ".2f"), _fmt(s.get("p99_ms"), ".2f"),
+                    _fmt(s["p50_ms"], ".2f"), _fmt(s.get("p90_ms"), ".2f"),
                     f"{s['mean_ms']:.2f}±" + ("n/a" if s.get("std_ms") is None else f"{s['std_ms']:.2f}"), _fmt(s.get("throughput_ips"), ".1f"),
                     "n/a" if s.get("peak_mem_mb") is None else _fmt(s["peak_mem_mb"], ".0f"),
                     _fmt(e["ratio_p50"]) if side == "merged" else "",

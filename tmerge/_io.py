@@ -137,8 +137,10 @@ def writable_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...] 
     The folder must exist (no command creates folders for a file it writes) and be writable, the
     path must not be a folder or a read-only file, and it must end in one of ``suffixes`` if given.
     """
+    if not str(path).strip():
+        raise TmergeError(f"{what} is empty; give a file name")
     path = Path(path).expanduser()
-    if str(path) in ("", ".") or path.name in ("", ".", ".."):
+    if str(path) == "." or path.name in ("", ".", ".."):
         raise TmergeError(f"{what} {str(path)!r} is not a file path")
     if path.is_dir():
         raise TmergeError(f"{what} {path} is a directory; give a file name")
@@ -152,6 +154,21 @@ def writable_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...] 
     if suffixes and path.suffix.lower() not in suffixes:
         raise TmergeError(f"{what} {path} should end in {' or '.join(suffixes)}")
     return path
+
+
+def check_distinct(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None]) -> None:
+    """A TmergeError when an output path (``{what: path}``) is one of the inputs: writing it would
+    destroy what the command reads."""
+    def key(path) -> Path:
+        return Path(path).expanduser().resolve()
+
+    given = {what: key(path) for what, path in inputs.items() if path is not None}
+    for out_what, out in outputs.items():
+        if out is None:
+            continue
+        for in_what, source in given.items():
+            if key(out) == source:
+                raise TmergeError(f"{out_what} {out} is {in_what}: it would be overwritten; write elsewhere")
 
 
 def writable_folder(path: str | os.PathLike, what: str) -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from .. import runtime
-from .._io import write_files
+from .._io import check_distinct, write_files
 from ..errors import TmergeError, VerificationError, first_line
 from ..models import DEFAULT_MODEL, check_batch_fits
 from ..models import model_label as label_of
@@ -161,7 +161,7 @@ def export(
         out_path = onnx_path = check_out_path(out)
     elif format == "openvino":
         out_path = check_out_path(out, IR_SUFFIXES)
-        check_out_path(out_path.with_suffix(".bin"), (".bin",))
+        check_out_path(out_path.with_suffix(".bin"), (".bin",), manifest=False)
         onnx_path = check_out_path(out_path.with_suffix(".onnx"))
         if graph != "portable":
             raise TmergeError("--format openvino converts the portable graph: use --graph portable (the default)")
@@ -181,6 +181,9 @@ def export(
                             merge_form=merge_form)
     if merge.merge_form is None:
         merge = dataclasses.replace(merge, merge_form="scatter" if format == "trt" else "gather")
+    check_distinct({"--out": out_path, "the ONNX file": onnx_path, "the manifest": manifest_path(out_path),
+                    "the ONNX manifest": manifest_path(onnx_path)},
+                   {"--checkpoint": checkpoint, "--adapter": merge.adapter})
     model = build_merged_model(model_name, merge.check(), checkpoint=None if checkpoint is None else str(checkpoint),
                                pretrained=pretrained, model_kwargs=model_kwargs)
     check_batch_fits(model, batch, "--batch-size")

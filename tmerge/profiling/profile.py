@@ -8,6 +8,7 @@ the same images, latency per (backend, batch size) with the merged and unmerged 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -299,11 +300,14 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
         backends = [runtime.resolve("torch.compile") if b.name == "torch" else b for b in backends]
     artifacts: dict[str, dict] = {}
     tmp = None
+    created = None  # the --onnx-dir folder when this run created it: removed again if the run fails
     try:
         if config.needs_onnx:
             if config.workdir:
                 workdir = Path(config.workdir)
-                workdir.mkdir(parents=True, exist_ok=True)
+                if not workdir.exists():
+                    workdir.mkdir(parents=True)
+                    created = workdir
             else:
                 tmp = tempfile.TemporaryDirectory(prefix="tmerge-profile-")
                 workdir = Path(tmp.name)
@@ -343,6 +347,10 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
                                           for k, v in artifacts.items()}
                 entries.append(entry)
             del runners
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -43,7 +43,6 @@ import torch
 from torch import nn
 
 from .. import runtime as runtimes
-from .._io import write_files
 from .._optional import pyplot
 from ..data import SAMPLE_PHOTOS, load_images
 from ..errors import TmergeError
@@ -787,9 +786,9 @@ def _result(entries, chosen, met, reference, mode, config, model_name, clock, ro
 # plot
 
 
-def plot_tune(result: dict, out: str | Path) -> Path:
+def plot_tune(result: dict) -> bytes:
     """Drift against FLOPs ratio (every measured candidate) and against latency ratio (timed ones);
-    the Pareto fronts as lines, the chosen point and the ToMe reference marked; written atomically."""
+    the Pareto fronts as lines, the chosen point and the ToMe reference marked; PNG bytes."""
     plt = pyplot()
 
     cands = result["candidates"]
@@ -838,6 +837,4 @@ def plot_tune(result: dict, out: str | Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    out = Path(out)
-    write_files({out: buf.getvalue()})
-    return out
+    return buf.getvalue()

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..._io import existing_file, writable_file, writable_folder
+from ..._io import check_distinct, existing_file, writable_file, writable_folder
 from ...errors import TmergeError
+from ...export.manifest import manifest_path
 from ...models import DEFAULT_MODEL, model_label, weights_sha256
 from ...models.merged import build_pair
 from ...profiling.profile import ProfileConfig, pair_from_manifest, profile_pair
@@ -89,6 +90,8 @@ def profile_command(
         writable_file(out, "--out", (".json",))
     if onnx_dir is not None:
         writable_folder(onnx_dir, "--onnx-dir")
+    check_distinct({"--out": out}, {"--onnx": onnx, "the manifest of --onnx": onnx and manifest_path(onnx),
+                                    "--checkpoint": checkpoint, "--adapter": adapter})
     config = ProfileConfig(
         backends=parse_backends(backends), device=device, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
         warmup=warmup, iters=iters, threads=threads, compile=compile, data=None if no_drift else data,

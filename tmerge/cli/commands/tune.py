@@ -82,12 +82,13 @@ def tune_command(
     with RichProgress(enabled=True) as progress:
         result = tune(unmerged, config, model_name=model or DEFAULT_MODEL, progress=progress,
                       reference_model_flags=model_flags)
-    if export_path is not None and result["met"]:
-        result["export"] = _export_choice(result, config, export_path, model, checkpoint, pretrained, kwargs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result["png"] = str(plot_tune(result, out_dir / "pareto.png"))
-    result["json"] = str(out_dir / "tune.json")
-    write_files({out_dir / "tune.json": json_bytes(result)})
+    if result["met"]:  # a failed search (exit 1) writes nothing
+        if export_path is not None:
+            result["export"] = _export_choice(result, config, export_path, model, checkpoint, pretrained, kwargs)
+        result["png"], result["json"] = str(out_dir / "pareto.png"), str(out_dir / "tune.json")
+        png = plot_tune(result)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_files({out_dir / "tune.json": json_bytes(result), out_dir / "pareto.png": png})
     if as_json:
         print_json(result)
     else:
@@ -102,10 +103,10 @@ def tune_command(
 
 def _check_export_path(path: str, runtime: str) -> Path:
     if runtime == "tensorrt":
-        engine = check_out_path(path, ENGINE_SUFFIXES)
-        check_out_path(engine.with_suffix(".onnx"))
+        engine = check_out_path(path, ENGINE_SUFFIXES, what="--export")
+        check_out_path(engine.with_suffix(".onnx"), what="--export")
         return engine
-    return check_out_path(path)
+    return check_out_path(path, what="--export")
 
 
 def _model_flags(model, model_kwargs, checkpoint, pretrained) -> list[str]:

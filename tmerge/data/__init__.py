@@ -51,6 +51,8 @@ FASHION_MNIST_CLASSES = (
 )
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DEFAULT_COUNT = {"samples": 16, "fashion-mnist": 1000}  # a folder defaults to all of its images
+# beyond this many views of a handful of photos, more views add time, not information
+MAX_SAMPLE_VIEWS = 4096
 
 
 class ImageSet(NamedTuple):
@@ -123,6 +125,9 @@ def sample_views(n: int, model: nn.Module, seed: int = 0, photos: Sequence[str] 
 
     if n < 1:
         raise TmergeError(f"the number of sample views must be at least 1, got {n}")
+    if n > MAX_SAMPLE_VIEWS:
+        raise TmergeError(f"{n} views of the sample photos asked for; at most {MAX_SAMPLE_VIEWS} (crops of a few "
+                          "photos): use fashion-mnist or a folder of images for more")
     known = (*SAMPLE_PHOTOS, *EXTRA_PHOTOS)
     chosen = [image for name, image in sample_images(known if photos is not None else SAMPLE_PHOTOS)
               if photos is None or name in photos]
@@ -234,12 +239,40 @@ def image_folder(path: str | Path) -> tuple[list[Path], list[int] | None, list[s
     return files, None, None
 
 
-def _open_image(path: Path):
+# modes PIL converts to RGB without losing what the values mean (8 bits per channel, palette, CMYK, ...)
+_CONVERTIBLE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def to_rgb(image, name: str = "image"):
+    """``image`` (PIL) as 8-bit RGB with the meaning of its values kept. PIL's own ``convert("RGB")``
+    clips 16-bit and float greyscale to 0..255, which turns a normal photo almost white; here 16-bit
+    ("I;16*", or "I" with values up to 65535) is scaled from 0..65535 and float ("F") from 0..1.
+    Anything else (32-bit integers, floats outside 0..1, unknown modes) is a TmergeError."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode in _CONVERTIBLE_MODES:
+        return image.convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        full_scale = 1.0 if mode == "F" else 65535.0
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= full_scale):
+            kind = "float" if mode == "F" else "integer"
+            raise TmergeError(f"{name}: {kind} greyscale values outside 0..{full_scale:g} (mode {mode}); "
+                              "save it as an 8-bit or 16-bit image")
+        grey = np.round(values * (255.0 / full_scale)).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    raise TmergeError(f"{name}: image mode {mode} is not supported; save it as 8-bit RGB")
+
+
+def open_image(path: Path):
+    """An image file as 8-bit RGB (see :func:`to_rgb`); unreadable files are a TmergeError."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            image.load()
+            return to_rgb(image, f"image {path}")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise TmergeError(f"cannot read image {path}: {e}") from e
 
@@ -291,7 +324,7 @@ def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed
     files, labels, class_names = image_folder(text)
     chosen = _subset(len(files), _default(n, len(files)), seed, text)
     transform = model_transform(model)
-    images = torch.stack([transform(_open_image(files[i])) for i in chosen])
+    images = torch.stack([transform(open_image(files[i])) for i in chosen])
     label_tensor = torch.tensor([labels[i] for i in chosen], dtype=torch.int64) if labels is not None else None
     return ImageSet(images, label_tensor, class_names)
 

@@ -64,6 +64,8 @@ class ProfileConfig:
         self.backends = [lat.check_backend(backend, self.device) for backend in self.backends]
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise TmergeError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
+        if len(set(self.batch_sizes)) < len(self.batch_sizes):
+            raise TmergeError(f"--batch-sizes repeats a batch size: {','.join(map(str, self.batch_sizes))}")
         if self.iters < 1 or self.warmup < 0:
             raise TmergeError("--iters must be >= 1 and --warmup >= 0")
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:

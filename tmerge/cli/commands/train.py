@@ -103,6 +103,8 @@ def train_command(
     else:
         images, _labels, _names = load_images(data, net, n=n_train, seed=seed)
         held = load_images(heldout_data, net, n=heldout, seed=seed + 1).images if heldout else None
+    if batch_size > images.shape[0]:
+        raise TmergeError(f"--batch-size {batch_size} is larger than the {images.shape[0]} training images")
     data_summary = {"source": data, "n_images": int(images.shape[0]), "seed": seed,
                     "heldout": heldout_data or (f"{heldout} images of {data}" if heldout else None)}
     summary = train_adapter(

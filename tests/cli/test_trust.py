@@ -415,3 +415,15 @@ def test_image_size_must_be_a_multiple_of_the_patch_size(capsys):
     assert main(["schedule", "--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=31,patch_size=8",
                  "--r", "2"]) == 2
     assert "multiple" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["sweep", "tune"])
+def test_sweep_and_tune_check_their_files_before_any_work(tmp_path, capsys, command):
+    (tmp_path / "pareto.png").mkdir()
+    args = (["sweep", *TINY_CLI, "--methods", "tome", "--r", "2"] if command == "sweep" else
+            ["tune", *TINY_CLI, "--max-drift", "0.1", "--runtime", "torch"])
+    start = time.perf_counter()
+    assert main([*args, "--out-dir", str(tmp_path)]) == 2
+    assert "pareto.png" in one_error_line(capsys.readouterr().err)
+    assert time.perf_counter() - start < 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto.png"]

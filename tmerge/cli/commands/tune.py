@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..._io import json_bytes, write_files
+from ..._io import json_bytes, writable_file, write_files
 from ...errors import TmergeError, VerificationError
 from ...export import export
 from ...export.checks import ENGINE_SUFFIXES, check_out_path
@@ -72,6 +72,9 @@ def tune_command(
                         max_timed=max_timed, reserve_exports=1 if export_to else 0)
     config.validate()
     out_dir = _check_out_dir(out_dir)
+    if out_dir.is_dir():
+        for name in ("tune.json", "pareto.png"):
+            writable_file(out_dir / name, "--out-dir")
     export_path = _check_export_path(export_to, runtime) if export_to else None
     kwargs = parse_model_kwargs(model_kwargs)
     _, unmerged = build_pair(model, MergeConfig(method="none"), checkpoint=checkpoint, pretrained=pretrained,

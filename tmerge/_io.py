@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -62,7 +63,7 @@ def _replace_all(temps: list[Path], targets: list[Path]) -> None:
         for tmp, target in zip(temps, targets):
             backup = None
             if len(targets) > 1 and target.is_file():
-                backup = Path(tempfile.mktemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+                backup = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
                 try:
                     os.link(target, backup)
                 except OSError:  # no hard links on this file system

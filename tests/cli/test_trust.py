@@ -427,3 +427,12 @@ def test_sweep_and_tune_check_their_files_before_any_work(tmp_path, capsys, comm
     assert "pareto.png" in one_error_line(capsys.readouterr().err)
     assert time.perf_counter() - start < 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto.png"]
+
+
+def test_image_preparation_reports_progress():
+    from tests.helpers import tiny_vit
+    from tmerge.data import load_images
+
+    seen = []
+    load_images("samples", tiny_vit(), n=130, progress=seen.append)
+    assert seen == [64, 128, 130]

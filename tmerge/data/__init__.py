@@ -113,7 +113,8 @@ def _load_sample_images(names: tuple[str, ...]) -> tuple[tuple[str, Image.Image]
     return tuple(photos)
 
 
-def sample_views(n: int, model: nn.Module, seed: int = 0, photos: Sequence[str] | None = None) -> Tensor:
+def sample_views(n: int, model: nn.Module, seed: int = 0, photos: Sequence[str] | None = None,
+                 progress: Callable[[int], None] | None = None) -> Tensor:
     """``n`` views of the sample photos as a (n, 3, H, W) batch for ``model``; the same for a seed.
 
     ``photos`` restricts the views to those sample photos (by name), e.g. to hold some out.
@@ -150,6 +151,7 @@ def sample_views(n: int, model: nn.Module, seed: int = 0, photos: Sequence[str] 
         if rng.random() < 0.5:
             view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         views.append(transform(view))
+        _report(progress, i + 1, n)
     return torch.stack(views)
 
 
@@ -294,8 +296,15 @@ def _check_images_fit(n: int, model: nn.Module) -> None:
                           f"{available / 2**30:.1f} GiB of memory is available")
 
 
-def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed: int = 0) -> ImageSet:
+def _report(progress: Callable[[int], None] | None, done: int, total: int, every: int = 64) -> None:
+    if progress is not None and (done % every == 0 or done == total):
+        progress(done)
+
+
+def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed: int = 0,
+                progress: Callable[[int], None] | None = None) -> ImageSet:
     """``n`` images from ``source`` preprocessed for ``model``: (images, labels or None, class names or None).
+    ``progress(done)`` is called as images are prepared.
 
     ``source``: "samples", "fashion-mnist" (train split), "fashion-mnist:test", or a folder. ``n``
     None: 16 sample views, 1000 Fashion-MNIST images, or every image of a folder. A subset of a
@@ -311,7 +320,7 @@ def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed
     if n is not None:
         _check_images_fit(n, model)
     if text == "samples":
-        return ImageSet(sample_views(_default(n, DEFAULT_COUNT["samples"]), model, seed), None, None)
+        return ImageSet(sample_views(_default(n, DEFAULT_COUNT["samples"]), model, seed, progress=progress), None, None)
     if text == "fashion-mnist" or text.startswith("fashion-mnist:"):
         split = text.partition(":")[2] or "train"
         pixels, labels = fashion_mnist(split)
@@ -319,14 +328,21 @@ def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed
         from PIL import Image
 
         transform = model_transform(model)
-        images = torch.stack([transform(Image.fromarray(pixels[i])) for i in chosen])
+        images = torch.stack([_prepared(transform(Image.fromarray(pixels[i])), progress, k + 1, len(chosen))
+                              for k, i in enumerate(chosen)])
         return ImageSet(images, torch.from_numpy(labels[chosen]), list(FASHION_MNIST_CLASSES))
     files, labels, class_names = image_folder(text)
     chosen = _subset(len(files), _default(n, len(files)), seed, text)
     transform = model_transform(model)
-    images = torch.stack([transform(open_image(files[i])) for i in chosen])
+    images = torch.stack([_prepared(transform(open_image(files[i])), progress, k + 1, len(chosen))
+                          for k, i in enumerate(chosen)])
     label_tensor = torch.tensor([labels[i] for i in chosen], dtype=torch.int64) if labels is not None else None
     return ImageSet(images, label_tensor, class_names)
+
+
+def _prepared(image: Tensor, progress: Callable[[int], None] | None, done: int, total: int) -> Tensor:
+    _report(progress, done, total)
+    return image
 
 
 def _default(n: int | None, default: int) -> int:

@@ -88,6 +88,19 @@ class Progress:
     def step(self, description: str, total: int | None = None) -> Callable[[int], None]:
         return lambda done: None
 
+    def lazy_step(self, description: str, total: int | None = None) -> Callable[[int], None]:
+        """Like :meth:`step`, but shown from the first update on: a loop that first checks its input
+        and fails prints nothing but its error."""
+        update = None
+
+        def first_then_update(done: int) -> None:
+            nonlocal update
+            if update is None:
+                update = self.step(description, total)
+            update(done)
+
+        return first_then_update
+
     def log(self, message: str) -> None:
         pass
 
@@ -233,7 +246,9 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     if drift_images is not None:
         images, labels, class_names = drift_images
     elif config.data is not None:
-        images, labels, class_names = load_images(config.data, unmerged, n=config.num_images, seed=config.seed)
+        images, labels, class_names = load_images(config.data, unmerged, n=config.num_images, seed=config.seed,
+                                                  progress=progress.lazy_step("preparing drift images",
+                                                                              total=config.num_images))
     merged.eval()
     unmerged.eval()
     info = merge_info(merged)

@@ -105,7 +105,7 @@ def render_check(result: CheckResult, console=None) -> None:
     table = Table(title="tmerge check: report vs baseline (larger is worse)")
     for col in ("metric", "baseline", "report", "change", "limit", "allowed", "status"):
         table.add_column(col, justify="left" if col in ("metric", "status") else "right")
-    styles = {"REGRESSION": "bold red", "improved": "green", "ok": "", "new": "yellow"}
+    styles = {"REGRESSION": "bold red", "improved": "green", "ok": "", "new": "yellow", "uncertain": "yellow"}
     for r in result.rows:
         fmt = (lambda v: "–" if v is None else f"{v:.5g}")
         change = "–" if r.change is None else f"{r.change * 100:+.1f}%"

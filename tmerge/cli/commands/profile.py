@@ -90,6 +90,8 @@ def profile_command(
         writable_file(out, "--out", (".json",))
     if onnx_dir is not None:
         writable_folder(onnx_dir, "--onnx-dir")
+    if onnx is not None:
+        existing_file(onnx, "--onnx")
     check_distinct({"--out": out}, {"--onnx": onnx, "the manifest of --onnx": onnx and manifest_path(onnx),
                                     "--checkpoint": checkpoint, "--adapter": adapter})
     config = ProfileConfig(

@@ -434,5 +434,5 @@ def test_image_preparation_reports_progress():
     from tmerge.data import load_images
 
     seen = []
-    load_images("samples", tiny_vit(), n=130, progress=seen.append)
-    assert seen == [64, 128, 130]
+    load_images("samples", tiny_vit(), n=130, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(64, 130), (128, 130), (130, 130)]

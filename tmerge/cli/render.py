@@ -25,7 +25,7 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 
 def _interval(interval: list[float] | None) -> str:
-    return "n/a" if interval is None else f"{interval[0]:.3f}–{interval[1]:.3f}"
+    return "n/a" if interval is None else f"{interval[0]:.2f}–{interval[1]:.2f}"
 
 
 def human_flops(value: float) -> str:

@@ -114,7 +114,7 @@ def _load_sample_images(names: tuple[str, ...]) -> tuple[tuple[str, Image.Image]
 
 
 def sample_views(n: int, model: nn.Module, seed: int = 0, photos: Sequence[str] | None = None,
-                 progress: Callable[[int], None] | None = None) -> Tensor:
+                 progress: Callable[[int, int], None] | None = None) -> Tensor:
     """``n`` views of the sample photos as a (n, 3, H, W) batch for ``model``; the same for a seed.
 
     ``photos`` restricts the views to those sample photos (by name), e.g. to hold some out.
@@ -296,15 +296,15 @@ def _check_images_fit(n: int, model: nn.Module) -> None:
                           f"{available / 2**30:.1f} GiB of memory is available")
 
 
-def _report(progress: Callable[[int], None] | None, done: int, total: int, every: int = 64) -> None:
+def _report(progress: Callable[[int, int], None] | None, done: int, total: int, every: int = 64) -> None:
     if progress is not None and (done % every == 0 or done == total):
-        progress(done)
+        progress(done, total)
 
 
 def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed: int = 0,
-                progress: Callable[[int], None] | None = None) -> ImageSet:
+                progress: Callable[[int, int], None] | None = None) -> ImageSet:
     """``n`` images from ``source`` preprocessed for ``model``: (images, labels or None, class names or None).
-    ``progress(done)`` is called as images are prepared.
+    ``progress(done, total)`` is called as images are prepared.
 
     ``source``: "samples", "fashion-mnist" (train split), "fashion-mnist:test", or a folder. ``n``
     None: 16 sample views, 1000 Fashion-MNIST images, or every image of a folder. A subset of a
@@ -340,7 +340,7 @@ def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed
     return ImageSet(images, label_tensor, class_names)
 
 
-def _prepared(image: Tensor, progress: Callable[[int], None] | None, done: int, total: int) -> Tensor:
+def _prepared(image: Tensor, progress: Callable[[int, int], None] | None, done: int, total: int) -> Tensor:
     _report(progress, done, total)
     return image
 

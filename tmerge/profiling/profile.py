@@ -88,12 +88,12 @@ class Progress:
     def step(self, description: str, total: int | None = None) -> Callable[[int], None]:
         return lambda done: None
 
-    def lazy_step(self, description: str, total: int | None = None) -> Callable[[int], None]:
-        """Like :meth:`step`, but shown from the first update on: a loop that first checks its input
-        and fails prints nothing but its error."""
+    def lazy_step(self, description: str) -> Callable[[int, int], None]:
+        """Like :meth:`step`, but shown from the first ``update(done, total)`` on: a loop that first
+        checks its input and fails prints nothing but its error."""
         update = None
 
-        def first_then_update(done: int) -> None:
+        def first_then_update(done: int, total: int) -> None:
             nonlocal update
             if update is None:
                 update = self.step(description, total)
@@ -247,8 +247,7 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
         images, labels, class_names = drift_images
     elif config.data is not None:
         images, labels, class_names = load_images(config.data, unmerged, n=config.num_images, seed=config.seed,
-                                                  progress=progress.lazy_step("preparing drift images",
-                                                                              total=config.num_images))
+                                                  progress=progress.lazy_step("preparing drift images"))
     merged.eval()
     unmerged.eval()
     info = merge_info(merged)

@@ -99,7 +99,7 @@ def train_command(
         if heldout_data is None and heldout:
             want = None if n_train is None else n_train + heldout
             images, _labels, _names = load_images(data, net, n=want, seed=seed,
-                                                  progress=bars.lazy_step("preparing images", total=want))
+                                                  progress=bars.lazy_step("preparing images"))
             if images.shape[0] <= heldout:
                 raise TmergeError(f"{data} gave {images.shape[0]} images: not enough for {heldout} held-out ones "
                                   "(lower --heldout or give --heldout-data)")
@@ -107,9 +107,9 @@ def train_command(
             held, images = images[order[:heldout]], images[order[heldout:].sort().values]
         else:
             images, _labels, _names = load_images(data, net, n=n_train, seed=seed,
-                                                  progress=bars.lazy_step("preparing images", total=n_train))
+                                                  progress=bars.lazy_step("preparing images"))
             held = load_images(heldout_data, net, n=heldout, seed=seed + 1,
-                               progress=bars.lazy_step("preparing held-out images", total=heldout)).images if heldout else None
+                               progress=bars.lazy_step("preparing held-out images")).images if heldout else None
     _check_batch_size(batch_size, int(images.shape[0]))
     data_summary = {"source": data, "n_images": int(images.shape[0]), "seed": seed,
                     "heldout": heldout_data or (f"{heldout} images of {data}" if heldout else None)}

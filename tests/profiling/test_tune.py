@@ -108,7 +108,12 @@ def test_tune_max_drift_torch():
     # the constant-r ToMe reference is timed in the same rounds; the choice is at least as fast
     assert ref is not None and ref["label"].startswith("tome r=") and ref["timed_rounds"] > 0
     last = result["rungs"][-1]["ranking"]
-    assert last[0]["label"] == chosen["label"]
+    fastest = next(c for c in result["candidates"] if c["label"] == last[0]["label"])
+    # the fastest of the last rung, unless it failed held-out or its lead is inside the timing noise
+    # and the chosen one drifts less
+    assert chosen["label"] == fastest["label"] or "failed held-out" in fastest["stage"] or (
+        chosen["drift"]["held_out"] <= fastest["drift"]["held_out"]
+        and chosen["latency_ratio_p50_ci"][0] <= fastest["latency_ratio_p50_ci"][1])
     assert any(row["label"] == ref["label"] for row in last)
     # successive halving: fewer candidates, more rounds per rung
     sizes = [len(r["ranking"]) for r in result["rungs"]]

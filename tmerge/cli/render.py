@@ -252,4 +252,5 @@ def render_tune(result: dict, console=None) -> None:
         console.print(f"export: {result['export_command']}")
         if result.get("export"):
             console.print(f"exported: {result['export']['path']} (manifest {result['export']['manifest']})")
-    console.print(f"Pareto plot: {result['png']} · JSON: {result['json']}")
+    if "png" in result:  # a search that missed its budget writes no files
+        console.print(f"Pareto plot: {result['png']} · JSON: {result['json']}")

@@ -285,9 +285,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: arbitrary code, never
-        raise TmergeError(f"checkpoint {path} is not a weights-only PyTorch state dict (torch.load with "
-                          "weights_only=True refuses it); save it with torch.save(model.state_dict(), ...) "
-                          "or as .safetensors") from e
+        raise TmergeError(f"checkpoint {path} could not be read: it is not a weights-only PyTorch state dict "
+                          "(torch.load with weights_only=True refuses it); save it with "
+                          "torch.save(model.state_dict(), ...) or as .safetensors") from e
     except Exception as e:  # safetensors, zip and torch errors all mean: unreadable file
         raise TmergeError(f"checkpoint {path} could not be read ({first_line(e)})") from e
     while isinstance(obj, dict) and not _is_tensor_dict(obj):

@@ -32,13 +32,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from tmerge.data import EXTRA_PHOTOS, fashion_mnist, model_transform, sample_views
 from tmerge.models import load_model
-from tmerge.training import _teacher_outputs, train_adapter
 from tmerge.models.adapters import SHIPPED_DIR, shipped_adapter_name
+from tmerge.training import _teacher_outputs, train_adapter
+
+import numpy as np
+import torch
 
 TRAIN_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")
 HELDOUT_PHOTOS = ("immunohistochemistry", "retina", "stereo_motorcycle")

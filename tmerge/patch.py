@@ -24,8 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import TmergeError
-from .merging import BlockInput, MergeMethod, MergePlan, merge_slots, merge_tokens
-from .merging import opaque, registry
+from .merging import BlockInput, MergeMethod, MergePlan, merge_slots, merge_tokens, opaque, registry
 from .merging.ops import MERGE_FORMS
 from .schedule import ResolvedSchedule, make_spec, resolve
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-import torch
-
 import tmerge
 from tests.helpers import tiny_vit
-from tmerge.profiling.counts import (merging_layers, onnx_nodes_per_merging_block, ops_per_merging_block,
-                                     top_level_ops)
+from tmerge.profiling.counts import merging_layers, onnx_nodes_per_merging_block, ops_per_merging_block, top_level_ops
+
+import pytest
+import torch
 
 # ViT-B/16's token count (196 patches + class token) on a narrow, shallow model: the op count of a
 # merge step depends on the token count's parity and the prefix, never on width or depth

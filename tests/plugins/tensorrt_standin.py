@@ -278,6 +278,228 @@ class Logger:
         pass
 
 
+
+# ----------------------------------------------------------------------------------------------
+# the builder side (NVIDIA/TensorRT python/src/infer/pyCore.cpp, pyGraph.cpp; onnx-tensorrt's parser):
+# every call is recorded in CALLS so a test can check what tmerge asked TensorRT to do
+
+
+CALLS: list[tuple] = []
+
+
+class NetworkDefinitionCreationFlag(enum.IntEnum):
+    EXPLICIT_BATCH = 0
+    STRONGLY_TYPED = 1
+    PREFER_JIT_PYTHON_PLUGINS = 2
+    PREFER_AOT_PYTHON_PLUGINS = 3
+
+
+class BuilderFlag(enum.IntEnum):
+    FP16 = 0
+    INT8 = 1
+    DEBUG = 2
+    GPU_FALLBACK = 3
+    REFIT = 5
+    DISABLE_TIMING_CACHE = 6
+    TF32 = 7
+
+
+class MemoryPoolType(enum.IntEnum):
+    WORKSPACE = 0
+
+
+class TensorIOMode(enum.IntEnum):
+    NONE = 0
+    INPUT = 1
+    OUTPUT = 2
+
+
+class _Tensor:
+    def __init__(self, name: str, shape: tuple, mode: TensorIOMode):
+        self.name, self.shape, self.mode = name, shape, mode
+
+
+class INetworkDefinition:
+    def __init__(self, flags: int):
+        self.flags = flags
+        self.inputs: list[_Tensor] = []
+        self.outputs: list[_Tensor] = []
+        self.plugin_layers: list[tuple[str, dict]] = []
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
+    def get_input(self, index: int) -> _Tensor:
+        return self.inputs[index]
+
+
+class OnnxParser:
+    """Reads the graph as onnx-tensorrt does what matters here: inputs / outputs with -1 for dynamic
+    dimensions, and each node of a custom domain resolved to a registered plugin creator by op type,
+    ``plugin_version`` and ``plugin_namespace`` (an error when none is registered)."""
+
+    def __init__(self, network: INetworkDefinition, logger: Logger):
+        self.network, self.errors = network, []
+
+    def parse(self, model: bytes, path: str | None = None) -> bool:
+        import onnx
+
+        CALLS.append(("parse", len(model)))
+        proto = onnx.load_from_string(bytes(model))
+
+        def shape(value_info) -> tuple:
+            return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value_info.type.tensor_type.shape.dim)
+
+        initializers = {i.name for i in proto.graph.initializer}
+        self.network.inputs = [_Tensor(v.name, shape(v), TensorIOMode.INPUT) for v in proto.graph.input
+                               if v.name not in initializers]
+        self.network.outputs = [_Tensor(v.name, shape(v), TensorIOMode.OUTPUT) for v in proto.graph.output]
+        for node in proto.graph.node:
+            if node.domain in ("", "ai.onnx"):
+                continue
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            version = attrs.get("plugin_version", b"1").decode()
+            namespace = attrs.get("plugin_namespace", b"").decode()
+            if get_plugin_registry().get_creator(node.op_type, version, namespace) is None:
+                self.errors.append(f"no plugin creator for {node.op_type} version {version} in {namespace!r}")
+                return False
+            self.network.plugin_layers.append((node.op_type, attrs))
+        return True
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, index: int) -> str:
+        return self.errors[index]
+
+
+class IOptimizationProfile:
+    def __init__(self):
+        self.shapes: dict[str, tuple] = {}
+
+    def set_shape(self, name: str, min: tuple, opt: tuple, max: tuple) -> None:  # noqa: A002
+        self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
+
+
+class IBuilderConfig:
+    def __init__(self):
+        self.flags = {BuilderFlag.TF32}  # on by default, as in TensorRT
+        self.pools: dict[MemoryPoolType, int] = {}
+        self.profiles: list[IOptimizationProfile] = []
+
+    def set_flag(self, flag: BuilderFlag) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag: BuilderFlag) -> None:
+        self.flags.discard(flag)
+
+    def get_flag(self, flag: BuilderFlag) -> bool:
+        return flag in self.flags
+
+    def set_memory_pool_limit(self, pool: MemoryPoolType, size: int) -> None:
+        self.pools[pool] = size
+
+    def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+
+class IHostMemory(bytes):
+    pass
+
+
+class Builder:
+    def __init__(self, logger: Logger):
+        self.logger = logger
+
+    def create_network(self, flags: int = 0) -> INetworkDefinition:
+        CALLS.append(("create_network", flags))
+        return INetworkDefinition(flags)
+
+    def create_builder_config(self) -> IBuilderConfig:
+        return IBuilderConfig()
+
+    def create_optimization_profile(self) -> IOptimizationProfile:
+        return IOptimizationProfile()
+
+    def build_serialized_network(self, network: INetworkDefinition, config: IBuilderConfig) -> IHostMemory | None:
+        """The "engine": a JSON record of what was built (the real one is a binary TensorRT plan)."""
+        import json
+
+        if not network.inputs or not config.profiles:
+            return None
+        for tensor in network.inputs:  # a dynamic input needs a range in every profile
+            if -1 in tensor.shape and any(tensor.name not in p.shapes for p in config.profiles):
+                return None
+        record = {"inputs": [[t.name, list(t.shape)] for t in network.inputs],
+                  "outputs": [[t.name, list(t.shape)] for t in network.outputs],
+                  "flags": sorted(f.name for f in config.flags), "network_flags": network.flags,
+                  "workspace": config.pools.get(MemoryPoolType.WORKSPACE),
+                  "profiles": [{k: [list(x) for x in v] for k, v in p.shapes.items()} for p in config.profiles],
+                  "plugins": [op for op, _ in network.plugin_layers]}
+        CALLS.append(("build_serialized_network", record))
+        return IHostMemory(json.dumps(record).encode())
+
+
+class Runtime:
+    def __init__(self, logger: Logger):
+        self.logger = logger
+
+    def deserialize_cuda_engine(self, data: bytes) -> "ICudaEngine":
+        import json
+
+        return ICudaEngine(json.loads(bytes(data)))
+
+
+class ICudaEngine:
+    def __init__(self, record: dict):
+        self.record = record
+        self.tensors = [(name, TensorIOMode.INPUT) for name, _ in record["inputs"]] + [
+            (name, TensorIOMode.OUTPUT) for name, _ in record["outputs"]]
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.tensors)
+
+    def get_tensor_name(self, index: int) -> str:
+        return self.tensors[index][0]
+
+    def get_tensor_mode(self, name: str) -> TensorIOMode:
+        return dict(self.tensors)[name]
+
+    def get_tensor_dtype(self, name: str) -> DataType:
+        return DataType.FLOAT
+
+    def create_execution_context(self) -> "IExecutionContext":
+        return IExecutionContext(self)
+
+
+class IExecutionContext:
+    def __init__(self, engine: ICudaEngine):
+        self.engine, self.shapes, self.addresses = engine, {}, {}
+
+    def set_input_shape(self, name: str, shape: tuple) -> bool:
+        low, _, high = self.engine.record["profiles"][0][name]
+        if not all(lo <= s <= hi for lo, s, hi in zip(low, shape, high)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name: str) -> tuple:
+        batch = next(iter(self.shapes.values()))[0]
+        shape = dict(self.engine.record["outputs"])[name]
+        return tuple(batch if d == -1 else d for d in shape)
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        self.addresses[name] = address
+        return True
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        CALLS.append(("execute_async_v3", dict(self.shapes)))
+        return True
+
 @contextlib.contextmanager
 def plugin_layer(wheel: Path, workdir: Path, version: str):
     """``import tensorrt`` and ``import tensorrt.plugin`` give a fresh stand-in and the wheel's own

@@ -35,10 +35,9 @@ from .._io import write_files
 from ..errors import TmergeError, VerificationError
 from ..models.forward import input_shape as model_input_shape
 from ..plugins.trt import TRT_MISSING  # noqa: F401  (re-exported)
+from ..runtime.tensorrt import MIN_TRT, NEXT_UNSUPPORTED_TRT, build_engine, profile_shapes, require_tensorrt  # noqa: F401  (re-exported)
 from .manifest import ExportResult, manifest_bytes, manifest_path
 from .verify import fixed_inputs
-from ..runtime.tensorrt import (MIN_TRT, NEXT_UNSUPPORTED_TRT, build_engine, profile_shapes,  # noqa: F401
-                               require_tensorrt)
 
 FP16_MIN_COSINE = 0.999
 
@@ -86,7 +85,7 @@ def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float((num / den).min())
 
 
-def build_engine(onnx_result, model: nn.Module, out_path: Path, *, batch: int, max_batch: int | None = None,
+def export_engine(onnx_result, model: nn.Module, out_path: Path, *, batch: int, max_batch: int | None = None,
                  fp16: bool = False, aot: bool | None = None):
     """Build, check and write the engine for an :class:`~tmerge.export.ExportResult` of the
     plugin graph. Returns an ExportResult for the engine (manifest ``<engine>.json``)."""

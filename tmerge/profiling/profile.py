@@ -8,6 +8,7 @@ the same images, latency per (backend, batch size) with the merged and unmerged 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,6 @@ from ..runtime.torch_eager import autocast, check_precision
 from . import latency as lat
 from .drift import knn_agreement, output_drift
 from .report import KIND, SCHEMA_VERSION, environment, now_iso
-
 
 MAX_THREADS = 4 * (os.cpu_count() or 1) + 64  # beyond this a thread count is a typo, not a setting
 
@@ -67,6 +67,8 @@ class ProfileConfig:
         self.backends = [lat.check_backend(backend, self.device) for backend in self.backends]
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise TmergeError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
+        if len(set(self.batch_sizes)) < len(self.batch_sizes):
+            raise TmergeError(f"--batch-sizes repeats a batch size: {','.join(map(str, self.batch_sizes))}")
         if self.iters < 1 or self.warmup < 0:
             raise TmergeError("--iters must be >= 1 and --warmup >= 0")
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
@@ -92,6 +94,19 @@ class Progress:
 
     def step(self, description: str, total: int | None = None) -> Callable[[int], None]:
         return lambda done: None
+
+    def lazy_step(self, description: str) -> Callable[[int, int], None]:
+        """Like :meth:`step`, but shown from the first ``update(done, total)`` on: a loop that first
+        checks its input and fails prints nothing but its error."""
+        update = None
+
+        def first_then_update(done: int, total: int) -> None:
+            nonlocal update
+            if update is None:
+                update = self.step(description, total)
+            update(done)
+
+        return first_then_update
 
     def log(self, message: str) -> None:
         pass
@@ -238,7 +253,8 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     if drift_images is not None:
         images, labels, class_names = drift_images
     elif config.data is not None:
-        images, labels, class_names = load_images(config.data, unmerged, n=config.num_images, seed=config.seed)
+        images, labels, class_names = load_images(config.data, unmerged, n=config.num_images, seed=config.seed,
+                                                  progress=progress.lazy_step("preparing drift images"))
     merged.eval()
     unmerged.eval()
     info = merge_info(merged)
@@ -284,6 +300,7 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     report["latency"] = _latency(merged, unmerged, config, images, progress, model_name)
     ort_threads = config.threads if "onnxruntime" in config.backends else None
     report["env"] = environment(torch_threads, ort_threads)
+    report["warnings"] = lat.interval_warnings(report["latency"], report["env"]["loadavg"])
     report["config"] = {"warmup": config.warmup, "iters": config.iters, "batch_sizes": list(config.batch_sizes),
                         "backends": list(config.backends), "device": config.device, "threads": config.threads,
                         "precision": config.precision, "cuda_graphs": config.cuda_graphs and config.device == "cuda",
@@ -308,11 +325,14 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
         backends = [runtime.resolve("torch.compile") if b.name == "torch" else b for b in backends]
     artifacts: dict[str, dict] = {}
     tmp = None
+    created = None  # the --onnx-dir folder when this run created it: removed again if the run fails
     try:
         if config.needs_onnx:
             if config.workdir:
                 workdir = Path(config.workdir)
-                workdir.mkdir(parents=True, exist_ok=True)
+                if not workdir.exists():
+                    workdir.mkdir(parents=True)
+                    created = workdir
             else:
                 tmp = tempfile.TemporaryDirectory(prefix="tmerge-profile-")
                 workdir = Path(tmp.name)
@@ -354,6 +374,10 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
                                           for k, v in artifacts.items()}
                 entries.append(entry)
             del runners
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         if tmp is not None:
             tmp.cleanup()

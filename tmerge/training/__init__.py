@@ -53,7 +53,6 @@ from ..profiling.drift import output_drift
 from ..schedule import make_spec, resolve
 
 
-
 def trainable_methods() -> tuple[str, ...]:
     """Registered methods with learned modules (those overriding ``trainable_layers``)."""
     return tuple(name for name, cls in available().items()

@@ -71,7 +71,7 @@ def test_index_constants_are_buffers_built_once_outside_the_state_dict():
     model = tmerge.apply(copy.deepcopy(base), "tome", r=3)
     assert set(model.state_dict()) == keys
     blocks = model.blocks
-    assert sorted(blocks.constants(0)) == ["a_tok", "b_route", "b_tok", "prefix"]
+    assert sorted(blocks.constants(0)) == ["a_tok", "b_route", "b_tok", "keep_fixed", "prefix"]
     first = blocks.constants(0)["b_route"]
     with blocks.unmerged(), torch.no_grad():
         model(torch.randn(1, 3, 32, 32))

@@ -35,6 +35,7 @@ from .._io import write_files
 from ..errors import TmergeError, VerificationError
 from ..models.forward import input_shape as model_input_shape
 from ..plugins.trt import TRT_MISSING  # noqa: F401  (re-exported)
+from ..runtime import tensorrt as engines
 from ..runtime.tensorrt import MIN_TRT, NEXT_UNSUPPORTED_TRT, build_engine, profile_shapes, require_tensorrt  # noqa: F401  (re-exported)
 from .manifest import ExportResult, manifest_bytes, manifest_path
 from .verify import fixed_inputs
@@ -100,7 +101,7 @@ def export_engine(onnx_result, model: nn.Module, out_path: Path, *, batch: int, 
     manifest.update(
         format="trt", file=out_path.name, onnx_file=onnx_result.path.name, onnx_parity=onnx_result.parity,
         parity=parity, tensorrt={"version": trt.__version__, "fp16": fp16, **build_info,
-                                 "device": torch.cuda.get_device_name()},
+                                 "device": engines.DEVICE.name()},
     )
     json_path = manifest_path(out_path)
     write_files({out_path: engine_bytes, json_path: manifest_bytes(manifest)})

@@ -117,3 +117,24 @@ def test_profile_tensorrt_runs_engines_through_execution_contexts(trt, tmp_path,
     assert described["versions"] == {"tensorrt": trt.__version__} and described["gpu"] == "stand-in (host memory)"
     assert described["precision"] == "fp32 (TF32 off)" and described["profile"]["opt"] == [3, *IMAGES]
     assert entry["merged"]["p50_ms"] > 0 and entry["unmerged"]["p50_ms"] > 0
+
+
+@pytest.mark.parametrize("trt_layer", VERSIONS[-1:], ids=[f"trt{VERSIONS[-1]}"], indirect=True)
+def test_export_trt_engine_that_fails_parity_writes_nothing(trt, tmp_path, capsys, monkeypatch):
+    """An engine whose plugin layers compute something else: exit 1, one error line, and the files
+    already at the output paths are left as they were."""
+
+    def off_by_one(*args):
+        return tuple(a + 1 for a in trt_plugin_outputs(*args))
+
+    trt_plugin_outputs = trt.plugin_layer_outputs
+    monkeypatch.setattr(trt, "plugin_layer_outputs", off_by_one)
+    out = tmp_path / "tiny.engine"
+    old = {out: b"old engine", manifest_path(out): b"{}"}
+    for path, data in old.items():
+        path.write_bytes(data)
+    rc = main(["export", *ARGS, "--format", "trt", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("error:") == 1 and "TensorRT engine parity failed at batch 1" in err
+    assert calls(trt, "execute_async_v3")  # the engine did run
+    assert {path: path.read_bytes() for path in old} == old

@@ -14,8 +14,10 @@ TensorRT cannot be installed on our build machines, so no engine has been built 
 What is checked without it: the plugin definitions pass TensorRT's own registration and plugin
 creation code (its pure-Python ``tensorrt.plugin`` layer, run on CPU in CI against pinned 10.x
 releases, attributes encoded as the ONNX parser encodes them), the shape logic, the graph
-preparation and the reference merge the plugin runs. ``import tensorrt`` is lazy; without it the
-CLI exits 2 with :data:`TRT_MISSING`.
+preparation and the reference merge the plugin runs; and this whole flow (build, parity run, files)
+through a stand-in ``tensorrt`` module on CPU, with host memory in place of the CUDA device
+(:data:`tmerge.runtime.tensorrt.DEVICE`). ``import tensorrt`` is lazy; without it the CLI exits 2
+with :data:`TRT_MISSING`.
 
 Supported: TensorRT 10.9 - 10.x. TensorRT 11 removed ``BuilderFlag.FP16`` and builds every network
 strongly typed, so ``--fp16`` would need an fp16 graph (casts in the ONNX export) instead of a builder

@@ -15,6 +15,7 @@ top of a fresh stand-in (a fresh plugin registry each time) and removes both aft
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import importlib.util
 import operator
@@ -325,6 +326,7 @@ class INetworkDefinition:
         self.inputs: list[_Tensor] = []
         self.outputs: list[_Tensor] = []
         self.plugin_layers: list[tuple[str, dict]] = []
+        self.onnx = b""
 
     @property
     def num_inputs(self) -> int:
@@ -347,6 +349,7 @@ class OnnxParser:
 
         CALLS.append(("parse", len(model)))
         proto = onnx.load_from_string(bytes(model))
+        self.network.onnx = bytes(model)
 
         def shape(value_info) -> tuple:
             return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value_info.type.tensor_type.shape.dim)
@@ -425,7 +428,9 @@ class Builder:
         return IOptimizationProfile()
 
     def build_serialized_network(self, network: INetworkDefinition, config: IBuilderConfig) -> IHostMemory | None:
-        """The "engine": a JSON record of what was built (the real one is a binary TensorRT plan)."""
+        """The "engine": a JSON record of what was built and the parsed graph (the real one is a
+        binary TensorRT plan)."""
+        import base64
         import json
 
         if not network.inputs or not config.profiles:
@@ -440,6 +445,7 @@ class Builder:
                   "profiles": [{k: [list(x) for x in v] for k, v in p.shapes.items()} for p in config.profiles],
                   "plugins": [op for op, _ in network.plugin_layers]}
         CALLS.append(("build_serialized_network", record))
+        record = {**record, "onnx": base64.b64encode(network.onnx).decode()}
         return IHostMemory(json.dumps(record).encode())
 
 
@@ -477,8 +483,15 @@ class ICudaEngine:
 
 
 class IExecutionContext:
+    """Runs the engine on the memory it is given, as TensorRT does: every I/O tensor needs an address
+    (``set_tensor_address``), every input a shape inside the profile (``set_input_shape``);
+    ``execute_async_v3`` reads the inputs at their addresses, computes the parsed graph (plugin
+    layers with :func:`plugin_layer_outputs`) and writes each output at its address. The addresses
+    are host memory here (see :class:`HostDevice`), device memory in TensorRT."""
+
     def __init__(self, engine: ICudaEngine):
         self.engine, self.shapes, self.addresses = engine, {}, {}
+        self._graph = None
 
     def set_input_shape(self, name: str, shape: tuple) -> bool:
         low, _, high = self.engine.record["profiles"][0][name]
@@ -493,12 +506,95 @@ class IExecutionContext:
         return tuple(batch if d == -1 else d for d in shape)
 
     def set_tensor_address(self, name: str, address: int) -> bool:
+        CALLS.append(("set_tensor_address", name, address))
         self.addresses[name] = address
         return True
 
     def execute_async_v3(self, stream_handle: int) -> bool:
-        CALLS.append(("execute_async_v3", dict(self.shapes)))
+        CALLS.append(("execute_async_v3", stream_handle, dict(self.shapes)))
+        inputs = [name for name, _ in self.engine.record["inputs"]]
+        outputs = [name for name, _ in self.engine.record["outputs"]]
+        if set(inputs) - set(self.shapes) or set(inputs + outputs) - set(self.addresses):
+            return False
+        if self._graph is None:
+            self._graph = _evaluator(self.engine.record["onnx"])
+        feeds = {name: _at(self.addresses[name], self.shapes[name]).copy() for name in inputs}
+        for name, value in zip(outputs, self._graph.run(outputs, feeds)):
+            if value.shape != self.get_tensor_shape(name):
+                return False
+            _at(self.addresses[name], value.shape)[...] = value
         return True
+
+
+def _at(address: int, shape: tuple) -> np.ndarray:
+    """The float32 array of ``shape`` at ``address`` (a tensor's memory, as TensorRT addresses it)."""
+    count = int(np.prod(shape))
+    return np.frombuffer((ctypes.c_float * count).from_address(address), np.float32, count).reshape(shape)
+
+
+def plugin_layer_outputs(op_type: str, attrs: dict, x, size, keys) -> tuple:
+    """What a tmerge plugin layer computes: the reference merge its JIT implementation runs on
+    TensorRT's buffers (:mod:`tmerge.plugins.trt`), here on host arrays."""
+    from tmerge.plugins.reference import reference_merge
+
+    import torch
+
+    out, out_size = reference_merge(op_type, attrs, *(torch.from_numpy(np.ascontiguousarray(a)) for a in (x, size, keys)))
+    return out.numpy(), out_size.numpy()
+
+
+def _evaluator(onnx_b64: str):
+    """The parsed graph, run with ONNX Runtime, or with plugin layers by ONNX's reference evaluator
+    (ONNX Runtime has no way to run them): both have ``run(output names, feeds)``."""
+    import base64
+
+    import onnx
+    import onnxruntime
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    model = base64.b64decode(onnx_b64)
+    proto = onnx.load_from_string(model)
+    plugins = {(n.domain, n.op_type) for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
+    if not plugins:
+        return onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+
+    class PluginLayer(OpRun):
+        def _run(self, x, size, keys, **attrs):
+            attrs = {k: v for k, v in attrs.items() if k != "aot"}
+            return plugin_layer_outputs(self.onnx_node.op_type, attrs, x, size, keys)
+
+    ops = [type(op_type, (PluginLayer,), {"op_domain": domain}) for domain, op_type in plugins]
+    return ReferenceEvaluator(proto, new_ops=ops)
+
+
+class HostDevice:
+    """The CUDA device of :data:`tmerge.runtime.tensorrt.DEVICE`, in host memory: buffers are CPU
+    tensors (their ``data_ptr()`` is what the execution context reads and writes), the stream a
+    handle whose ``synchronize`` is recorded in CALLS."""
+
+    STREAM = 0x5EA  # a non-default stream handle
+
+    def check(self) -> None:
+        pass
+
+    def name(self) -> str:
+        return "stand-in (host memory)"
+
+    def empty(self, shape: tuple, dtype):
+        import torch
+
+        return torch.empty(shape, dtype=dtype)
+
+    def stream(self):
+        class Stream:
+            cuda_stream = self.STREAM
+
+            def synchronize(self) -> None:
+                CALLS.append(("synchronize", self.cuda_stream))
+
+        return Stream()
+
 
 @contextlib.contextmanager
 def plugin_layer(wheel: Path, workdir: Path, version: str):

@@ -235,8 +235,12 @@ def bipartite_choice(a: Tensor, b: Tensor, r: int) -> BipartiteChoice:
         kept = torch.arange(a.shape[1], device=a.device).expand(a.shape[0], -1)
         return BipartiteChoice(merged=kept[:, :0], kept=kept, match=kept[:, :0], scores=scores, best_b=kept * 0)
     best, best_b = scores.max(dim=-1)
-    merged, kept = best.argsort(dim=-1, descending=True, stable=True).split([r, a.shape[1] - r], dim=-1)
-    kept = kept.sort(dim=-1, stable=True).values
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    if r == a.shape[1]:  # r at its cap: every A merges (no zero-size tensor: some runtimes divide by 0)
+        merged, kept = order, order[:, :0]
+    else:
+        merged, kept = order.split([r, a.shape[1] - r], dim=-1)
+        kept = kept.sort(dim=-1, stable=True).values
     return BipartiteChoice(merged=merged, kept=kept, match=best_b.gather(-1, merged), scores=scores, best_b=best_b)
 
 
@@ -266,9 +270,10 @@ def bipartite_constants(num_tokens: int, r: int, num_prefix: int, device=None, d
 
 
 def prefixed(consts: dict[str, Tensor], middle: list[Tensor], batch: int) -> Tensor:
-    """cat([prefix tokens, *middle], dim=1) as (B, M, 1) token indices (no op for an empty prefix)."""
+    """cat([prefix tokens, *middle], dim=1) as (B, M, 1) token indices, leaving out empty parts (a
+    zero-size tensor in an exported graph crashes some runtimes' compilers)."""
     prefix = consts["prefix"]
-    parts = ([prefix.expand(batch, -1, -1)] if len(prefix) else []) + middle
+    parts = ([prefix.expand(batch, -1, -1)] if len(prefix) else []) + [part for part in middle if part.shape[1]]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
@@ -276,7 +281,10 @@ def tome_plan(consts: dict[str, Tensor], choice: BipartiteChoice, num_tokens: in
     """ToMe's hard plan from its choice on (A', B'): [prefix, unmerged A', B'], merged A' -> their B'."""
     fixed = consts["keep_fixed"]
     before, after = len(consts["prefix"]), len(consts["b_tok"])  # the unmerged A' go between prefix and B'
-    keep = torch.nn.functional.pad(lookup(consts["a_tok"], choice.kept), (0, 0, before, after)) + fixed
+    if choice.kept.shape[1]:
+        keep = torch.nn.functional.pad(lookup(consts["a_tok"], choice.kept), (0, 0, before, after)) + fixed
+    else:
+        keep = fixed.expand(choice.merged.shape[0], -1, -1)
     return MergePlan(keep=keep, src=lookup(consts["a_tok"], choice.merged),
                      route=lookup(consts["b_route"], choice.match), num_tokens=num_tokens)
 

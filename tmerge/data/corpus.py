@@ -41,7 +41,7 @@ from ..errors import TmergeError
 
 MAX_SIDE = 448  # stored photos: short side at most this (two 224 crops' worth)
 MIN_SIDE = 160  # smaller pictures are icons, not photos
-PHOTO_SCORE = 0.35  # photo_score threshold (see there)
+PHOTO_SCORE = 0.2  # photo_score threshold (see there): drops line drawings, icons and near-black frames
 SPLITS = ("train", "tune", "eval")
 
 

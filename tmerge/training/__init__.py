@@ -285,7 +285,7 @@ def train_adapter(
     merge_form: str | None = None,
     balance_r: bool | None = None,
     anneal: dict[str, tuple[float, float]] | None = None,
-    balance_images: int = 32,
+    balance_images: int = 16,
 ) -> dict:
     """Train ``method`` (dtem | ltm) on ``model`` (UNMERGED, any timm ViT tmerge supports) by
     distillation from the unmerged model; write the adapter to ``out``; return a summary dict.

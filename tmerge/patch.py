@@ -23,7 +23,7 @@ from typing import Any, Iterator, Protocol
 from torch import Tensor, nn
 
 from .errors import TmergeError
-from .merging import BlockInput, MergeMethod, merge_tokens
+from .merging import BlockInput, MergeMethod, MergePlan, merge_slots, merge_tokens
 from .merging import registry
 from .merging.ops import MERGE_FORMS
 from .schedule import ResolvedSchedule, make_spec, resolve
@@ -32,18 +32,23 @@ SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "")
 
 
 class MergeStep(Protocol):
-    """One block's merge: ``(method, block, merge_form) -> (x, size, slots)``."""
+    """One block's merge: ``(method, block, merge_form) -> (x, size, chosen)``; ``chosen`` is the
+    :class:`MergePlan` (or the (B, N) slots) the merge followed, read only when slots are recorded."""
 
-    def __call__(self, method: MergeMethod, block: BlockInput, form: str) -> tuple[Tensor, Tensor, Tensor]: ...
+    def __call__(self, method: MergeMethod, block: BlockInput, form: str) -> tuple[Tensor, Tensor, MergePlan | Tensor]: ...
 
 
 def eager_merge_step(method: MergeMethod, block: BlockInput, form: str = "gather"
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """The default step: the method chooses, the shared primitive merges. Returns (x, size, slots)."""
+                     ) -> tuple[Tensor, Tensor, MergePlan]:
+    """The default step: the method chooses, the shared primitive merges. Returns (x, size, plan)."""
     plan = method.plan(block)
-    x, size = merge_tokens(block.x, block.size, plan.slots, plan.num_out, plan.weights, form=form,
-                           sources=plan.sources)
-    return x, size, plan.slots
+    x, size = merge_tokens(block.x, block.size, plan, form=form)
+    return x, size, plan
+
+
+def chosen_slots(chosen: MergePlan | Tensor) -> Tensor:
+    """The (B, N) slots of what a merge step chose."""
+    return chosen.slots if isinstance(chosen, MergePlan) else chosen
 
 
 class ReplayStep:
@@ -55,7 +60,7 @@ class ReplayStep:
 
     def __call__(self, method: MergeMethod, block: BlockInput, form: str) -> tuple[Tensor, Tensor, Tensor]:
         slots = self.slots_by_layer[block.layer]
-        x, size = merge_tokens(block.x, block.size, slots, block.x.shape[1] - block.r, form=form)
+        x, size = merge_slots(block.x, block.size, slots, block.x.shape[1] - block.r, form=form)
         return x, size, slots
 
 
@@ -75,8 +80,10 @@ class MergingBlocks(nn.Sequential):
         # Not a submodule of the sequence (nn.Sequential runs every child): the model owns it as
         # ``model.tmerge_method`` so learned methods' parameters live in the model's state dict.
         object.__setattr__(self, "method", method)
-        self.schedule = schedule
         self.num_prefix = num_prefix
+        self._const_keys: dict[int, tuple] = {}
+        self._const_names: dict[int, dict[str, str]] = {}
+        self.schedule = schedule
         self.prop_attn = prop_attn
         self.merge_form = merge_form
         self.merge_step: MergeStep = eager_merge_step
@@ -88,6 +95,39 @@ class MergingBlocks(nn.Sequential):
         self._hooks = [
             blk.attn.k_norm.register_forward_hook(self._capture_keys(i)) for i, blk in enumerate(blocks)
         ]
+
+    @property
+    def schedule(self) -> ResolvedSchedule:
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, schedule: ResolvedSchedule) -> None:
+        self._schedule = schedule
+        self._build_constants()
+
+    def _build_constants(self) -> None:
+        """The method's index constants of every merging block, built once per schedule (not per
+        forward) and kept as non-persistent buffers, so they follow ``model.to`` and stay out of the
+        state dict. Blocks that stop merging keep theirs (``unmerged()`` rebuilds nothing)."""
+        param = next(self.parameters(), None)
+        device, dtype = (param.device, param.dtype) if param is not None else (None, None)
+        dtype = dtype if dtype is not None and dtype.is_floating_point else None
+        for layer, (tokens, r) in enumerate(zip(self._schedule.tokens, self._schedule.r)):
+            key = (tokens, r, self.num_prefix)
+            if r == 0 or self._const_keys.get(layer) == key:
+                continue
+            consts = self.method.constants(layer, tokens, r, self.num_prefix, device=device,
+                                           **({"dtype": dtype} if dtype is not None else {}))
+            for name in self._const_names.pop(layer, {}).values():
+                del self._buffers[name]
+            self._const_names[layer] = {name: f"merge_const_{layer}_{name}" for name in consts}
+            for name, value in consts.items():
+                self.register_buffer(self._const_names[layer][name], value, persistent=False)
+            self._const_keys[layer] = key
+
+    def constants(self, layer: int) -> dict[str, Tensor]:
+        """Block ``layer``'s index constants (see :meth:`MergeMethod.constants`)."""
+        return {name: getattr(self, buffer) for name, buffer in self._const_names.get(layer, {}).items()}
 
     def _capture_keys(self, layer: int):
         def hook(_module, _inputs, output):
@@ -142,20 +182,19 @@ class MergingBlocks(nn.Sequential):
             tokens.append(x.shape[1])
             mask = None
             if self.prop_attn and size is not None:
-                mask = size.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, N): + log s_j on every key j
+                mask = size.log().view(-1, 1, 1, size.shape[1])  # (B, 1, 1, N): + log s_j on every key j
             attn_input = blk.norm1(x)
             x = x + blk.drop_path1(blk.ls1(blk.attn(attn_input, attn_mask=mask)))
             keys = self._keys.pop(layer)
             r = self.schedule.r[layer]
-            slots = None
+            chosen = None
             if r > 0:
-                if size is None:
-                    size = x.new_ones(x.shape[0], x.shape[1], 1)
                 keys = self.method.merge_keys(layer, keys, attn_input)
                 block_input = BlockInput(layer=layer, depth=len(self), r=r, num_prefix=self.num_prefix,
-                                         keys=keys, attn_input=attn_input, x=x, size=size)
-                x, size, slots = self.merge_step(self.method, block_input, self.merge_form)
-            recorded.append(slots if self.record_slots else None)
+                                         keys=keys, attn_input=attn_input, x=x, size=size,
+                                         consts=self.constants(layer))
+                x, size, chosen = self.merge_step(self.method, block_input, self.merge_form)
+            recorded.append(chosen_slots(chosen) if self.record_slots and chosen is not None else None)
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         tokens.append(x.shape[1])
         self.last_tokens, self.last_slots, self.final_size = tokens, recorded, size

@@ -3,7 +3,7 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tmerge.merging.ops import merge_tokens
+from tmerge.merging.ops import merge_slots
 
 
 def test_hand_checked_weighted_merge():
@@ -11,7 +11,7 @@ def test_hand_checked_weighted_merge():
     size = torch.tensor([[[1.0], [3.0], [2.0]]])
     slots = torch.tensor([[0, 1, 0]])  # tokens 0 and 2 merge into slot 0, token 1 alone in slot 1
     for form in ("gather", "scatter", "onehot"):
-        out, new_size = merge_tokens(x, size, slots, 2, form=form)
+        out, new_size = merge_slots(x, size, slots, 2, form=form)
         assert torch.allclose(out, torch.tensor([[[(1 * 1 + 2 * 5) / 3, (0 + 2 * 4) / 3], [3.0, 2.0]]]))
         assert torch.equal(new_size, torch.tensor([[[3.0], [3.0]]]))
 
@@ -21,8 +21,8 @@ def test_soft_weights_split_a_token_between_slots():
     size = torch.ones(1, 3, 1)
     slots = torch.tensor([[[0, 1], [0, 0], [1, 1]]])
     weights = torch.tensor([[[0.25, 0.75], [1.0, 0.0], [1.0, 0.0]]])
-    out, new_size = merge_tokens(x, size, slots, 2, weights)
-    out_1h, size_1h = merge_tokens(x, size, slots, 2, weights, form="onehot")
+    out, new_size = merge_slots(x, size, slots, 2, weights)
+    out_1h, size_1h = merge_slots(x, size, slots, 2, weights, form="onehot")
     assert torch.allclose(out, out_1h) and torch.allclose(new_size, size_1h)
     assert torch.allclose(new_size.flatten(), torch.tensor([1.25, 1.75]))
     assert torch.allclose(out.flatten(), torch.tensor([(0.25 * 2 + 4) / 1.25, (0.75 * 2 + 10) / 1.75]))
@@ -48,12 +48,12 @@ def merge_problems(draw):
 @given(merge_problems())
 def test_merge_preserves_total_size_and_mass_and_forms_agree(problem):
     x, size, slots, n_out = problem
-    out, new_size = merge_tokens(x, size, slots, n_out)
+    out, new_size = merge_slots(x, size, slots, n_out)
     assert out.shape == (x.shape[0], n_out, x.shape[2])
     assert torch.allclose(new_size.sum(1), size.sum(1))
     assert torch.allclose((out * new_size).sum(1), (x * size).sum(1))
     for form in ("gather", "scatter", "onehot"):
-        out_f, size_f = merge_tokens(x, size, slots, n_out, form=form)
+        out_f, size_f = merge_slots(x, size, slots, n_out, form=form)
         assert torch.allclose(out, out_f) and torch.allclose(new_size, size_f)
     # each slot is exactly the size-weighted mean of its group
     for bi in range(x.shape[0]):

@@ -59,7 +59,7 @@ def test_pitome_matches_reference(bsm, n, num_prefix, seed, data):
     method = PiToMe(depth, bsm_layers=depth if bsm else 0)
     block = BlockInput(layer=layer, depth=depth, r=r, num_prefix=num_prefix, keys=keys, attn_input=x, x=x, size=size)
     p = method.plan(block)
-    out, new_size = merge_tokens(x, size, p.slots, p.num_out)
+    out, new_size = merge_tokens(x, size, p)
     margin = 0.75 - 0.75 * layer / depth
     for i in range(2):
         ref_x, ref_size = reference_pitome(keys[i], x[i], size[i], r, num_prefix, margin, bsm)

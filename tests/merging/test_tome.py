@@ -73,7 +73,7 @@ def test_tome_matches_reference(n, num_prefix, seed, data):
     size = torch.randint(1, 4, (2, n, 1), generator=g).to(torch.float64)
     block = BlockInput(layer=0, depth=1, r=r, num_prefix=num_prefix, keys=keys, attn_input=x, x=x, size=size)
     p = ToMe(1).plan(block)
-    out, new_size = merge_tokens(x, size, p.slots, p.num_out)
+    out, new_size = merge_tokens(x, size, p)
     assert out.shape[1] == n - r
     for i in range(2):
         ref_x, ref_size = reference_tome(keys[i], x[i], size[i], r, num_prefix)

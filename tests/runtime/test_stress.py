@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tmerge import runtime
-from tmerge.merging.ops import MERGE_FORMS, merge_tokens
+from tmerge.merging.ops import MERGE_FORMS, merge_slots
 
 N, M, C = 2056, 1928, 16  # 128 extra tokens
 WIDE = 385  # the ScatterND(add) graph the removed form exported: batch 8 x (257 -> 241) rows of 384 + size
@@ -42,7 +42,7 @@ class _Merge(torch.nn.Module):
         self.form = form
 
     def forward(self, x, size, slots):
-        return merge_tokens(x, size, slots, M, form=self.form)
+        return merge_slots(x, size, slots, M, form=self.form)
 
 
 @pytest.fixture(scope="module")

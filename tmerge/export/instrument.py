@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..merging import BlockInput, MergeMethod
 from ..models.forward import input_shape
-from ..patch import eager_merge_step, merging_blocks
+from ..patch import chosen_slots, eager_merge_step, merging_blocks
 from ..plugins import spec as plugin_spec
 from .graph import SLOTS_PREFIX, strip_slots, strip_wrapper_prefix, torch_onnx_export
 from .plugin_nodes import MergeNode, attach_functions, call_merge_node, translation_table
@@ -32,17 +32,18 @@ class ExportStep:
         self.slots: list[Tensor] = []
         self.nodes: list[MergeNode] = []
 
-    def __call__(self, method: MergeMethod, block: BlockInput, form: str) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, method: MergeMethod, block: BlockInput, form: str):
         if self.plugin:
             node = plugin_spec.node_spec(method, layer=block.layer, depth=block.depth, r=block.r,
                                          num_tokens=block.x.shape[1], num_prefix=block.num_prefix,
                                          class_token=self.class_token, merge_form=form)
             self.nodes.append(MergeNode(method, block.layer, block.depth, block.r, block.num_prefix, form, node))
-            x, size, slots = call_merge_node(node, block.x, block.size, block.keys)
+            size = block.size if block.size is not None else block.x.new_ones(*block.x.shape[:2], 1)
+            x, size, chosen = call_merge_node(node, block.x, size, block.keys)
         else:
-            x, size, slots = eager_merge_step(method, block, form)
-        self.slots.append(slots)
-        return x, size, slots
+            x, size, chosen = eager_merge_step(method, block, form)
+        self.slots.append(chosen_slots(chosen))
+        return x, size, chosen
 
 
 class WithSlots(nn.Module):

@@ -41,7 +41,8 @@ class MergeNode:
         """The portable merge of this block (the function body): (x_out, size_out, slots)."""
         block = BlockInput(layer=self.layer, depth=self.depth, r=self.r, num_prefix=self.num_prefix,
                            keys=keys, attn_input=x, x=x, size=size)
-        return eager_merge_step(self.method, block, self.merge_form)
+        x_out, size_out, plan = eager_merge_step(self.method, block, self.merge_form)
+        return x_out, size_out, plan.slots
 
 
 @functools.cache

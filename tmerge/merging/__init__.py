@@ -1,10 +1,10 @@
 """The merge core: one shared size-weighted merge, and methods that only choose what merges."""
 
-from .base import BlockInput, MergeMethod, MergePlan, Option, bipartite_slots, key_metric
-from .ops import merge_tokens
+from .base import BlockInput, MergeMethod, MergePlan, Option, key_metric
+from .ops import merge_slots, merge_tokens
 from .registry import available, get, register
 
 __all__ = [
-    "BlockInput", "MergeMethod", "MergePlan", "Option", "available", "bipartite_slots", "get",
-    "key_metric", "merge_tokens", "register",
+    "BlockInput", "MergeMethod", "MergePlan", "Option", "available", "get", "key_metric", "merge_slots",
+    "merge_tokens", "register",
 ]

@@ -20,7 +20,9 @@ class BlockInput:
     ``keys`` are the attention keys (B, heads, N, head_dim) after the block's q/k norm (or what the
     method's ``merge_keys`` substitutes for them),
     ``attn_input`` is the normalised input that fed qkv (B, N, C), ``x`` the tokens after the
-    attention residual, ``size`` the token sizes (B, N, 1).
+    attention residual, ``size`` the token sizes (B, N, 1), or None before the first merge (all ones).
+    ``consts`` are the method's index constants for this block (:meth:`MergeMethod.constants`), built
+    once per schedule by the patched model; None makes the method build them on the fly.
     """
 
     layer: int
@@ -30,21 +32,50 @@ class BlockInput:
     keys: Tensor
     attn_input: Tensor
     x: Tensor
-    size: Tensor
+    size: Tensor | None
+    consts: dict[str, Tensor] | None = None
 
 
 @dataclass
 class MergePlan:
-    """Where each input token goes: ``slots`` (B, N) or (B, N, K) with optional soft ``weights``.
+    """Where the tokens of one block go, as static-shape index tensors (no data-dependent shapes).
 
-    ``sources`` (B, E), for sparse soft merges: E extra rows, copies of tokens ``sources``, follow the
-    N tokens; ``slots`` and ``weights`` then cover N + E rows (see :func:`tmerge.merging.merge_tokens`).
+    - ``keep`` (B, M, 1): the token copied into each of the M output slots, in output order;
+    - ``src`` (B, E, 1): tokens added into a slot on top of it (ToMe: the r merged tokens);
+    - ``route`` (B, E, M): the share of each ``src`` row's size sent to each slot: one-hot rows for a
+      hard merge, weights for soft ones (LTM, DTEM's training relaxation). A token may appear in
+      ``src`` several times (one row per share);
+    - ``keep_weight`` (B, M, 1) or None: the share of its size each kept token keeps (soft merges).
+
+    ``num_tokens`` is the number of input tokens N. The first N - M rows of ``src`` are the tokens not
+    in ``keep``, each once, with its main destination first (:attr:`slots` reads them).
+    ``hard`` says every route row is one-hot with weight 1 (the merge-form choice depends on it).
     """
 
-    slots: Tensor
-    num_out: int
-    weights: Tensor | None = None
-    sources: Tensor | None = None
+    keep: Tensor
+    src: Tensor
+    route: Tensor
+    num_tokens: int
+    keep_weight: Tensor | None = None
+    hard: bool = True
+
+    @property
+    def num_out(self) -> int:
+        return self.keep.shape[1]
+
+    @property
+    def slots(self) -> Tensor:
+        """(B, N) int64: the output slot of every input token (its main one, for soft merges).
+
+        Not part of the merge itself: recorded for verification, replay and visualisation."""
+        bsz, m = self.keep.shape[0], self.num_out
+        moved = self.num_tokens - m
+        ids = torch.arange(m, device=self.keep.device).expand(bsz, m)
+        slots = torch.zeros(bsz, self.num_tokens, dtype=torch.long, device=self.keep.device)
+        slots = slots.scatter(1, self.keep[..., 0], ids)
+        if moved:
+            slots = slots.scatter(1, self.src[:, :moved, 0], self.route[:, :moved].argmax(-1))
+        return slots
 
 
 @dataclass(frozen=True)
@@ -131,6 +162,14 @@ class MergeMethod(nn.Module):
         (B, 1, N, d_f), so its merge is ToMe's step on other keys (and exports as ToMe's node)."""
         return keys
 
+    def constants(self, layer: int, num_tokens: int, r: int, num_prefix: int, *, device=None,
+                  dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Index constants of block ``layer``'s plan (token indices, one-hot route rows) for ``num_tokens``
+        tokens merging ``r``: built once per schedule by the patched model (as buffers, so they follow
+        ``model.to``) and handed back in ``BlockInput.consts``, so a forward creates no index tensor.
+        ToMe's by default (:func:`bipartite_constants`)."""
+        return bipartite_constants(num_tokens, r, num_prefix, device=device, dtype=dtype)
+
     def plan(self, block: BlockInput) -> MergePlan:
         raise NotImplementedError
 
@@ -168,70 +207,104 @@ class MergeMethod(nn.Module):
 
 def key_metric(keys: Tensor) -> Tensor:
     """ToMe's similarity metric: keys averaged over heads, L2-normalised. (B, N, head_dim)."""
-    return torch.nn.functional.normalize(keys.mean(1), dim=-1)
+    metric = keys.mean(1)
+    return metric / metric.norm(dim=-1, keepdim=True)
 
 
 @dataclass
-class BipartiteMatch:
-    """ToMe's matching of one block: ``slots`` (B, N) is where each token goes; ``scores`` (B, n_a, n_b)
-    the A x B similarities (protected rows and columns -inf), ``best_b`` (B, n_a) each A token's best
-    B match (argmax) and ``merged_a`` (B, r) the A tokens (A indices) that merge."""
+class BipartiteChoice:
+    """ToMe's matching of A rows against B rows (indices into A and B, not tokens).
 
-    slots: Tensor
+    ``merged`` (B, r): the A rows that merge, best first; ``kept`` (B, n_a - r): the other A rows in
+    ascending order; ``match`` (B, r): the B row each merged one joins; ``scores`` (B, n_a, n_b) and
+    ``best_b`` (B, n_a) (each A row's argmax) for methods that build on the choice."""
+
+    merged: Tensor
+    kept: Tensor
+    match: Tensor
     scores: Tensor
     best_b: Tensor
-    merged_a: Tensor
 
 
-def bipartite_slots(metric: Tensor, r: int, num_protected: int, slot_offset: int) -> Tensor:
-    """Bipartite soft matching on a token sequence; returns the output slot of every token.
+def bipartite_choice(a: Tensor, b: Tensor, r: int) -> BipartiteChoice:
+    """Each A row (``a`` (B, n_a, D), normalised) finds its most similar B row (first on ties); the r
+    A rows with the highest such similarity merge (a stable descending sort: ties go to the lower
+    row). A handful of batched ops, no data-dependent shape."""
+    scores = a @ b.mT
+    if r == 0:  # nothing merges (only plans outside a patched model ask): A keeps its order
+        kept = torch.arange(a.shape[1], device=a.device).expand(a.shape[0], -1)
+        return BipartiteChoice(merged=kept[:, :0], kept=kept, match=kept[:, :0], scores=scores, best_b=kept * 0)
+    best, best_b = scores.max(dim=-1)
+    merged, kept = best.argsort(dim=-1, descending=True, stable=True).split([r, a.shape[1] - r], dim=-1)
+    kept = kept.sort(dim=-1, stable=True).values
+    return BipartiteChoice(merged=merged, kept=kept, match=best_b.gather(-1, merged), scores=scores, best_b=best_b)
 
-    A = even positions, B = odd positions of ``metric`` (B, N, D, already normalised). The first
-    ``num_protected`` tokens never merge: their A rows and B columns score -inf, and they keep slots
-    ``slot_offset + 0 .. num_protected - 1`` in order. Each other A token finds its most similar B
-    token; the ``r`` A tokens with the highest such similarity merge into it. Output order after the
-    protected tokens: the unmerged A tokens in sequence order, then the B tokens in sequence order.
-    """
-    return bipartite_match(metric, r, num_protected, slot_offset).slots
+
+def bipartite_constants(num_tokens: int, r: int, num_prefix: int, device=None, dtype=torch.float32
+                        ) -> dict[str, Tensor]:
+    """Index constants of ToMe's step on ``num_tokens`` tokens whose first ``num_prefix`` never merge.
+
+    A = even positions, B = odd ones; the protected tokens are left out of both (A', B'). Output order:
+    [prefix, unmerged A' (sequence order), B' (sequence order)]. ``prefix`` (p, 1), ``a_tok`` (n_a', 1)
+    and ``b_tok`` (n_b', 1) are token indices (as columns, so indexing them with (B, k) gives (B, k, 1));
+    ``b_route`` (n_b', M): row j is the one-hot output slot of B' token j."""
+    first_a, first_b = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
+    kw = {"device": device}
+    a_tok = torch.arange(first_a, num_tokens, 2, **kw)
+    b_tok = torch.arange(first_b, num_tokens, 2, **kw)
+    num_out = num_tokens - r
+    b_first_slot = num_prefix + len(a_tok) - r
+    return {
+        "prefix": torch.arange(num_prefix, **kw).view(-1, 1),
+        "a_tok": a_tok.view(-1, 1),
+        "b_tok": b_tok.view(-1, 1),
+        "b_route": torch.eye(num_out, dtype=dtype, **kw)[b_first_slot:],
+    }
 
 
-def bipartite_match(metric: Tensor, r: int, num_protected: int, slot_offset: int = 0) -> BipartiteMatch:
-    """:func:`bipartite_slots` with the intermediate choices learned methods build on."""
-    bsz, n, _ = metric.shape
-    device = metric.device
-    a, b = metric[:, ::2], metric[:, 1::2]
-    n_a, n_b = a.shape[1], b.shape[1]
-    prot_a, prot_b = (num_protected + 1) // 2, num_protected // 2
-    # Constant masks (no data dependence): exported graphs fold them instead of slice-assigning.
-    a_protected = torch.arange(n_a, device=device) < prot_a
-    b_protected = torch.arange(n_b, device=device) < prot_b
-    scores = (a @ b.transpose(1, 2)).masked_fill(a_protected.unsqueeze(1) | b_protected, -torch.inf)
-    best_score, best_b = scores.max(dim=-1)  # (B, n_a)
-    merged_a = torch.topk(best_score, r, dim=-1).indices
-    is_merged = torch.zeros_like(best_score, dtype=torch.bool).scatter(1, merged_a, True)
+def prefixed(consts: dict[str, Tensor], middle: list[Tensor], batch: int) -> Tensor:
+    """cat([prefix tokens, *middle], dim=1) as (B, M, 1) token indices (no op for an empty prefix)."""
+    prefix = consts["prefix"]
+    parts = ([prefix.expand(batch, -1, -1)] if len(prefix) else []) + middle
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
-    first = slot_offset + num_protected
-    unmerged_slot = first + torch.cumsum((~is_merged & ~a_protected).to(torch.long), dim=1) - 1
-    b_slots = first + (n_a - prot_a - r) + torch.arange(n_b, device=device) - prot_b
-    merged_slot = best_b + (first + (n_a - prot_a - r) - prot_b)  # = b_slots[best_b]: b_slots is affine
-    # protected tokens keep slots slot_offset + 0, 1, 2, ... in sequence order (A gets the even ones)
-    a_slots = torch.where(a_protected, slot_offset + 2 * torch.arange(n_a, device=device),
-                          torch.where(is_merged, merged_slot, unmerged_slot))
-    b_slots = torch.where(b_protected, slot_offset + 2 * torch.arange(n_b, device=device) + 1, b_slots)
-    slots = interleave(a_slots, b_slots.expand(bsz, n_b), n)
-    return BipartiteMatch(slots=slots, scores=scores, best_b=best_b, merged_a=merged_a)
+
+def tome_plan(consts: dict[str, Tensor], choice: BipartiteChoice, num_tokens: int) -> MergePlan:
+    """ToMe's hard plan from its choice on (A', B'): [prefix, unmerged A', B'], merged A' -> their B'."""
+    batch = choice.kept.shape[0]
+    keep = prefixed(consts, [lookup(consts["a_tok"], choice.kept), consts["b_tok"].expand(batch, -1, -1)], batch)
+    return MergePlan(keep=keep, src=lookup(consts["a_tok"], choice.merged),
+                     route=lookup(consts["b_route"], choice.match), num_tokens=num_tokens)
+
+
+def bipartite_sides(metric: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """(A', B') rows of ``metric`` (B, N, D): even / odd positions past the protected prefix (views)."""
+    return metric[:, 2 * ((num_prefix + 1) // 2)::2], metric[:, 2 * (num_prefix // 2) + 1::2]
+
+
+def block_constants(method: "MergeMethod", block: BlockInput) -> dict[str, Tensor]:
+    """The block's precomputed constants, or built now (plans outside a patched model, e.g. tests)."""
+    if block.consts is not None:
+        return block.consts
+    n = block.x.shape[1]
+    return method.constants(block.layer, n, block.r, block.num_prefix, device=block.x.device, dtype=block.x.dtype)
+
+
+def lookup(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for a constant ``table`` (T, D): (..., D). One Gather in an exported graph
+    (``aten.index`` would bring a broadcast subgraph along)."""
+    return torch.nn.functional.embedding(index, table)
+
+
+def take_rows(t: Tensor, index: Tensor) -> Tensor:
+    """``t[b, index[b, i, 0]]`` for ``t`` (B, N, C) and ``index`` (B, K, 1): a gather of whole rows.
+    (``take_along_dim`` would broadcast, which makes torch.export fix the batch size.)"""
+    return t.gather(1, index.expand(-1, -1, t.shape[-1]))
 
 
 def candidate_destinations(scores: Tensor, best_b: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The ``k`` best B tokens of each row of ``scores`` (B, n, n_b), candidate 0 being ``best_b``
+    """The ``k`` best B rows of each row of ``scores`` (B, n, n_b), candidate 0 being ``best_b``
     (B, n) (ToMe's own argmax, so ties break as ToMe's do). Returns (indices, scores), both (B, n, k)."""
     idx = scores.topk(k, dim=-1).indices
     idx = torch.cat([best_b.unsqueeze(-1), idx[..., 1:]], dim=-1)
     return idx, scores.gather(2, idx)
-
-
-def interleave(even: Tensor, odd: Tensor, n: int) -> Tensor:
-    """Inverse of (t[:, ::2], t[:, 1::2]) for (B, n, ...) tensors, with static shapes only."""
-    if odd.shape[1] < even.shape[1]:
-        odd = torch.cat([odd, odd[:, :1]], dim=1)
-    return torch.stack([even, odd], dim=2).reshape(even.shape[0], -1, *even.shape[2:])[:, :n]

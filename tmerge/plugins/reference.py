@@ -31,5 +31,5 @@ def reference_merge(op_type: str, attrs: dict[str, Any], x: Tensor, size: Tensor
     method = method_from_attrs(op_type, attrs)
     block = BlockInput(layer=a["layer"], depth=a["depth"], r=a["r"], num_prefix=a["num_prefix"], keys=keys,
                        attn_input=x, x=x, size=size)
-    out, out_size, slots = eager_merge_step(method, block, a["merge_form"])
-    return (out, out_size, slots) if with_slots else (out, out_size)
+    out, out_size, plan = eager_merge_step(method, block, a["merge_form"])
+    return (out, out_size, plan.slots) if with_slots else (out, out_size)

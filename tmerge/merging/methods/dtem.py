@@ -49,10 +49,12 @@ trained that way.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import TmergeError
-from ..base import BlockInput, MergePlan, Option, bipartite_match, candidate_destinations, interleave
+from ..base import (BipartiteChoice, BlockInput, MergePlan, Option, bipartite_choice, bipartite_sides,
+                    block_constants, candidate_destinations, lookup, tome_plan)
 from .tome import ToMe
 
 KEEP_EPS = 1e-4  # smallest share of its size an A token keeps during soft training merges
@@ -109,38 +111,38 @@ class DTEM(ToMe):
             return super().plan(block)
         return self.soft_plan(block) if self.config["relaxed"] else self.straight_through_plan(block)
 
-    def _soft_assignment(self, match, num_prefix: int, r: int) -> tuple[Tensor, Tensor]:
+    def _soft_assignment(self, choice: BipartiteChoice, r: int) -> tuple[Tensor, Tensor]:
         """The relaxation's soft k-hot choice P (B, n_a, k) of r (A token, candidate B) pairs, and the
-        candidates (B, n_a, k) (candidate 0 = ToMe's match)."""
-        n_a, n_b = match.scores.shape[1:]
-        prot_a, prot_b = (num_prefix + 1) // 2, num_prefix // 2
-        k = min(int(self.config["topk"]), n_b - prot_b)
-        cand_idx, cand_score = candidate_destinations(match.scores, match.best_b, k)
-        logits = cand_score / float(self.config["tau1"])
-        logits = logits.masked_fill((torch.arange(n_a, device=logits.device) < prot_a)[:, None], -1e4)
-        return soft_top_r(logits, r, float(self.config["tau2"])), cand_idx
+        candidates (B, n_a, k) (candidate 0 = ToMe's match), over the unprotected A and B tokens."""
+        k = min(int(self.config["topk"]), choice.scores.shape[2])
+        cand_idx, cand_score = candidate_destinations(choice.scores, choice.best_b, k)
+        return soft_top_r(cand_score / float(self.config["tau1"]), r, float(self.config["tau2"])), cand_idx
 
     def straight_through_plan(self, block: BlockInput) -> MergePlan:
         """Training merge (default): the forward is ToMe's hard merge on the learned metric (so the
         training forward is the inference forward, at its cost); the gradient flows as if the merge
         weights were the relaxation's soft assignment P (weights = hard + P - stopgrad(P)). Every A
-        token keeps a row on its ToMe slot (weight 1 - sum P: 1 if it stays, 0 if it merges) and sends
-        k extra rows (``MergePlan.sources``) to its k candidates (weights P: one-hot on ToMe's match
-        for the r merged tokens, 0 for the others)."""
+        token keeps a share 1 - sum P of itself (value: 1 if it stays, 0 if it merges; a merged one sends
+        that share to its ToMe slot) and sends k shares to its k candidates (weights P: one-hot on
+        ToMe's match for the r merged tokens, 0 for the others)."""
+        consts = block_constants(self, block)
         metric = self.similarity_metric(block)
         bsz, n, _ = metric.shape
-        match = bipartite_match(metric, block.r, num_protected=block.num_prefix)
-        assign, cand_idx = self._soft_assignment(match, block.num_prefix, block.r)
-        n_a, k = cand_idx.shape[1], cand_idx.shape[2]
-        merged = torch.zeros_like(match.best_b, dtype=assign.dtype).scatter(1, match.merged_a, 1.0)
+        choice = bipartite_choice(*bipartite_sides(metric, block.num_prefix), block.r)
+        hard_plan = tome_plan(consts, choice, n)
+        assign, cand_idx = self._soft_assignment(choice, block.r)
+        k = cand_idx.shape[2]
+        merged = torch.zeros_like(assign[..., 0]).scatter(1, choice.merged, 1.0)
         hard = merged.unsqueeze(-1) * (torch.arange(k, device=metric.device) == 0).to(assign.dtype)
         weights = hard + (assign - assign.detach())  # (B, n_a, k); value: hard
-        own = interleave(1 - weights.sum(-1, keepdim=True), torch.ones_like(metric[:, 1::2, :1]), n)
-        b_slots = match.slots[:, 1::2]
-        extra_slots = b_slots.gather(1, cand_idx.reshape(bsz, -1))
-        sources = (2 * torch.arange(n_a, device=metric.device)).repeat_interleave(k).expand(bsz, -1)
-        return MergePlan(slots=torch.cat([match.slots, extra_slots], dim=1), num_out=n - block.r,
-                         weights=torch.cat([own, weights.reshape(bsz, -1, 1)], dim=1), sources=sources)
+        own = 1 - weights.sum(-1)
+        keep_weight = _weights_by_part(block.num_prefix, own.gather(1, choice.kept), len(consts["b_tok"]))
+        to_b = consts["b_route"]
+        route = torch.cat([own.gather(1, choice.merged).unsqueeze(-1) * lookup(to_b, choice.match),
+                           (weights.unsqueeze(-1) * lookup(to_b, cand_idx)).flatten(1, 2)], dim=1)
+        every_a = consts["a_tok"].repeat_interleave(k, dim=0).expand(bsz, -1, -1)
+        return MergePlan(keep=hard_plan.keep, src=torch.cat([hard_plan.src, every_a], dim=1), route=route,
+                         num_tokens=n, keep_weight=keep_weight, hard=False)
 
     def trainable_layers(self) -> list[nn.Module]:
         return list(self.embed)
@@ -151,31 +153,23 @@ class DTEM(ToMe):
         bsz, n_all, _ = metric.shape
         n = self.live_tokens[block.layer] if self.live_tokens else n_all
         p, r = block.num_prefix, block.r
-        live = metric[:, :n]
-        match = bipartite_match(live, r, num_protected=p)  # ToMe's choice and order on the live tokens
-        hard = match.slots.detach()  # (B, n)
-        n_a, n_b = match.scores.shape[1:]
-        prot_a = (p + 1) // 2
-        assign, cand_idx = self._soft_assignment(match, p, r)  # (B, n_a, k), rows sum <= 1 - eps
+        consts = block.consts if block.consts is not None else self.constants(
+            block.layer, n, r, p, device=metric.device, dtype=metric.dtype)
+        choice = bipartite_choice(*bipartite_sides(metric[:, :n], p), r)  # ToMe's choice on the live tokens
+        hard_plan = tome_plan(consts, choice, n)
+        assign, cand_idx = self._soft_assignment(choice, r)  # (B, n_a, k), rows sum <= 1 - eps
         k = cand_idx.shape[2]
-
-        a_hard, b_hard = hard[:, ::2], hard[:, 1::2]
-        first_b = p + (n_a - prot_a - r)  # ToMe puts B tokens from this slot on
-        merged = a_hard >= first_b
-        faded_slot = (n - r) + torch.cumsum(merged.long(), dim=1) - 1
-        own_a = torch.where(merged, faded_slot, a_hard)
-        cand_slots = b_hard.gather(1, cand_idx.reshape(bsz, -1)).reshape(bsz, n_a, k)
-        slots_a = torch.cat([own_a.unsqueeze(-1), cand_slots], dim=-1)
-        w_a = torch.cat([1 - assign.sum(-1, keepdim=True), assign], dim=-1)
-        slots_b = b_hard.unsqueeze(-1).expand(bsz, n_b, k + 1)
-        w_b = _self_weights(bsz, n_b, k + 1, w_a)
-        slots = interleave(slots_a, slots_b, n)
-        weights = interleave(w_a, w_b, n)
-        if n < n_all:  # tokens faded in earlier blocks keep their place at the end
-            tail = torch.arange(n, n_all, device=slots.device)
-            slots = torch.cat([slots, tail.view(1, -1, 1).expand(bsz, -1, k + 1)], dim=1)
-            weights = torch.cat([weights, _self_weights(bsz, n_all - n, k + 1, weights)], dim=1)
-        return MergePlan(slots=slots, num_out=n_all, weights=weights)
+        own = 1 - assign.sum(-1)
+        # slots: ToMe's n - r, then the r A tokens ToMe merges (fading here), then tokens faded earlier
+        fading = choice.merged.sort(dim=-1).values
+        faded = torch.arange(n, n_all, device=metric.device).view(-1, 1).expand(bsz, -1, -1)
+        keep = torch.cat([hard_plan.keep, lookup(consts["a_tok"], fading), faded], dim=1)
+        keep_weight = _weights_by_part(p, own.gather(1, choice.kept), len(consts["b_tok"]),
+                                       own.gather(1, fading), n_all - n)
+        to_b = F.pad(consts["b_route"], (0, n_all - (n - r)))[cand_idx]  # (B, n_a, k, n_all)
+        every_a = consts["a_tok"].repeat_interleave(k, dim=0).expand(bsz, -1, -1)
+        return MergePlan(keep=keep, src=every_a, route=(assign.unsqueeze(-1) * to_b).flatten(1, 2), num_tokens=n_all,
+                         keep_weight=keep_weight, hard=False)
 
 
 def key_projection_init(attn: nn.Module, feat_dim: int) -> nn.Linear:
@@ -214,7 +208,10 @@ def soft_top_r(logits: Tensor, r: int, tau: float) -> Tensor:
     return total / rows.clamp_min(1.0) * (1 - KEEP_EPS)
 
 
-def _self_weights(bsz: int, n: int, k: int, like: Tensor) -> Tensor:
-    w = like.new_zeros(bsz, n, k)
-    w[..., 0] = 1
-    return w
+def _weights_by_part(num_prefix: int, kept_a: Tensor, num_b: int, *more: Tensor | int) -> Tensor:
+    """keep_weight (B, M, 1) of a plan laid out [prefix, kept A, B, *more]: 1 for the prefix, B and
+    integer-sized parts, the given weights for the others."""
+    bsz = kept_a.shape[0]
+    parts = [kept_a.new_ones(bsz, num_prefix), kept_a, kept_a.new_ones(bsz, num_b)]
+    parts += [kept_a.new_ones(bsz, m) if isinstance(m, int) else m for m in more]
+    return torch.cat(parts, dim=1).unsqueeze(-1)

@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ...errors import TmergeError
-from ..base import BlockInput, MergePlan, Option, bipartite_match, candidate_destinations, key_metric
+from ..base import (BlockInput, MergePlan, Option, bipartite_choice, bipartite_sides, block_constants,
+                    candidate_destinations, key_metric, lookup, take_rows, tome_plan)
 from .tome import ToMe
 
 
@@ -114,28 +115,22 @@ class LTM(ToMe):
     def plan(self, block: BlockInput) -> MergePlan:
         if not len(self.masks):
             raise TmergeError("LTM is not bound to a model: use tmerge.apply(model, 'ltm', ...)")
-        match = bipartite_match(key_metric(block.keys), block.r, block.num_prefix)
+        consts = block_constants(self, block)
         x = block.x
         bsz, n, width = x.shape
-        n_b = match.scores.shape[2]
-        k = max(1, min(int(self.config["topk"]), n_b - block.num_prefix // 2))
-        merged = match.merged_a  # (B, r) A indices of the tokens ToMe merges: only these are spread
-        cand_idx, cand_score = candidate_destinations(
-            match.scores.gather(1, merged.unsqueeze(-1).expand(-1, -1, n_b)), match.best_b.gather(1, merged), k)
-        source = 2 * merged  # sequence positions of the merged tokens
-        x_cand = x[:, 1::2].gather(1, cand_idx.reshape(bsz, -1, 1).expand(-1, -1, width))
-        weights = self.masks[block.layer](x.gather(1, source.unsqueeze(-1).expand(-1, -1, width)),
-                                          x_cand.reshape(bsz, -1, k, width), cand_score)  # (B, r, k)
-        # ToMe's hard path for every token; a merged token's own row carries w_0 (its ToMe match) ...
-        own = torch.ones_like(x[..., :1]).scatter(1, source.unsqueeze(-1), weights[..., :1])
-        # ... and k - 1 extra rows carry its other shares
-        b_slots = match.slots[:, 1::2]
-        extra_slots = b_slots.gather(1, cand_idx[..., 1:].reshape(bsz, -1))
-        return MergePlan(
-            slots=torch.cat([match.slots, extra_slots], dim=1), num_out=n - block.r,
-            weights=torch.cat([own, weights[..., 1:].reshape(bsz, -1, 1)], dim=1),
-            sources=source.repeat_interleave(k - 1, dim=1),
-        )
+        choice = bipartite_choice(*bipartite_sides(key_metric(block.keys), block.num_prefix), block.r)
+        tome = tome_plan(consts, choice, n)
+        n_b = choice.scores.shape[2]
+        k = max(1, min(int(self.config["topk"]), n_b))
+        # only the r tokens ToMe merges are spread, over their k best B tokens
+        rows = choice.scores.gather(1, choice.merged.unsqueeze(-1).expand(-1, -1, n_b))
+        cand_idx, cand_score = candidate_destinations(rows, choice.match, k)  # (B, r, k)
+        x_cand = take_rows(x, lookup(consts["b_tok"], cand_idx.flatten(1))).view(bsz, -1, k, width)
+        weights = self.masks[block.layer](take_rows(x, tome.src), x_cand, cand_score)  # (B, r, k)
+        # one row per (candidate, merged token), candidate-major: the first r rows are ToMe's own merges
+        route = weights.mT.unsqueeze(-1) * lookup(consts["b_route"], cand_idx.mT)  # (B, k, r, M)
+        return MergePlan(keep=tome.keep, src=tome.src.repeat(1, k, 1), route=route.flatten(1, 2), num_tokens=n,
+                         hard=False)
 
     # ---- training hooks -------------------------------------------------------------------
     def trainable_layers(self) -> list[nn.Module]:

@@ -19,9 +19,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ..base import BlockInput, MergeMethod, MergePlan, Option, bipartite_slots, interleave, key_metric
+from ..base import (BlockInput, MergeMethod, MergePlan, Option, bipartite_choice, block_constants, key_metric,
+                    lookup, prefixed, take_rows)
 
 
 class PiToMe(MergeMethod):
@@ -53,21 +55,39 @@ class PiToMe(MergeMethod):
     def from_plugin_attrs(cls, attrs: dict) -> "PiToMe":
         return _NodePiToMe(attrs["depth"], alpha=attrs["alpha"], margin_l=attrs["margin"], bsm=bool(attrs["bsm"]))
 
+    def constants(self, layer: int, num_tokens: int, r: int, num_prefix: int, *, device=None,
+                  dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """The prefix tokens and the one-hot slots of the B tokens: after [prefix, unmerged A] (bsm) or
+        [prefix, protected] (default step)."""
+        t = num_tokens - num_prefix
+        first_b = num_prefix + ((t + 1) // 2 - r if self.uses_bsm(layer) else t - 2 * r)
+        return {
+            "prefix": torch.arange(num_prefix, device=device).view(-1, 1),
+            "b_route": torch.eye(num_tokens - r, dtype=dtype, device=device)[first_b:],
+        }
+
     def plan(self, block: BlockInput) -> MergePlan:
-        p, r = block.num_prefix, block.r
-        metric = key_metric(block.keys)[:, p:]  # non-prefix tokens only
-        sim = metric @ metric.transpose(1, 2)
-        energy = torch.nn.functional.elu(sim - self.margin(block.layer), alpha=float(self.config["alpha"])).mean(-1)
-        order = torch.sort(energy, dim=-1, descending=True, stable=True).indices  # (B, T)
-        if self.uses_bsm(block.layer):
-            ranked = metric.gather(1, order.unsqueeze(-1).expand_as(metric))
-            slots_by_rank = bipartite_slots(ranked, r, num_protected=0, slot_offset=p)
-        else:
-            slots_by_rank = energy_step_slots(sim, order, r, p)
-        slots = torch.empty_like(order).scatter(1, order, slots_by_rank)
-        prefix = torch.arange(p, device=slots.device).expand(slots.shape[0], p)
-        slots = torch.cat([prefix, slots], dim=1)
-        return MergePlan(slots=slots, num_out=slots.shape[1] - r)
+        consts = block_constants(self, block)
+        p, r, bsz = block.num_prefix, block.r, block.x.shape[0]
+        metric = key_metric(block.keys)
+        metric = metric[:, p:] if p else metric  # non-prefix tokens only
+        sim = metric @ metric.mT
+        energy = F.elu(sim - self.margin(block.layer), alpha=float(self.config["alpha"])).mean(-1)
+        order = energy.argsort(dim=-1, descending=True, stable=True)  # (B, T): tokens by energy rank
+        tok = order + p if p else order
+        if self.uses_bsm(block.layer):  # ToMe's matching on the sequence in energy order
+            ranked = take_rows(metric, order.unsqueeze(-1))
+            choice = bipartite_choice(ranked[:, ::2], ranked[:, 1::2], r)
+            a_tok, b_tok = tok[:, ::2], tok[:, 1::2]
+            kept, src, dest = a_tok.gather(1, choice.kept), a_tok.gather(1, choice.merged), choice.match
+        else:  # the 2r highest-energy tokens alternate into A and B; each A joins its best B
+            rank_a, rank_b = order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2]
+            cross = take_rows(sim, rank_a.unsqueeze(-1)).gather(2, rank_b.unsqueeze(1).expand(-1, r, -1))  # (B, r, r)
+            dest = cross.argmax(dim=-1) if r else rank_a
+            kept, b_tok, src = tok[:, 2 * r:], tok[:, 1 : 2 * r : 2], tok[:, : 2 * r : 2]
+        keep = prefixed(consts, [kept.unsqueeze(-1), b_tok.unsqueeze(-1)], bsz)
+        return MergePlan(keep=keep, src=src.unsqueeze(-1), route=lookup(consts["b_route"], dest),
+                         num_tokens=block.x.shape[1])
 
 
 class _NodePiToMe(PiToMe):
@@ -82,19 +102,3 @@ class _NodePiToMe(PiToMe):
 
     def uses_bsm(self, layer: int) -> bool:
         return self._bsm
-
-
-def energy_step_slots(sim: Tensor, order: Tensor, r: int, slot_offset: int) -> Tensor:
-    """Slots of the tokens by energy rank for PiToMe's default step (see module docstring)."""
-    bsz, t = order.shape
-    protected = slot_offset + torch.arange(t - 2 * r, device=order.device).expand(bsz, t - 2 * r)
-    if r == 0:
-        return protected
-    a_idx, b_idx = order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2]  # (B, r) each
-    rows = sim.gather(1, a_idx.unsqueeze(-1).expand(bsz, r, t))
-    cross = rows.gather(2, b_idx.unsqueeze(1).expand(bsz, r, r))
-    best_b = cross.argmax(dim=-1)  # (B, r)
-    b_first = slot_offset + (t - 2 * r)
-    b_slots = b_first + torch.arange(r, device=order.device).expand(bsz, r)
-    a_slots = b_first + best_b
-    return torch.cat([interleave(a_slots, b_slots, 2 * r), protected], dim=1)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ..base import BlockInput, MergeMethod, MergePlan, bipartite_slots, key_metric
+from torch import Tensor
+
+from ..base import (BlockInput, MergeMethod, MergePlan, bipartite_choice, bipartite_sides, block_constants,
+                    key_metric, tome_plan)
 
 
 class ToMe(MergeMethod):
@@ -16,10 +19,10 @@ class ToMe(MergeMethod):
     prop_attn_default = True
     plugin_op = "BipartiteMerge"
 
-    def similarity_metric(self, block: BlockInput):
+    def similarity_metric(self, block: BlockInput) -> Tensor:
         return key_metric(block.keys)
 
     def plan(self, block: BlockInput) -> MergePlan:
-        metric = self.similarity_metric(block)
-        slots = bipartite_slots(metric, block.r, num_protected=block.num_prefix, slot_offset=0)
-        return MergePlan(slots=slots, num_out=metric.shape[1] - block.r)
+        consts = block_constants(self, block)
+        choice = bipartite_choice(*bipartite_sides(self.similarity_metric(block), block.num_prefix), block.r)
+        return tome_plan(consts, choice, block.x.shape[1])

@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--r", type=int, nargs="+", default=[8, 12, 16])
     ap.add_argument("--adapters", nargs="*", default=[f"shipped={SHIPPED_DIR}"], help="LABEL=FOLDER ...")
     ap.add_argument("--views", type=int, default=0, help="random crops per photo instead of the whole photo")
+    ap.add_argument("--per-group", type=int, default=0, help="at most this many photos per group (a seeded choice)")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -73,6 +74,13 @@ def main() -> int:
 
     base = load_model(None).eval()
     entries = corpus_entries(args.split)
+    if args.per_group:
+        rng = np.random.default_rng(args.seed)
+        by_group: dict[str, list[dict]] = {}
+        for e in entries:
+            by_group.setdefault(f"{e['source']}/{e['group']}", []).append(e)
+        entries = [e for g in sorted(by_group) for e in
+                   sorted(rng.permutation(by_group[g])[: args.per_group].tolist(), key=lambda e: e["file"])]
     groups = np.array([f"{e['source']}/{e['group']}" for e in entries])
     images = corpus_views(entries, base, views_per_photo=args.views, seed=args.seed, crop=args.views > 0)
     if args.views:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import gzip
 
+# isort: off
+import tmerge  # noqa: F401  (before timm)
+# isort: on
 import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
 
-import tmerge  # noqa: F401  (before timm)
 from tmerge import data
 from tmerge.errors import TmergeError
 

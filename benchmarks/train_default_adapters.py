@@ -3,8 +3,12 @@
 Reproducible bit for bit from ``--seed`` on a CPU with the same thread count (default 2): the
 training images, their order, the r drawn at every step and the initialisations are functions of the
 seed; the adapter files hold no wall-clock values; the merges use the summing form ("scatter":
-``index_add`` in eager PyTorch), the one the shipped adapters were trained with. ``--check`` compares the sha256 of the files it
-wrote with the shipped ones (tmerge/models/adapters/).
+``index_add`` in eager PyTorch). ``--check`` compares the sha256 of the files it wrote with the
+shipped ones (tmerge/models/adapters/). A run cut short by ``--max-minutes`` is not reproducible
+(where it stops depends on the machine's speed; the learning-rate and temperature schedules follow
+the planned ``--steps``): for a reproducible adapter give ``--steps`` that fit the time.
+The adapters shipped now were trained by this script's earlier version (Fashion-MNIST and
+scikit-image crops; ``git log -- benchmarks/train_default_adapters.py``), which reproduces them.
 
 Training data: the *train* split of the photo corpus (``python -m tmerge.data.corpus build``; the
 evaluation photos, benchmarks/heldout_drift.py, come from a package that training never reads),

@@ -4,11 +4,11 @@ Reproducible bit for bit from ``--seed`` on a CPU with the same thread count (de
 training images, their order, the r drawn at every step and the initialisations are functions of the
 seed; the adapter files hold no wall-clock values; the merges use the summing form ("scatter":
 ``index_add`` in eager PyTorch). ``--check`` compares the sha256 of the files it wrote with the
-shipped ones (tmerge/models/adapters/). A run cut short by ``--max-minutes`` is not reproducible
-(where it stops depends on the machine's speed; the learning-rate and temperature schedules follow
-the planned ``--steps``): for a reproducible adapter give ``--steps`` that fit the time.
-The adapters shipped now were trained by this script's earlier version (Fashion-MNIST and
-scikit-image crops; ``git log -- benchmarks/train_default_adapters.py``), which reproduces them.
+shipped ones (tmerge/models/adapters/). Where a run cut short by ``--max-minutes`` stops depends on
+the machine's speed (the learning-rate and temperature schedules follow the planned ``--steps``);
+``--stop-after N`` stops at step N deterministically and so reproduces such a run. The shipped
+adapters: ``--views 1 --steps 120 --methods dtem --stop-after 36 --out /tmp/a --check`` and
+``--views 1 --steps 120 --methods ltm --stop-after 43 --out /tmp/a --check``.
 
 Training data: the *train* split of the photo corpus (``python -m tmerge.data.corpus build``; the
 evaluation photos, benchmarks/heldout_drift.py, come from a package that training never reads),
@@ -59,6 +59,8 @@ def main() -> int:
     ap.add_argument("--tau2-end", type=float, default=0.01)
     ap.add_argument("--dtem-straight-through", action="store_true")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop each training after this long")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop each training after this many of the --steps (reproduces a --max-minutes run)")
     ap.add_argument("--methods", nargs="+", default=["dtem", "ltm"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(SHIPPED_DIR), help="folder for the adapters")
@@ -96,7 +98,8 @@ def main() -> int:
             r_range=(args.r_min, args.r_max), steps=args.steps, batch_size=args.batch_size,
             lr=lrs[method], seed=args.seed, checkpoint_every=0, progress=False, eval_every=0,
             model_name="dinov2-s14", data_summary=data, merge_form="scatter",
-            max_seconds=None if args.max_minutes is None else 60 * args.max_minutes, **extra[method],
+            max_seconds=None if args.max_minutes is None else 60 * args.max_minutes, stop_after=args.stop_after,
+            **extra[method],
         )
         seconds = time.perf_counter() - started
         out.with_name(out.name + ".ckpt.pt").unlink(missing_ok=True)  # the trainer's resume point

@@ -344,6 +344,8 @@ def test_balanced_r_and_annealed_relaxation(data, tmp_path):
     load_adapter(tmerge.apply(copy.deepcopy(base), "dtem", adapter=None, r=2), path)  # relaxed=0 here
     with pytest.raises(tmerge.TmergeError, match="training-only"):
         _train(copy.deepcopy(base), path, data, anneal={"feat_dim": (8, 16)})
+    stopped = _train(copy.deepcopy(base), tmp_path / "s.safetensors", data, steps=4, stop_after=2, checkpoint_every=0)
+    assert stopped["steps"] == 2 and stopped["planned_steps"] == 4 and stopped["stopped_early"]
     with pytest.raises(tmerge.TmergeError, match="balance_r needs r_range"):
         _train(copy.deepcopy(base), path, data, balance_r=True)
 

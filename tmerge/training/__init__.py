@@ -280,6 +280,7 @@ def train_adapter(
     data_summary: dict | None = None,
     device: str | None = None,
     max_seconds: float | None = None,
+    stop_after: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
     teacher_outputs: tuple[Tensor, Tensor] | None = None,
     merge_form: str | None = None,
@@ -294,7 +295,9 @@ def train_adapter(
     Give ``steps`` or ``epochs`` (default 1 epoch); ``r_range=(lo, hi)`` instead of ``r`` samples a
     constant r per step (the model ends with r = hi). A checkpoint ``<out>.ckpt.pt`` is written every
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it. ``max_seconds``
-    stops early once the training loop has run that long (the summary says so; not deterministic).
+    stops early once the training loop has run that long (the summary says so; not deterministic);
+    ``stop_after`` stops after that many steps of the planned ``steps`` (deterministic: it reproduces a
+    run that ``max_seconds`` stopped there).
     ``teacher_outputs`` (outputs, pooled features) of the unmerged model on ``images``, when already
     computed (e.g. shared by several trainings on the same images), skip that pass. ``merge_form``
     (default: :func:`tmerge.apply`'s) fixes the merge ops, hence the float rounding of a reproduction.
@@ -431,6 +434,9 @@ def train_adapter(
             loop_start = time.perf_counter()
             stopped_early = False
             while step < total:
+                if stop_after is not None and step >= stop_after:
+                    stopped_early = True
+                    break
                 if max_seconds is not None and dist.agree(time.perf_counter() - loop_start > max_seconds):
                     stopped_early = True
                     break

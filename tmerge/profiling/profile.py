@@ -31,7 +31,6 @@ from . import latency as lat
 from .drift import knn_agreement, output_drift
 from .report import KIND, SCHEMA_VERSION, environment, now_iso
 
-
 MAX_THREADS = 4 * (os.cpu_count() or 1) + 64  # beyond this a thread count is a typo, not a setting
 
 

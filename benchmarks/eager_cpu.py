@@ -14,10 +14,10 @@ import statistics
 import time
 
 import tmerge  # noqa: F401  (before timm)
+from tmerge.models.flops import count_flops
+
 import timm
 import torch
-
-from tmerge.models.flops import count_flops
 
 CONFIGS = [("tome", {"r": 8}), ("tome", {"r": 16}), ("pitome", {"r": 8}), ("pitome", {"r": 16})]
 

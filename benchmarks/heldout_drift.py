@@ -26,15 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 from tmerge.data import extract_features
 from tmerge.data.corpus import corpus_entries, corpus_views
 from tmerge.models import load_model
 from tmerge.models.adapters import SHIPPED_DIR, load_adapter, shipped_adapter_name
 from tmerge.patch import apply
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 LEARNED = ("dtem", "ltm")
 

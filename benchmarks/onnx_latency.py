@@ -28,12 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 import tmerge
-import timm
 from tmerge.export import export_onnx
+
+import numpy as np
+import timm
+import torch
 
 
 def export_model(arch: str, method: str, r: int | None, out: Path, batch: int, form: str = "gather") -> dict:

@@ -29,10 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
-import torch
-
 import tmerge
 from tmerge import runtime
 from tmerge.export import export_onnx
@@ -40,6 +36,10 @@ from tmerge.models import load_model
 from tmerge.models.flops import count_flops
 from tmerge.models.forward import input_shape
 from tmerge.profiling.latency import measure_pair
+
+import numpy as np
+import onnx
+import torch
 
 MODELS = {"dinov2-s14": None, "vit_small_patch16_224": "vit_small_patch16_224"}
 METHODS = {"tome r=16": ("tome", {"r": 16}), "pitome keep=0.9": ("pitome", {"keep_ratio": 0.9})}

@@ -33,12 +33,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from tmerge.data.corpus import corpus_entries, corpus_views
 from tmerge.models import load_model
 from tmerge.models.adapters import SHIPPED_DIR, shipped_adapter_name
 from tmerge.training import _teacher_outputs, train_adapter
+
+import torch
 
 
 def sha256(path: Path) -> str:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from tests.helpers import TINY, TINY_VARIANTS, tiny_vit  # noqa: F401
+
 import pytest
 import torch
-
-from tests.helpers import TINY, TINY_VARIANTS, tiny_vit  # noqa: F401
 
 
 @pytest.fixture

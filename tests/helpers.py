@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import tmerge  # (before timm)
+
+import numpy as np
 import timm
 import torch
 

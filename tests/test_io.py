@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import stat
 
-import pytest
-
 from tmerge._io import atomic_paths, write_files, write_text
 from tmerge.errors import TmergeError
+
+import pytest
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tmerge._optional import missing_extra, require
 from tmerge.errors import TmergeError
+
+import pytest
 
 
 def test_missing_module_names_the_extra(monkeypatch):

@@ -1,15 +1,15 @@
 """Patching real (tiny, random-init) timm ViTs: identity cases, token counts, sizes, errors."""
 
+import tmerge
+from tests.helpers import TINY_VARIANTS, tiny_vit
+from tmerge.errors import TmergeError
+from tmerge.patch import MergingBlocks, merge_info
+
 import pytest
 import timm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import tmerge
-from tests.helpers import TINY_VARIANTS, tiny_vit
-from tmerge.errors import TmergeError
-from tmerge.patch import MergingBlocks, merge_info
 
 
 @pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))

@@ -1,9 +1,9 @@
 """Reduction schedules resolved against concrete token counts."""
 
-import pytest
-
 from tmerge.errors import TmergeError
 from tmerge.schedule import make_spec, resolve
+
+import pytest
 
 
 def tome_cap(layer, tokens, num_prefix):

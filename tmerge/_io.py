@@ -2,15 +2,20 @@
 
 Each file is written to a temp file in its own directory, flushed to disk (fsync), given the
 permissions a plain ``open(path, "w")`` would give (0666 minus the umask; ``mkstemp`` alone leaves
-0600), and renamed over the target. With several files, all temps are written before the first
-rename, so a failure while writing leaves nothing behind.
+0600), and renamed over the target. With several files the write is all-or-nothing: all temps are
+written before the first rename, and when a later rename fails the files already renamed are put
+back as they were (old contents restored, new files removed), so a file and its manifest always
+match.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -43,8 +48,7 @@ def atomic_paths(paths: Sequence[str | os.PathLike], *, mkdir: bool = False) -> 
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, mode)
-        for tmp, target in zip(temps, targets):
-            os.replace(tmp, target)
+        _replace_all(temps, targets)
     except BaseException:
         for tmp in temps:
             with contextlib.suppress(OSError):
@@ -52,15 +56,59 @@ def atomic_paths(paths: Sequence[str | os.PathLike], *, mkdir: bool = False) -> 
         raise
 
 
+def _replace_all(temps: list[Path], targets: list[Path]) -> None:
+    """Rename each temp onto its target; if one rename fails, undo the ones before it."""
+    done: list[tuple[Path, Path | None]] = []  # (target, backup of its old contents or None)
+    try:
+        for tmp, target in zip(temps, targets):
+            backup = None
+            if len(targets) > 1 and target.is_file():
+                backup = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+                try:
+                    os.link(target, backup)
+                except OSError:  # no hard links on this file system
+                    shutil.copy2(target, backup)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                if backup is not None:
+                    backup.unlink()
+                raise
+            done.append((target, backup))
+    except BaseException:
+        for target, backup in reversed(done):
+            with contextlib.suppress(OSError):
+                if backup is None:
+                    target.unlink()
+                else:
+                    os.replace(backup, target)
+        raise
+    for _, backup in done:
+        if backup is not None:
+            with contextlib.suppress(OSError):
+                backup.unlink()
+
+
 def write_files(files: dict[Path, bytes]) -> None:
-    """Write every ``path: data`` atomically (see :func:`atomic_paths`); an OSError becomes a
-    one-line TmergeError and nothing is left behind."""
+    """Write every ``path: data``, all or nothing (see :func:`atomic_paths`); an OSError becomes a
+    one-line TmergeError naming the file that failed, and the old files stay as they were."""
+    current = next(iter(files))
     try:
         with atomic_paths(list(files)) as temps:
-            for tmp, data in zip(temps, files.values()):
+            for tmp, (current, data) in zip(temps, files.items()):
                 tmp.write_bytes(data)
     except OSError as e:
-        raise TmergeError(f"could not write {next(iter(files))}: {e.strerror or e}") from e
+        # a failed rename names the target second; a failed write happened while writing ``current``
+        failed = e.filename2 if e.filename2 is not None else current
+        raise TmergeError(f"could not write {failed}: {e.strerror or e}") from e
+
+
+def json_bytes(data) -> bytes:
+    """``data`` as indented JSON text; a NaN or infinity is a TmergeError, never bare ``NaN`` (not JSON)."""
+    try:
+        return (json.dumps(data, indent=2, allow_nan=False, default=str) + "\n").encode()
+    except ValueError as e:
+        raise TmergeError(f"refusing to write invalid JSON: {e}") from e
 
 
 def write_text(path: str | os.PathLike, text: str, *, mkdir: bool = False) -> Path:
@@ -90,8 +138,10 @@ def writable_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...] 
     The folder must exist (no command creates folders for a file it writes) and be writable, the
     path must not be a folder or a read-only file, and it must end in one of ``suffixes`` if given.
     """
+    if not str(path).strip():
+        raise TmergeError(f"{what} is empty; give a file name")
     path = Path(path).expanduser()
-    if str(path) in ("", ".") or path.name in ("", ".", ".."):
+    if str(path) == "." or path.name in ("", ".", ".."):
         raise TmergeError(f"{what} {str(path)!r} is not a file path")
     if path.is_dir():
         raise TmergeError(f"{what} {path} is a directory; give a file name")
@@ -105,6 +155,21 @@ def writable_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...] 
     if suffixes and path.suffix.lower() not in suffixes:
         raise TmergeError(f"{what} {path} should end in {' or '.join(suffixes)}")
     return path
+
+
+def check_distinct(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None]) -> None:
+    """A TmergeError when an output path (``{what: path}``) is one of the inputs: writing it would
+    destroy what the command reads."""
+    def key(path) -> Path:
+        return Path(path).expanduser().resolve()
+
+    given = {what: key(path) for what, path in inputs.items() if path is not None}
+    for out_what, out in outputs.items():
+        if out is None:
+            continue
+        for in_what, source in given.items():
+            if key(out) == source:
+                raise TmergeError(f"{out_what} {out} is {in_what}: it would be overwritten; write elsewhere")
 
 
 def writable_folder(path: str | os.PathLike, what: str) -> Path:

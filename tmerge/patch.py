@@ -20,11 +20,11 @@ import dataclasses
 import types
 from typing import Any, Iterator, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from .errors import TmergeError
-from .merging import BlockInput, MergeMethod, MergePlan, merge_slots, merge_tokens
-from .merging import registry
+from .merging import BlockInput, MergeMethod, MergePlan, merge_slots, merge_tokens, opaque, registry
 from .merging.ops import MERGE_FORMS
 from .schedule import ResolvedSchedule, make_spec, resolve
 
@@ -83,6 +83,7 @@ class MergingBlocks(nn.Sequential):
         self.num_prefix = num_prefix
         self._const_keys: dict[int, tuple] = {}
         self._const_names: dict[int, dict[str, str]] = {}
+        self._opaque_args = opaque.opaque_args(method)
         self.schedule = schedule
         self.prop_attn = prop_attn
         self.merge_form = merge_form
@@ -128,6 +129,12 @@ class MergingBlocks(nn.Sequential):
     def constants(self, layer: int) -> dict[str, Tensor]:
         """Block ``layer``'s index constants (see :meth:`MergeMethod.constants`)."""
         return {name: getattr(self, buffer) for name, buffer in self._const_names.get(layer, {}).items()}
+
+    def _compiling_opaque(self) -> bool:
+        """Under torch.compile (not export), with the default step and nothing recorded: the merge is
+        one opaque op (:mod:`tmerge.merging.opaque`)."""
+        return (self._opaque_args is not None and not self.method.training and self.merge_step is eager_merge_step
+                and not self.record_slots and torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 
     def _capture_keys(self, layer: int):
         def hook(_module, _inputs, output):
@@ -188,7 +195,13 @@ class MergingBlocks(nn.Sequential):
             keys = self._keys.pop(layer)
             r = self.schedule.r[layer]
             chosen = None
-            if r > 0:
+            if r > 0 and self._compiling_opaque():
+                if size is None:
+                    size = x.new_ones(x.shape[0], x.shape[1], 1)
+                name, options = self._opaque_args
+                x, size = opaque.merge_step(x, size, self.method.merge_keys(layer, keys, attn_input), name, options,
+                                            layer, len(self), r, self.num_prefix, self.merge_form)
+            elif r > 0:
                 keys = self.method.merge_keys(layer, keys, attn_input)
                 block_input = BlockInput(layer=layer, depth=len(self), r=r, num_prefix=self.num_prefix,
                                          keys=keys, attn_input=attn_input, x=x, size=size,
@@ -324,6 +337,7 @@ def apply(
     model.blocks = MergingBlocks(model.blocks, merger, resolved, num_prefix, bool(prop_attn), merge_form)
     model.tmerge_method = merger
     model.pool = _size_weighted_pool(model, original_pool)
+    merger.train(model.training)
     merger.bind(model)
     return model
 

@@ -14,11 +14,11 @@ import json
 import os
 from pathlib import Path
 
+from tmerge.cli import main
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from tmerge.cli import main
 
 TINY_KWARGS = "img_size=32,patch_size=8,depth=2,embed_dim=48,num_heads=3,num_classes=10"
 BASE = ["--model", "vit_tiny_patch16_224", "--model-kwargs", TINY_KWARGS]

@@ -7,9 +7,9 @@ import json
 import os
 import time
 
-import pytest
-
 from tmerge.cli import main
+
+import pytest
 
 KWARGS = "img_size=32,patch_size=8,depth=2,embed_dim=48,num_heads=3,num_classes=10"
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", KWARGS]
@@ -115,7 +115,7 @@ def test_sweep_validates_every_point_first_and_keeps_only_its_own_files(tmp_path
 def test_shared_options_have_one_name_everywhere(capsys):
     """Finding 12: --model-kwargs on every model-building command, --num-images (not --n-images),
     -O for --out, --merge-form on profile, sweep accepts `none`."""
-    from tmerge.cli.app import app, _register_commands
+    from tmerge.cli.app import _register_commands, app
 
     _register_commands()
     import typer.main

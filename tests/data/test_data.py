@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import gzip
 
-# isort: off
 import tmerge  # noqa: F401  (before timm)
-# isort: on
+from tmerge import data
+from tmerge.errors import TmergeError
+
 import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
-
-from tmerge import data
-from tmerge.errors import TmergeError
 
 HAS_FASHION_MNIST = (data.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
 needs_fashion_mnist = pytest.mark.skipif(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.helpers import tiny_export_model as tiny
+
+import pytest
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

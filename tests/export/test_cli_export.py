@@ -8,14 +8,16 @@ import os
 import stat
 from pathlib import Path
 
+import tmerge
+from tests.helpers import EXPORT_ARCH as ARCH
+from tests.helpers import EXPORT_MODEL_KWARGS as MODEL_KWARGS
+from tests.helpers import TINY_EXPORT, run_ort
+from tests.helpers import tiny_export_model as tiny
+
 import numpy as np
 import pytest
-import torch
-
-import tmerge
 import timm
-from tests.helpers import EXPORT_ARCH as ARCH, EXPORT_MODEL_KWARGS as MODEL_KWARGS, TINY_EXPORT, run_ort
-from tests.helpers import tiny_export_model as tiny
+import torch
 
 onnx = pytest.importorskip("onnx")
 

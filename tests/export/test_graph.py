@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
+from tests.helpers import run_ort
+
 import numpy as np
 import pytest
 import torch
-
-from tests.helpers import run_ort
 
 onnx = pytest.importorskip("onnx")
 

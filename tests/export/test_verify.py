@@ -3,11 +3,11 @@ check that writes nothing."""
 
 from __future__ import annotations
 
+from tests.helpers import tiny_export_model as tiny
+
 import numpy as np
 import pytest
 import torch
-
-from tests.helpers import tiny_export_model as tiny
 
 onnx = pytest.importorskip("onnx")
 

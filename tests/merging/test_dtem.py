@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-import torch
-
 import tmerge
 from tests.helpers import tiny_vit
 from tmerge.merging.methods.dtem import DTEM, soft_top_r
+
+import pytest
+import torch
 
 
 def _run(model, x):

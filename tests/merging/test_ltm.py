@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-import torch
-
 import tmerge
 from tests.helpers import tiny_vit
 from tmerge.merging.methods.ltm import cluster_assign, ib_loss, kmeans
+
+import pytest
+import torch
 
 
 def _perturb(model, seed=3):

@@ -1,9 +1,10 @@
 """The shared size-weighted merge: hand-checked cases and properties."""
 
-import torch
-from hypothesis import given, settings, strategies as st
-
 from tmerge.merging.ops import merge_slots
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def test_hand_checked_weighted_merge():

@@ -2,13 +2,14 @@
 
 import math
 
+from tmerge.merging.base import BlockInput
+from tmerge.merging.methods.pitome import PiToMe
+from tmerge.merging.ops import merge_tokens
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
-from tmerge.merging.base import BlockInput
-from tmerge.merging.ops import merge_tokens
-from tmerge.merging.methods.pitome import PiToMe
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def reference_pitome(keys, x, size, r, num_prefix, margin, bsm):

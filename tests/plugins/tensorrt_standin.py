@@ -15,6 +15,7 @@ top of a fresh stand-in (a fresh plugin registry each time) and removes both aft
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import importlib.util
 import operator
@@ -276,6 +277,323 @@ class Logger:
 
     def log(self, severity: int, msg: str) -> None:
         pass
+
+
+
+# ----------------------------------------------------------------------------------------------
+# the builder side (NVIDIA/TensorRT python/src/infer/pyCore.cpp, pyGraph.cpp; onnx-tensorrt's parser):
+# every call is recorded in CALLS so a test can check what tmerge asked TensorRT to do
+
+
+CALLS: list[tuple] = []
+
+
+class NetworkDefinitionCreationFlag(enum.IntEnum):
+    EXPLICIT_BATCH = 0
+    STRONGLY_TYPED = 1
+    PREFER_JIT_PYTHON_PLUGINS = 2
+    PREFER_AOT_PYTHON_PLUGINS = 3
+
+
+class BuilderFlag(enum.IntEnum):
+    FP16 = 0
+    INT8 = 1
+    DEBUG = 2
+    GPU_FALLBACK = 3
+    REFIT = 5
+    DISABLE_TIMING_CACHE = 6
+    TF32 = 7
+
+
+class MemoryPoolType(enum.IntEnum):
+    WORKSPACE = 0
+
+
+class TensorIOMode(enum.IntEnum):
+    NONE = 0
+    INPUT = 1
+    OUTPUT = 2
+
+
+class _Tensor:
+    def __init__(self, name: str, shape: tuple, mode: TensorIOMode):
+        self.name, self.shape, self.mode = name, shape, mode
+
+
+class INetworkDefinition:
+    def __init__(self, flags: int):
+        self.flags = flags
+        self.inputs: list[_Tensor] = []
+        self.outputs: list[_Tensor] = []
+        self.plugin_layers: list[tuple[str, dict]] = []
+        self.onnx = b""
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
+    def get_input(self, index: int) -> _Tensor:
+        return self.inputs[index]
+
+
+class OnnxParser:
+    """Reads the graph as onnx-tensorrt does what matters here: inputs / outputs with -1 for dynamic
+    dimensions, and each node of a custom domain resolved to a registered plugin creator by op type,
+    ``plugin_version`` and ``plugin_namespace`` (an error when none is registered)."""
+
+    def __init__(self, network: INetworkDefinition, logger: Logger):
+        self.network, self.errors = network, []
+
+    def parse(self, model: bytes, path: str | None = None) -> bool:
+        import onnx
+
+        CALLS.append(("parse", len(model)))
+        proto = onnx.load_from_string(bytes(model))
+        self.network.onnx = bytes(model)
+
+        def shape(value_info) -> tuple:
+            return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value_info.type.tensor_type.shape.dim)
+
+        initializers = {i.name for i in proto.graph.initializer}
+        self.network.inputs = [_Tensor(v.name, shape(v), TensorIOMode.INPUT) for v in proto.graph.input
+                               if v.name not in initializers]
+        self.network.outputs = [_Tensor(v.name, shape(v), TensorIOMode.OUTPUT) for v in proto.graph.output]
+        for node in proto.graph.node:
+            if node.domain in ("", "ai.onnx"):
+                continue
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            version = attrs.get("plugin_version", b"1").decode()
+            namespace = attrs.get("plugin_namespace", b"").decode()
+            if get_plugin_registry().get_creator(node.op_type, version, namespace) is None:
+                self.errors.append(f"no plugin creator for {node.op_type} version {version} in {namespace!r}")
+                return False
+            self.network.plugin_layers.append((node.op_type, attrs))
+        return True
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, index: int) -> str:
+        return self.errors[index]
+
+
+class IOptimizationProfile:
+    def __init__(self):
+        self.shapes: dict[str, tuple] = {}
+
+    def set_shape(self, name: str, min: tuple, opt: tuple, max: tuple) -> None:  # noqa: A002
+        self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
+
+
+class IBuilderConfig:
+    def __init__(self):
+        self.flags = {BuilderFlag.TF32}  # on by default, as in TensorRT
+        self.pools: dict[MemoryPoolType, int] = {}
+        self.profiles: list[IOptimizationProfile] = []
+
+    def set_flag(self, flag: BuilderFlag) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag: BuilderFlag) -> None:
+        self.flags.discard(flag)
+
+    def get_flag(self, flag: BuilderFlag) -> bool:
+        return flag in self.flags
+
+    def set_memory_pool_limit(self, pool: MemoryPoolType, size: int) -> None:
+        self.pools[pool] = size
+
+    def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+
+class IHostMemory(bytes):
+    pass
+
+
+class Builder:
+    def __init__(self, logger: Logger):
+        self.logger = logger
+
+    def create_network(self, flags: int = 0) -> INetworkDefinition:
+        CALLS.append(("create_network", flags))
+        return INetworkDefinition(flags)
+
+    def create_builder_config(self) -> IBuilderConfig:
+        return IBuilderConfig()
+
+    def create_optimization_profile(self) -> IOptimizationProfile:
+        return IOptimizationProfile()
+
+    def build_serialized_network(self, network: INetworkDefinition, config: IBuilderConfig) -> IHostMemory | None:
+        """The "engine": a JSON record of what was built and the parsed graph (the real one is a
+        binary TensorRT plan)."""
+        import base64
+        import json
+
+        if not network.inputs or not config.profiles:
+            return None
+        for tensor in network.inputs:  # a dynamic input needs a range in every profile
+            if -1 in tensor.shape and any(tensor.name not in p.shapes for p in config.profiles):
+                return None
+        record = {"inputs": [[t.name, list(t.shape)] for t in network.inputs],
+                  "outputs": [[t.name, list(t.shape)] for t in network.outputs],
+                  "flags": sorted(f.name for f in config.flags), "network_flags": network.flags,
+                  "workspace": config.pools.get(MemoryPoolType.WORKSPACE),
+                  "profiles": [{k: [list(x) for x in v] for k, v in p.shapes.items()} for p in config.profiles],
+                  "plugins": [op for op, _ in network.plugin_layers]}
+        CALLS.append(("build_serialized_network", record))
+        record = {**record, "onnx": base64.b64encode(network.onnx).decode()}
+        return IHostMemory(json.dumps(record).encode())
+
+
+class Runtime:
+    def __init__(self, logger: Logger):
+        self.logger = logger
+
+    def deserialize_cuda_engine(self, data: bytes) -> "ICudaEngine":
+        import json
+
+        return ICudaEngine(json.loads(bytes(data)))
+
+
+class ICudaEngine:
+    def __init__(self, record: dict):
+        self.record = record
+        self.tensors = [(name, TensorIOMode.INPUT) for name, _ in record["inputs"]] + [
+            (name, TensorIOMode.OUTPUT) for name, _ in record["outputs"]]
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.tensors)
+
+    def get_tensor_name(self, index: int) -> str:
+        return self.tensors[index][0]
+
+    def get_tensor_mode(self, name: str) -> TensorIOMode:
+        return dict(self.tensors)[name]
+
+    def get_tensor_dtype(self, name: str) -> DataType:
+        return DataType.FLOAT
+
+    def create_execution_context(self) -> "IExecutionContext":
+        return IExecutionContext(self)
+
+
+class IExecutionContext:
+    """Runs the engine on the memory it is given, as TensorRT does: every I/O tensor needs an address
+    (``set_tensor_address``), every input a shape inside the profile (``set_input_shape``);
+    ``execute_async_v3`` reads the inputs at their addresses, computes the parsed graph (plugin
+    layers with :func:`plugin_layer_outputs`) and writes each output at its address. The addresses
+    are host memory here (see :class:`HostDevice`), device memory in TensorRT."""
+
+    def __init__(self, engine: ICudaEngine):
+        self.engine, self.shapes, self.addresses = engine, {}, {}
+        self._graph = None
+
+    def set_input_shape(self, name: str, shape: tuple) -> bool:
+        low, _, high = self.engine.record["profiles"][0][name]
+        if not all(lo <= s <= hi for lo, s, hi in zip(low, shape, high)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name: str) -> tuple:
+        batch = next(iter(self.shapes.values()))[0]
+        shape = dict(self.engine.record["outputs"])[name]
+        return tuple(batch if d == -1 else d for d in shape)
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        CALLS.append(("set_tensor_address", name, address))
+        self.addresses[name] = address
+        return True
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        CALLS.append(("execute_async_v3", stream_handle, dict(self.shapes)))
+        inputs = [name for name, _ in self.engine.record["inputs"]]
+        outputs = [name for name, _ in self.engine.record["outputs"]]
+        if set(inputs) - set(self.shapes) or set(inputs + outputs) - set(self.addresses):
+            return False
+        if self._graph is None:
+            self._graph = _evaluator(self.engine.record["onnx"])
+        feeds = {name: _at(self.addresses[name], self.shapes[name]).copy() for name in inputs}
+        for name, value in zip(outputs, self._graph.run(outputs, feeds)):
+            if value.shape != self.get_tensor_shape(name):
+                return False
+            _at(self.addresses[name], value.shape)[...] = value
+        return True
+
+
+def _at(address: int, shape: tuple) -> np.ndarray:
+    """The float32 array of ``shape`` at ``address`` (a tensor's memory, as TensorRT addresses it)."""
+    count = int(np.prod(shape))
+    return np.frombuffer((ctypes.c_float * count).from_address(address), np.float32, count).reshape(shape)
+
+
+def plugin_layer_outputs(op_type: str, attrs: dict, x, size, keys) -> tuple:
+    """What a tmerge plugin layer computes: the reference merge its JIT implementation runs on
+    TensorRT's buffers (:mod:`tmerge.plugins.trt`), here on host arrays."""
+    from tmerge.plugins.reference import reference_merge
+
+    import torch
+
+    out, out_size = reference_merge(op_type, attrs, *(torch.from_numpy(np.ascontiguousarray(a)) for a in (x, size, keys)))
+    return out.numpy(), out_size.numpy()
+
+
+def _evaluator(onnx_b64: str):
+    """The parsed graph, run with ONNX Runtime, or with plugin layers by ONNX's reference evaluator
+    (ONNX Runtime has no way to run them): both have ``run(output names, feeds)``."""
+    import base64
+
+    import onnx
+    import onnxruntime
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    model = base64.b64decode(onnx_b64)
+    proto = onnx.load_from_string(model)
+    plugins = {(n.domain, n.op_type) for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
+    if not plugins:
+        return onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+
+    class PluginLayer(OpRun):
+        def _run(self, x, size, keys, **attrs):
+            attrs = {k: v for k, v in attrs.items() if k != "aot"}
+            return plugin_layer_outputs(self.onnx_node.op_type, attrs, x, size, keys)
+
+    ops = [type(op_type, (PluginLayer,), {"op_domain": domain}) for domain, op_type in plugins]
+    return ReferenceEvaluator(proto, new_ops=ops)
+
+
+class HostDevice:
+    """The CUDA device of :data:`tmerge.runtime.tensorrt.DEVICE`, in host memory: buffers are CPU
+    tensors (their ``data_ptr()`` is what the execution context reads and writes), the stream a
+    handle whose ``synchronize`` is recorded in CALLS."""
+
+    STREAM = 0x5EA  # a non-default stream handle
+
+    def check(self) -> None:
+        pass
+
+    def name(self) -> str:
+        return "stand-in (host memory)"
+
+    def empty(self, shape: tuple, dtype):
+        import torch
+
+        return torch.empty(shape, dtype=dtype)
+
+    def stream(self):
+        class Stream:
+            cuda_stream = self.STREAM
+
+            def synchronize(self) -> None:
+                CALLS.append(("synchronize", self.cuda_stream))
+
+        return Stream()
 
 
 @contextlib.contextmanager

@@ -4,21 +4,19 @@ a plugin runs, the graph preparation for TensorRT's parser, and the missing-Tens
 from __future__ import annotations
 
 import dataclasses
-
 import math
+
+import tmerge
+from tmerge.errors import TmergeError
+from tmerge.patch import eager_merge_step
+from tmerge.plugins import spec
+from tmerge.plugins import trt as trtdefs
+from tmerge.plugins.reference import method_from_attrs, reference_merge
 
 import numpy as np
 import pytest
-import torch
-
-import tmerge
 import timm
-from tmerge.errors import TmergeError
-from tmerge.merging import BlockInput
-from tmerge.patch import eager_merge_step
-from tmerge.plugins import spec
-from tmerge.plugins.reference import method_from_attrs, reference_merge
-from tmerge.plugins import trt as trtdefs
+import torch
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, num_heads=3)
 
@@ -173,7 +171,7 @@ def test_trt_shape_logic_with_symbolic_dims():
 
 
 def test_prepare_onnx_for_trt_sets_aot_on_plugin_nodes():
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     node = helper.make_node("BipartiteMerge", ["x", "s", "k"], ["y", "t"], domain="tmerge", r=1,
@@ -234,11 +232,11 @@ def test_without_tensorrt_errors_say_what_to_install():
 @pytest.mark.parametrize("fp16", [False, True])
 def test_trt_engine_end_to_end(tmp_path, method, fp16):  # pragma: no cover - not run on the build machines
     from tmerge.export import export_onnx
-    from tmerge.export.tensorrt import build_engine
+    from tmerge.export.tensorrt import export_engine
 
     model = _model(method, depth=2)
     result = export_onnx(model, tmp_path / "m.onnx", graph="plugin", dynamic_batch=True)
-    engine = build_engine(result, model, tmp_path / "m.engine", batch=2, max_batch=8, fp16=fp16, aot=False)
+    engine = export_engine(result, model, tmp_path / "m.engine", batch=2, max_batch=8, fp16=fp16, aot=False)
     assert engine.path.is_file() and engine.manifest["format"] == "trt"
     assert all(c["cosine_min"] > 0.999 for c in engine.parity["checks"])
 

@@ -16,11 +16,6 @@ from __future__ import annotations
 
 import sys
 import types
-from pathlib import Path
-
-import numpy as np
-import pytest
-import torch
 
 import tmerge
 from tests.helpers import tiny_vit
@@ -28,28 +23,11 @@ from tmerge.errors import TmergeError
 from tmerge.plugins import spec
 from tmerge.plugins import trt as trtdefs
 
-from . import tensorrt_standin
+import numpy as np
+import pytest
+import torch
 
-VERSIONS = [line.strip() for line in (Path(__file__).with_name("tensorrt_bindings_versions.txt")).read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
-WHEELS = Path(sys.prefix) / "share" / "tmerge" / "tensorrt-bindings"
 BATCH = "B"
-
-
-def _wheel(version: str) -> Path:
-    found = sorted(WHEELS.glob(f"tensorrt_cu12_bindings-{version}-*.whl"))
-    if not found:
-        pytest.fail(f"tensorrt-cu12-bindings {version} is not in {WHEELS}: run `bash install.sh` (it downloads the "
-                    "pinned wheels with pip download --no-deps)")
-    return found[0]
-
-
-@pytest.fixture(scope="module", params=VERSIONS, ids=[f"trt{v}" for v in VERSIONS])
-def trt_layer(request, tmp_path_factory):
-    """(tensorrt stand-in, TensorRT's tensorrt.plugin of that release), fresh per release."""
-    version = request.param
-    with tensorrt_standin.plugin_layer(_wheel(version), tmp_path_factory.mktemp(f"trt{version}"), version) as layer:
-        yield layer
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +217,51 @@ def test_failed_registration_can_be_retried(trt_layer, monkeypatch):
     monkeypatch.setattr(trtp, "impl", impl)
     assert set(tmerge.plugins.register_tensorrt_plugins(aot=False).values()) == {False}
 
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine build: what tmerge asks of TensorRT's builder, network, parser, config and profile
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_engine_build_calls_tensorrt_with_the_right_arguments(trt_layer, plugin_graphs, monkeypatch, fp16):
+    from tmerge.export.tensorrt import build_serialized_engine
+    from tmerge.runtime.tensorrt import TensorRTRunner
+
+    trt, _ = trt_layer
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the stand-in needs no GPU to build
+    trt.CALLS.clear()
+    model, proto = plugin_graphs["tome"]
+    engine, info = build_serialized_engine(proto, (2, 3, 32, 32), batch=2, max_batch=8, fp16=fp16, aot=False)
+
+    (network_flags,) = [args for call, *args in trt.CALLS if call == "create_network"][0]
+    assert network_flags == 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS)
+    (record,) = [args[0] for call, *args in trt.CALLS if call == "build_serialized_network"]
+    (name, shape), = record["inputs"]
+    assert shape == [-1, 3, 32, 32]  # only the batch is dynamic
+    assert record["profiles"] == [{name: [[1, 3, 32, 32], [2, 3, 32, 32], [8, 3, 32, 32]]}]
+    assert ("TF32" in record["flags"]) is False and ("FP16" in record["flags"]) is fp16
+    assert record["workspace"] == 4 << 30
+    assert set(record["plugins"]) == {spec.OP_TYPES["tome"]}  # one plugin layer per merging block
+    assert len(record["plugins"]) == sum(1 for r in tmerge.merge_info(model)["r"] if r)
+    assert info["profile"] == {"min": (1, 3, 32, 32), "opt": (2, 3, 32, 32), "max": (8, 3, 32, 32)}
+    assert info["tf32"] is False and info["fp16"] is fp16 and info["aot"] is False
+
+    # the runtime side: the engine deserialises, its input accepts the profile's batches only
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    context = runtime.deserialize_cuda_engine(engine).create_execution_context()
+    assert context.set_input_shape(name, (8, 3, 32, 32)) and not context.set_input_shape(name, (9, 3, 32, 32))
+    assert TensorRTRunner(proto, engine=engine).serialized == engine
+
+
+def test_unregistered_plugins_fail_the_parse_with_one_line(trt_layer, plugin_graphs, monkeypatch):
+    from tmerge.errors import VerificationError
+    from tmerge.export.tensorrt import build_serialized_engine
+
+    trt, _ = trt_layer
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    registry = trt.get_plugin_registry()
+    monkeypatch.setattr(registry, "get_creator", lambda name, version, namespace="": None)  # nothing registered
+    with pytest.raises(VerificationError, match="could not parse the graph: no plugin creator for"):
+        build_serialized_engine(plugin_graphs["tome"][1], (2, 3, 32, 32), batch=2, max_batch=8, fp16=False,
+                                aot=False)

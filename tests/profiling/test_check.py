@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 import json
 
-import pytest
-
 from tmerge.cli import main
+from tmerge.errors import TmergeError
 from tmerge.profiling.check import compare, parse_threshold
 from tmerge.profiling.report import SCHEMA_VERSION, load_report, save_report, validate_report
-from tmerge.errors import TmergeError
 
+import pytest
 
 SETTINGS = {"threads": 2, "warmup": 5, "iters": 50, "compile": False}
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from tests.helpers import tiny_vit
 from tmerge import apply
 from tmerge.cli import main
@@ -15,6 +12,9 @@ from tmerge.errors import TmergeError
 from tmerge.profiling import latency as lat
 from tmerge.profiling.profile import ProfileConfig, drift_between, profile_pair
 from tmerge.profiling.report import load_report, save_report, validate_report
+
+import pytest
+import torch
 
 TINY_KWARGS = "img_size=32,patch_size=8,depth=3,embed_dim=48,num_heads=3,num_classes=10"
 TINY_CLI = ["--model", "vit_tiny_patch16_224", "--model-kwargs", TINY_KWARGS]

@@ -9,9 +9,9 @@ import os
 import shutil
 import stat
 
-import pytest
-
 from tmerge.cli import main
+
+import pytest
 
 pytest.importorskip("onnxruntime")
 

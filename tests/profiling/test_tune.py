@@ -6,23 +6,13 @@ import copy
 import json
 import time
 
-import pytest
-import torch
-
 from tests.helpers import tiny_vit
 from tmerge import TmergeError, apply, merge_info
 from tmerge.cli import main
-from tmerge.profiling.tune import (
-    Candidate,
-    Entry,
-    TuneConfig,
-    adapter_candidate,
-    pareto_front,
-    parse_duration,
-    search_space,
-    split_images,
-    tune,
-)
+from tmerge.profiling.tune import Candidate, Entry, TuneConfig, adapter_candidate, pareto_front, parse_duration, search_space, split_images, tune
+
+import pytest
+import torch
 
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
              "img_size=32,patch_size=8,depth=3,embed_dim=48,num_heads=3,num_classes=10"]
@@ -118,7 +108,12 @@ def test_tune_max_drift_torch():
     # the constant-r ToMe reference is timed in the same rounds; the choice is at least as fast
     assert ref is not None and ref["label"].startswith("tome r=") and ref["timed_rounds"] > 0
     last = result["rungs"][-1]["ranking"]
-    assert last[0]["label"] == chosen["label"]
+    fastest = next(c for c in result["candidates"] if c["label"] == last[0]["label"])
+    # the fastest of the last rung, unless it failed held-out or its lead is inside the timing noise
+    # and the chosen one drifts less
+    assert chosen["label"] == fastest["label"] or "failed held-out" in fastest["stage"] or (
+        chosen["drift"]["held_out"] <= fastest["drift"]["held_out"]
+        and chosen["latency_ratio_p50_ci"][0] <= fastest["latency_ratio_p50_ci"][1])
     assert any(row["label"] == ref["label"] for row in last)
     # successive halving: fewer candidates, more rounds per rung
     sizes = [len(r["ranking"]) for r in result["rungs"]]
@@ -226,7 +221,7 @@ def test_cli_tune_budget_violated_exits_1(tmp_path, capsys):
                "--num-images", "4", "--threads", "1", "--out-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 1 and "error: no candidate meets the budget; closest: tome" in err
-    assert (tmp_path / "o" / "tune.json").is_file()
+    assert not (tmp_path / "o").exists()  # a failed search writes nothing
 
 
 @pytest.mark.parametrize("args, message", [

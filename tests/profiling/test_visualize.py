@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
-
 from tests.helpers import TINY_VARIANTS, tiny_vit
 from tmerge import apply
 from tmerge.cli import main
 from tmerge.profiling.visualize import patch_groups, render_groups
+
+import numpy as np
+import pytest
+import torch
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import copy
 import json
 
+import tmerge
+from tests.helpers import tiny_vit
+from tmerge import runtime
+
 import numpy as np
 import pytest
 import torch
-
-import tmerge
-from tmerge import runtime
-from tests.helpers import tiny_vit
 
 pytestmark = pytest.mark.skipif("openvino" not in runtime.available("cpu"), reason="openvino not installed")
 

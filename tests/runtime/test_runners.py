@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
+import tmerge
+from tests.helpers import tiny_vit
+from tmerge import runtime
+from tmerge.errors import TmergeError
+
 import numpy as np
 import pytest
 import torch
-
-import tmerge
-from tmerge import runtime
-from tmerge.errors import TmergeError
-from tests.helpers import tiny_vit
 
 
 def test_registry_resolves_names_and_aliases():

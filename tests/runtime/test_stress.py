@@ -13,12 +13,12 @@ expected failure below keeps that documented and turns into an error the day the
 
 from __future__ import annotations
 
+from tmerge import runtime
+from tmerge.merging.ops import MERGE_FORMS, merge_slots
+
 import numpy as np
 import pytest
 import torch
-
-from tmerge import runtime
-from tmerge.merging.ops import MERGE_FORMS, merge_slots
 
 N, M, C = 2056, 1928, 16  # 128 extra tokens
 WIDE = 385  # the ScatterND(add) graph the removed form exported: batch 8 x (257 -> 241) rows of 384 + size

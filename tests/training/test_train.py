@@ -9,14 +9,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-import torch
-
 import tmerge
 from tests.helpers import tiny_vit
 from tmerge.models.adapters import load_adapter, read_adapter, save_adapter
 from tmerge.models.forward import forward_with_features
 from tmerge.training import distill_loss, train_adapter
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,12 +158,12 @@ def test_training_errors(data, tmp_path):
 
 
 def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
-    from PIL import Image
-
     import tmerge.cli.commands.train as train_command
     import tmerge.models
     import tmerge.models.merged
     from tmerge.cli import main
+
+    from PIL import Image
 
     for module in (tmerge.models, tmerge.models.merged, train_command):  # every module that bound the name
         monkeypatch.setattr(module, "load_model", lambda name=None, **kw: tiny_vit("plain"))

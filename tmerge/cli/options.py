@@ -40,6 +40,10 @@ ItersOpt = Annotated[int, typer.Option("--iters", help="timed runs of each model
 ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", help="torch threads and ONNX Runtime intra-op threads (default: torch's, recorded)")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch backend: time torch.compile'd models")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", help="torch backends and drift: fp32, or fp16 / bf16 autocast (weights stay fp32)")]
+CudaGraphsOpt = Annotated[bool, typer.Option(
+    "--cuda-graphs/--no-cuda-graphs", help="torch backends on CUDA: capture each batch once and replay it")]
 DataOpt = Annotated[str, typer.Option("--data", help="images: 'samples', 'fashion-mnist[:split]' or an ImageFolder dir")]
 NumImagesOpt = Annotated[Optional[int], typer.Option("--num-images", help="images to load (default: the source's default)")]
 NoDriftOpt = Annotated[bool, typer.Option("--no-drift", help="skip the drift measurement")]

@@ -24,6 +24,10 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return str(value)
 
 
+def _interval(interval: list[float] | None) -> str:
+    return "n/a" if interval is None else f"{interval[0]:.2f}–{interval[1]:.2f}"
+
+
 def human_flops(value: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
@@ -63,8 +67,8 @@ def render_report(report: dict, console=None) -> None:
 
     if report["latency"]:
         lat = Table(title="latency (merged vs unmerged, interleaved)")
-        for col in ("backend", "device", "batch", "threads", "model", "p50 ms", "p90 ms", "p99 ms", "mean±std ms",
-                    "img/s", "peak MiB", "ratio p50", "ratio mean"):
+        for col in ("backend", "device", "batch", "threads", "model", "p50 ms", "p90 ms", "mean±std ms",
+                    "img/s", "peak MiB", "ratio p50", "95% CI", "ratio mean"):
             lat.add_column(col, justify="right")
         for e in report["latency"]:
             for side in ("unmerged", "merged"):
@@ -73,10 +77,11 @@ def render_report(report: dict, console=None) -> None:
                 lat.add_row(
                     e["backend"] if first else "", e["device"] if first else "",
                     str(e["batch_size"]) if first else "", _fmt(e.get("threads")) if first else "", side,
-                    _fmt(s["p50_ms"], ".2f"), _fmt(s.get("p90_ms"), ".2f"), _fmt(s.get("p99_ms"), ".2f"),
-                    f"{s['mean_ms']:.2f}±{s.get('std_ms', 0):.2f}", _fmt(s.get("throughput_ips"), ".1f"),
+                    _fmt(s["p50_ms"], ".2f"), _fmt(s.get("p90_ms"), ".2f"),
+                    f"{s['mean_ms']:.2f}±" + ("n/a" if s.get("std_ms") is None else f"{s['std_ms']:.2f}"), _fmt(s.get("throughput_ips"), ".1f"),
                     "n/a" if s.get("peak_mem_mb") is None else _fmt(s["peak_mem_mb"], ".0f"),
                     _fmt(e["ratio_p50"]) if side == "merged" else "",
+                    _interval(e.get("ratio_p50_ci")) if side == "merged" else "",
                     _fmt(e.get("ratio_mean")) if side == "merged" else "",
                 )
         console.print(lat)
@@ -100,7 +105,7 @@ def render_check(result: CheckResult, console=None) -> None:
     table = Table(title="tmerge check: report vs baseline (larger is worse)")
     for col in ("metric", "baseline", "report", "change", "limit", "allowed", "status"):
         table.add_column(col, justify="left" if col in ("metric", "status") else "right")
-    styles = {"REGRESSION": "bold red", "improved": "green", "ok": "", "new": "yellow"}
+    styles = {"REGRESSION": "bold red", "improved": "green", "ok": "", "new": "yellow", "uncertain": "yellow"}
     for r in result.rows:
         fmt = (lambda v: "–" if v is None else f"{v:.5g}")
         change = "–" if r.change is None else f"{r.change * 100:+.1f}%"
@@ -247,4 +252,5 @@ def render_tune(result: dict, console=None) -> None:
         console.print(f"export: {result['export_command']}")
         if result.get("export"):
             console.print(f"exported: {result['export']['path']} (manifest {result['export']['manifest']})")
-    console.print(f"Pareto plot: {result['png']} · JSON: {result['json']}")
+    if "png" in result:  # a search that missed its budget writes no files
+        console.print(f"Pareto plot: {result['png']} · JSON: {result['json']}")

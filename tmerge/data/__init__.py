@@ -51,6 +51,8 @@ FASHION_MNIST_CLASSES = (
 )
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DEFAULT_COUNT = {"samples": 16, "fashion-mnist": 1000}  # a folder defaults to all of its images
+# beyond this many views of a handful of photos, more views add time, not information
+MAX_SAMPLE_VIEWS = 4096
 
 
 class ImageSet(NamedTuple):
@@ -111,7 +113,8 @@ def _load_sample_images(names: tuple[str, ...]) -> tuple[tuple[str, Image.Image]
     return tuple(photos)
 
 
-def sample_views(n: int, model: nn.Module, seed: int = 0, photos: Sequence[str] | None = None) -> Tensor:
+def sample_views(n: int, model: nn.Module, seed: int = 0, photos: Sequence[str] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Tensor:
     """``n`` views of the sample photos as a (n, 3, H, W) batch for ``model``; the same for a seed.
 
     ``photos`` restricts the views to those sample photos (by name), e.g. to hold some out.
@@ -123,6 +126,9 @@ def sample_views(n: int, model: nn.Module, seed: int = 0, photos: Sequence[str] 
 
     if n < 1:
         raise TmergeError(f"the number of sample views must be at least 1, got {n}")
+    if n > MAX_SAMPLE_VIEWS:
+        raise TmergeError(f"{n} views of the sample photos asked for; at most {MAX_SAMPLE_VIEWS} (crops of a few "
+                          "photos): use fashion-mnist or a folder of images for more")
     known = (*SAMPLE_PHOTOS, *EXTRA_PHOTOS)
     chosen = [image for name, image in sample_images(known if photos is not None else SAMPLE_PHOTOS)
               if photos is None or name in photos]
@@ -145,6 +151,7 @@ def sample_views(n: int, model: nn.Module, seed: int = 0, photos: Sequence[str] 
         if rng.random() < 0.5:
             view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         views.append(transform(view))
+        _report(progress, i + 1, n)
     return torch.stack(views)
 
 
@@ -234,12 +241,40 @@ def image_folder(path: str | Path) -> tuple[list[Path], list[int] | None, list[s
     return files, None, None
 
 
-def _open_image(path: Path):
+# modes PIL converts to RGB without losing what the values mean (8 bits per channel, palette, CMYK, ...)
+_CONVERTIBLE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def to_rgb(image, name: str = "image"):
+    """``image`` (PIL) as 8-bit RGB with the meaning of its values kept. PIL's own ``convert("RGB")``
+    clips 16-bit and float greyscale to 0..255, which turns a normal photo almost white; here 16-bit
+    ("I;16*", or "I" with values up to 65535) is scaled from 0..65535 and float ("F") from 0..1.
+    Anything else (32-bit integers, floats outside 0..1, unknown modes) is a TmergeError."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode in _CONVERTIBLE_MODES:
+        return image.convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        full_scale = 1.0 if mode == "F" else 65535.0
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= full_scale):
+            kind = "float" if mode == "F" else "integer"
+            raise TmergeError(f"{name}: {kind} greyscale values outside 0..{full_scale:g} (mode {mode}); "
+                              "save it as an 8-bit or 16-bit image")
+        grey = np.round(values * (255.0 / full_scale)).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    raise TmergeError(f"{name}: image mode {mode} is not supported; save it as 8-bit RGB")
+
+
+def open_image(path: Path):
+    """An image file as 8-bit RGB (see :func:`to_rgb`); unreadable files are a TmergeError."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            image.load()
+            return to_rgb(image, f"image {path}")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise TmergeError(f"cannot read image {path}: {e}") from e
 
@@ -261,8 +296,15 @@ def _check_images_fit(n: int, model: nn.Module) -> None:
                           f"{available / 2**30:.1f} GiB of memory is available")
 
 
-def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed: int = 0) -> ImageSet:
+def _report(progress: Callable[[int, int], None] | None, done: int, total: int, every: int = 64) -> None:
+    if progress is not None and (done % every == 0 or done == total):
+        progress(done, total)
+
+
+def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed: int = 0,
+                progress: Callable[[int, int], None] | None = None) -> ImageSet:
     """``n`` images from ``source`` preprocessed for ``model``: (images, labels or None, class names or None).
+    ``progress(done, total)`` is called as images are prepared.
 
     ``source``: "samples", "fashion-mnist" (train split), "fashion-mnist:test", or a folder. ``n``
     None: 16 sample views, 1000 Fashion-MNIST images, or every image of a folder. A subset of a
@@ -278,7 +320,7 @@ def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed
     if n is not None:
         _check_images_fit(n, model)
     if text == "samples":
-        return ImageSet(sample_views(_default(n, DEFAULT_COUNT["samples"]), model, seed), None, None)
+        return ImageSet(sample_views(_default(n, DEFAULT_COUNT["samples"]), model, seed, progress=progress), None, None)
     if text == "fashion-mnist" or text.startswith("fashion-mnist:"):
         split = text.partition(":")[2] or "train"
         pixels, labels = fashion_mnist(split)
@@ -286,14 +328,21 @@ def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed
         from PIL import Image
 
         transform = model_transform(model)
-        images = torch.stack([transform(Image.fromarray(pixels[i])) for i in chosen])
+        images = torch.stack([_prepared(transform(Image.fromarray(pixels[i])), progress, k + 1, len(chosen))
+                              for k, i in enumerate(chosen)])
         return ImageSet(images, torch.from_numpy(labels[chosen]), list(FASHION_MNIST_CLASSES))
     files, labels, class_names = image_folder(text)
     chosen = _subset(len(files), _default(n, len(files)), seed, text)
     transform = model_transform(model)
-    images = torch.stack([transform(_open_image(files[i])) for i in chosen])
+    images = torch.stack([_prepared(transform(open_image(files[i])), progress, k + 1, len(chosen))
+                          for k, i in enumerate(chosen)])
     label_tensor = torch.tensor([labels[i] for i in chosen], dtype=torch.int64) if labels is not None else None
     return ImageSet(images, label_tensor, class_names)
+
+
+def _prepared(image: Tensor, progress: Callable[[int, int], None] | None, done: int, total: int) -> Tensor:
+    _report(progress, done, total)
+    return image
 
 
 def _default(n: int | None, default: int) -> int:

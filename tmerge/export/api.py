@@ -25,17 +25,27 @@ from typing import Any
 from torch import nn
 
 from .. import runtime
-from .._io import write_files
+from .._io import check_distinct, write_files
 from ..errors import TmergeError, VerificationError, first_line
-from ..models import DEFAULT_MODEL, check_batch_fits, model_label as label_of
+from ..models import DEFAULT_MODEL, check_batch_fits
+from ..models import model_label as label_of
 from ..models.merged import MergeConfig, build_merged_model
-from .checks import (ENGINE_SUFFIXES, check_atol, check_batch, check_format, check_graph_form, check_opset,
-                     check_out_path, check_plugin_method, require_onnx)
+from .checks import (
+    ENGINE_SUFFIXES,
+    check_atol,
+    check_batch,
+    check_format,
+    check_graph_form,
+    check_opset,
+    check_out_path,
+    check_plugin_method,
+    require_onnx,
+)
 from .graph import strip_slots
 from .instrument import build_graph
 from .manifest import ExportResult, build_manifest, manifest_bytes, manifest_path
 from .openvino import IR_SUFFIXES, export_ir
-from .tensorrt import build_engine, require_tensorrt
+from .tensorrt import export_engine, require_tensorrt
 from .verify import VERIFIED_RUNTIMES, verify_graph
 
 
@@ -151,7 +161,7 @@ def export(
         out_path = onnx_path = check_out_path(out)
     elif format == "openvino":
         out_path = check_out_path(out, IR_SUFFIXES)
-        check_out_path(out_path.with_suffix(".bin"), (".bin",))
+        check_out_path(out_path.with_suffix(".bin"), (".bin",), manifest=False)
         onnx_path = check_out_path(out_path.with_suffix(".onnx"))
         if graph != "portable":
             raise TmergeError("--format openvino converts the portable graph: use --graph portable (the default)")
@@ -171,6 +181,9 @@ def export(
                             merge_form=merge_form)
     if merge.merge_form is None:
         merge = dataclasses.replace(merge, merge_form="scatter" if format == "trt" else "gather")
+    check_distinct({"--out": out_path, "the ONNX file": onnx_path, "the manifest": manifest_path(out_path),
+                    "the ONNX manifest": manifest_path(onnx_path)},
+                   {"--checkpoint": checkpoint, "--adapter": merge.adapter})
     model = build_merged_model(model_name, merge.check(), checkpoint=None if checkpoint is None else str(checkpoint),
                                pretrained=pretrained, model_kwargs=model_kwargs)
     check_batch_fits(model, batch, "--batch-size")
@@ -183,7 +196,7 @@ def export(
                          opset=opset, graph=graph, atol=atol, model_name=label_of(model_name, checkpoint),
                          source=source)
     if format == "trt":
-        return build_engine(result, model, out_path, batch=batch, max_batch=max_batch, fp16=fp16)
+        return export_engine(result, model, out_path, batch=batch, max_batch=max_batch, fp16=fp16)
     if format == "openvino":
         return export_ir(result, model, out_path, atol=atol)
     return result

@@ -12,6 +12,7 @@ from .._optional import require
 from ..errors import TmergeError
 from ..patch import merging_blocks
 from ..plugins import spec as plugin_spec
+from .manifest import manifest_path
 
 MIN_OPSET = 18
 GRAPH_FORMS = ("portable", "plugin")
@@ -53,7 +54,7 @@ def check_format(fmt: str) -> str:
 
 def check_batch(batch: int) -> int:
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise TmergeError(f"--batch must be a positive integer, got {batch!r}")
+        raise TmergeError(f"--batch-size must be a positive integer, got {batch!r}")
     return batch
 
 
@@ -63,9 +64,14 @@ def check_atol(atol: float) -> float:
     return atol
 
 
-def check_out_path(out: str | os.PathLike, suffixes: tuple[str, ...] = (".onnx",)) -> Path:
-    """Fail early (before any work) when ``out`` cannot be written; nothing is created."""
-    return writable_file(out, "--out", suffixes)
+def check_out_path(out: str | os.PathLike, suffixes: tuple[str, ...] = (".onnx",), what: str = "--out",
+                   manifest: bool = True) -> Path:
+    """Fail early (before any work) when ``out`` or, with ``manifest``, its manifest ``<out>.json``
+    cannot be written; nothing is created. ``what`` names the option in messages."""
+    path = writable_file(out, what, suffixes)
+    if manifest:
+        writable_file(manifest_path(path), f"the manifest of {what}")
+    return path
 
 
 def check_plugin_method(model: nn.Module) -> None:

@@ -22,8 +22,7 @@ def _light_optimize(proto):
     dead-code and common-subexpression elimination (the full onnxscript optimizer's pattern
     rewriter costs seconds per export for nothing we need)."""
     import onnx_ir as ir
-    from onnx_ir.passes.common import (CommonSubexpressionEliminationPass, IdentityEliminationPass,
-                                       RemoveUnusedNodesPass)
+    from onnx_ir.passes.common import CommonSubexpressionEliminationPass, IdentityEliminationPass, RemoveUnusedNodesPass
     from onnxscript import optimizer, rewriter
     from onnxscript.rewriter.rules.common import no_op_transpose_rule
 

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import json_bytes
 from ..errors import TmergeError
 from ..models import backbone_sha256, file_sha256, weights_sha256
+from ..models.flops import count_flops
 from ..models.forward import input_shape
 from ..patch import merge_info, unmerged
 from ..plugins import spec as plugin_spec
-from ..models.flops import count_flops
 from .plugin_nodes import describe_plugin_nodes
 
 VERSIONED_PACKAGES = ("tmerge", "torch", "timm", "onnx", "onnxruntime", "onnxscript", "openvino")
@@ -113,7 +114,7 @@ def manifest_path(path: str | Path) -> Path:
 
 def manifest_bytes(manifest: Manifest | dict) -> bytes:
     data = manifest.as_dict() if isinstance(manifest, Manifest) else manifest
-    return (json.dumps(data, indent=2, default=str) + "\n").encode()
+    return json_bytes(data)
 
 
 def read_manifest(path: str | Path) -> Manifest:

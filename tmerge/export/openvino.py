@@ -16,10 +16,10 @@ from pathlib import Path
 from torch import nn
 
 from .. import runtime
-from ..runtime.openvino import read_model
 from .._io import write_files
 from ..errors import VerificationError
 from ..models.forward import input_shape as model_input_shape
+from ..runtime.openvino import read_model
 from .manifest import ExportResult, manifest_bytes, manifest_path
 from .verify import RUNS, THREADS, fixed_inputs, repeat_check, repeat_message, torch_reference
 

@@ -53,7 +53,7 @@ def merge_node_op():
     def merge_node(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, op_type: str, attrs: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out, out_size, slots = reference_merge(op_type, json.loads(attrs), x, size, keys, with_slots=True)
-        return out, out_size, slots.clone()
+        return out.contiguous(), out_size.contiguous(), slots.clone()
 
     @merge_node.register_fake
     def _(x, size, keys, op_type, attrs):

@@ -14,8 +14,10 @@ TensorRT cannot be installed on our build machines, so no engine has been built 
 What is checked without it: the plugin definitions pass TensorRT's own registration and plugin
 creation code (its pure-Python ``tensorrt.plugin`` layer, run on CPU in CI against pinned 10.x
 releases, attributes encoded as the ONNX parser encodes them), the shape logic, the graph
-preparation and the reference merge the plugin runs. ``import tensorrt`` is lazy; without it the
-CLI exits 2 with :data:`TRT_MISSING`.
+preparation and the reference merge the plugin runs; and this whole flow (build, parity run, files)
+through a stand-in ``tensorrt`` module on CPU, with host memory in place of the CUDA device
+(:data:`tmerge.runtime.tensorrt.DEVICE`). ``import tensorrt`` is lazy; without it the CLI exits 2
+with :data:`TRT_MISSING`.
 
 Supported: TensorRT 10.9 - 10.x. TensorRT 11 removed ``BuilderFlag.FP16`` and builds every network
 strongly typed, so ``--fp16`` would need an fp16 graph (casts in the ONNX export) instead of a builder
@@ -35,10 +37,10 @@ from .._io import write_files
 from ..errors import TmergeError, VerificationError
 from ..models.forward import input_shape as model_input_shape
 from ..plugins.trt import TRT_MISSING  # noqa: F401  (re-exported)
+from ..runtime import tensorrt as engines
+from ..runtime.tensorrt import MIN_TRT, NEXT_UNSUPPORTED_TRT, build_engine, profile_shapes, require_tensorrt  # noqa: F401  (re-exported)
 from .manifest import ExportResult, manifest_bytes, manifest_path
 from .verify import fixed_inputs
-from ..runtime.tensorrt import (MIN_TRT, NEXT_UNSUPPORTED_TRT, build_engine, profile_shapes,  # noqa: F401
-                               require_tensorrt)
 
 FP16_MIN_COSINE = 0.999
 
@@ -86,7 +88,7 @@ def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float((num / den).min())
 
 
-def build_engine(onnx_result, model: nn.Module, out_path: Path, *, batch: int, max_batch: int | None = None,
+def export_engine(onnx_result, model: nn.Module, out_path: Path, *, batch: int, max_batch: int | None = None,
                  fp16: bool = False, aot: bool | None = None):
     """Build, check and write the engine for an :class:`~tmerge.export.ExportResult` of the
     plugin graph. Returns an ExportResult for the engine (manifest ``<engine>.json``)."""
@@ -101,7 +103,7 @@ def build_engine(onnx_result, model: nn.Module, out_path: Path, *, batch: int, m
     manifest.update(
         format="trt", file=out_path.name, onnx_file=onnx_result.path.name, onnx_parity=onnx_result.parity,
         parity=parity, tensorrt={"version": trt.__version__, "fp16": fp16, **build_info,
-                                 "device": torch.cuda.get_device_name()},
+                                 "device": engines.DEVICE.name()},
     )
     json_path = manifest_path(out_path)
     write_files({out_path: engine_bytes, json_path: manifest_bytes(manifest)})

@@ -247,7 +247,8 @@ def bipartite_constants(num_tokens: int, r: int, num_prefix: int, device=None, d
     A = even positions, B = odd ones; the protected tokens are left out of both (A', B'). Output order:
     [prefix, unmerged A' (sequence order), B' (sequence order)]. ``prefix`` (p, 1), ``a_tok`` (n_a', 1)
     and ``b_tok`` (n_b', 1) are token indices (as columns, so indexing them with (B, k) gives (B, k, 1));
-    ``b_route`` (n_b', M): row j is the one-hot output slot of B' token j."""
+    ``b_route`` (n_b', M): row j is the one-hot output slot of B' token j. ``keep_fixed`` (M, 1): the kept
+    tokens that do not depend on the input (prefix and B'), zeros where the unmerged A' go."""
     first_a, first_b = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
     kw = {"device": device}
     a_tok = torch.arange(first_a, num_tokens, 2, **kw)
@@ -259,6 +260,8 @@ def bipartite_constants(num_tokens: int, r: int, num_prefix: int, device=None, d
         "a_tok": a_tok.view(-1, 1),
         "b_tok": b_tok.view(-1, 1),
         "b_route": torch.eye(num_out, dtype=dtype, **kw)[b_first_slot:],
+        "keep_fixed": torch.cat([torch.arange(num_prefix, **kw), torch.zeros(len(a_tok) - r, dtype=torch.long, **kw),
+                                 b_tok]).view(-1, 1),
     }
 
 
@@ -271,8 +274,9 @@ def prefixed(consts: dict[str, Tensor], middle: list[Tensor], batch: int) -> Ten
 
 def tome_plan(consts: dict[str, Tensor], choice: BipartiteChoice, num_tokens: int) -> MergePlan:
     """ToMe's hard plan from its choice on (A', B'): [prefix, unmerged A', B'], merged A' -> their B'."""
-    batch = choice.kept.shape[0]
-    keep = prefixed(consts, [lookup(consts["a_tok"], choice.kept), consts["b_tok"].expand(batch, -1, -1)], batch)
+    fixed = consts["keep_fixed"]
+    before, after = len(consts["prefix"]), len(consts["b_tok"])  # the unmerged A' go between prefix and B'
+    keep = torch.nn.functional.pad(lookup(consts["a_tok"], choice.kept), (0, 0, before, after)) + fixed
     return MergePlan(keep=keep, src=lookup(consts["a_tok"], choice.merged),
                      route=lookup(consts["b_route"], choice.match), num_tokens=num_tokens)
 

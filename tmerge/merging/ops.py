@@ -44,8 +44,9 @@ def merge_tokens(x: Tensor, size: Tensor | None, plan: MergePlan, form: str = DE
     """
     if form not in MERGE_FORMS:
         raise ValueError(f"unknown merge form {form!r}; expected one of {MERGE_FORMS}")
-    if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
             return _merge(x, size, plan, form)
     return _merge(x, size, plan, form)
 

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ import torch
 from torch import nn
 
 from .. import _compat  # noqa: F401  (must precede the timm import)
-from .._optional import missing_extra
 from .._io import atomic_paths, existing_file
+from .._optional import missing_extra
 from ..errors import TmergeError, first_line
 from ..runtime.ort import session as ort_session
 
@@ -152,9 +153,21 @@ def _load(name: str | None, checkpoint, pretrained: bool, img_size: int | None, 
                            **timm_kwargs}
         model = _create_timm(name, pretrained=pretrained and checkpoint is None, **timm_kwargs)
         on_meta_device = False
+    _check_patch_grid(model)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, arch=arch, assign=on_meta_device)
     return model.eval()
+
+
+def _check_patch_grid(model: nn.Module) -> None:
+    """An image size that is not a multiple of the patch size makes timm drop the edge pixels."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or getattr(pe, "dynamic_img_pad", False) or getattr(pe, "img_size", None) is None:
+        return
+    for size, patch in zip(pe.img_size, pe.patch_size):
+        if size % patch:
+            raise TmergeError(f"img_size {tuple(pe.img_size)} is not a multiple of patch_size {tuple(pe.patch_size)}: "
+                              f"the last {size % patch} pixel rows/columns would be dropped; pick a multiple")
 
 
 def check_batch_fits(model: nn.Module, batch_size: int, what: str = "--batch-sizes") -> None:
@@ -271,7 +284,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj = load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors, pickle, zip and torch errors all mean: unreadable file
+    except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: arbitrary code, never
+        raise TmergeError(f"checkpoint {path} could not be read: it is not a weights-only PyTorch state dict "
+                          "(torch.load with weights_only=True refuses it); save it with "
+                          "torch.save(model.state_dict(), ...) or as .safetensors") from e
+    except Exception as e:  # safetensors, zip and torch errors all mean: unreadable file
         raise TmergeError(f"checkpoint {path} could not be read ({first_line(e)})") from e
     while isinstance(obj, dict) and not _is_tensor_dict(obj):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)

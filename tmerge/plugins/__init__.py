@@ -2,8 +2,7 @@
 and the TensorRT plugin definitions (:mod:`tmerge.plugins.trt`; TensorRT is imported only by
 :func:`register_tensorrt_plugins`, the one call that building or running a plugin engine needs)."""
 
-from .spec import (DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, MergeNodeSpec, attributes, check_attrs, node_spec,
-                   op_types, output_shapes, plugin_methods)
+from .spec import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, MergeNodeSpec, attributes, check_attrs, node_spec, op_types, output_shapes, plugin_methods
 from .trt import register_tensorrt_plugins
 
 __all__ = ["DOMAIN", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "MergeNodeSpec", "attributes", "check_attrs",

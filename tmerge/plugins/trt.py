@@ -39,14 +39,12 @@ import importlib.util
 import inspect
 from typing import Any, Callable, List, Tuple, Union
 
-from .reference import reference_merge
-from .spec import DOMAIN
-
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import TmergeError
-from .spec import INPUTS, PLUGIN_NAMESPACE, PLUGIN_VERSION, attributes, check_attrs, output_shapes, plugin_methods
+from .reference import reference_merge
+from .spec import DOMAIN, INPUTS, PLUGIN_NAMESPACE, PLUGIN_VERSION, attributes, check_attrs, output_shapes, plugin_methods
 
 # The module that provides the ahead-of-time kernels (GPU work). Contract:
 #   compile_merge_kernel(op_type: str, attrs: dict, dtype: "float32"|"float16")

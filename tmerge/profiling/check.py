@@ -5,7 +5,10 @@ timed interleaved in the same run), the FLOPs ratio, and drift metrics. A thresh
 string ("10%": relative to the baseline value) or a plain number ("0.02": absolute). Every metric
 is oriented so that larger is worse:
 
-- latency: ``ratio_p50`` per (backend, device, batch size) present in the baseline;
+- latency: ``ratio_p50`` per (backend, device, batch size) present in the baseline, judged by the
+  report's confidence interval (``ratio_p50_ci``) when it has one: a regression only when the whole
+  interval is above the limit, an improvement only when it is all below; an interval that straddles
+  the limit passes as "uncertain" with a warning;
 - FLOPs: ``flops.ratio``;
 - drift: ``kl_mean``, ``cosine_distance_mean``, ``1 - agreement_top1``, ``1 - knn_agreement`` and
   ``-accuracy_top1_delta`` (accuracy lost), whichever both reports have.
@@ -72,7 +75,8 @@ class Row:
     report: float | None
     limit: float | None
     threshold: str
-    status: str  # "ok", "improved", "REGRESSION", "new", "skipped"
+    status: str  # "ok", "improved", "REGRESSION", "uncertain", "new", "skipped"
+    interval: list[float] | None = None  # the report's confidence interval (latency ratios)
 
     @property
     def change(self) -> float | None:
@@ -142,7 +146,8 @@ BACKEND_RUNTIME = {"torch": "torch", "torch.compile": "torch", "onnxruntime": "o
 
 def check_same_settings(report: dict, baseline: dict) -> None:
     """TmergeError (exit 2) naming the first setting the two reports' latencies were measured under
-    differently: threads, warm-up, iterations, torch.compile, merge form, CPU/GPU model, runtime version."""
+    differently: threads, warm-up, iterations, torch.compile, merge form, precision, CUDA graphs, CPU/GPU
+    model, runtime version."""
     new = {_latency_key(e): e for e in report["latency"]}
     shared = [key for key in (_latency_key(e) for e in baseline["latency"]) if key in new]
     if not shared:
@@ -152,29 +157,32 @@ def check_same_settings(report: dict, baseline: dict) -> None:
         raise TmergeError(f"report and baseline were measured with different {field}{where} ({_short(a)} vs "
                           f"baseline {_short(b)}); profile with the baseline's settings or use --update-baseline")
 
-    if report.get("merge_form") != baseline.get("merge_form"):
-        refuse("merge_form", report.get("merge_form"), baseline.get("merge_form"))
+    for setting, default in (("merge_form", None), ("precision", "fp32"), ("cuda_graphs", False)):
+        a, b = ((r.get("config") or {}).get(setting, default) if setting != "merge_form" else r.get(setting)
+                for r in (report, baseline))
+        if a != b:
+            refuse(setting, a, b)
     env_new, env_base = report.get("env") or {}, baseline.get("env") or {}
     devices = {key[1] for key in shared}
     machine = [("cpu", env_new.get("cpu"), env_base.get("cpu"))]
     if "cuda" in devices:
         machine.append(("gpu", (env_new.get("gpu") or {}).get("name"), (env_base.get("gpu") or {}).get("name")))
-    for field, a, b in machine:
+    for part, a, b in machine:
         if a != b:
-            refuse(f"{field} model", a, b)
+            refuse(f"{part} model", a, b)
     base_entries = {_latency_key(e): e for e in baseline["latency"]}
     for key in shared:
         where = f" for {key[0]}/{key[1]}/b{key[2]}"
-        for field in LATENCY_SETTINGS:
-            a, b = new[key].get(field), base_entries[key].get(field)
-            if field == "warmup":  # older reports keep it in config only
+        for setting in LATENCY_SETTINGS:
+            a, b = new[key].get(setting), base_entries[key].get(setting)
+            if setting == "warmup":  # older reports keep it in config only
                 a = a if a is not None else (report.get("config") or {}).get("warmup")
                 b = b if b is not None else (baseline.get("config") or {}).get("warmup")
-            if field == "iters":
+            if setting == "iters":
                 a = a if a is not None else new[key]["merged"].get("iters")
                 b = b if b is not None else base_entries[key]["merged"].get("iters")
             if a != b:
-                refuse(field, a, b, where)
+                refuse(setting, a, b, where)
         runtime = BACKEND_RUNTIME.get(key[0], key[0])
         a = (env_new.get("versions") or {}).get(runtime)
         b = (env_base.get("versions") or {}).get(runtime)
@@ -205,6 +213,26 @@ def _row(metric: str, base: float | None, new: float | None, threshold: Threshol
     else:
         status = "ok"
     return Row(metric, base, new, limit, str(threshold), status)
+
+
+def _latency_row(metric: str, base: dict, new: dict, threshold: Threshold) -> Row:
+    """A latency ratio row; with an interval in the report, the status follows the interval."""
+    row = _row(metric, float(base["ratio_p50"]), float(new["ratio_p50"]), threshold)
+    interval = new.get("ratio_p50_ci")
+    if interval is None:
+        return row
+    row.interval = [float(v) for v in interval]
+    low, high = row.interval
+    allowed = row.limit - row.baseline
+    if low > row.limit:
+        row.status = "REGRESSION"
+    elif high < row.baseline - allowed:
+        row.status = "improved"
+    elif high > row.limit:
+        row.status = "uncertain"
+    else:
+        row.status = "ok"
+    return row
 
 
 def _latency_key(entry: dict) -> tuple:
@@ -282,7 +310,7 @@ def compare(report: dict, baseline: dict, *, latency: str | float = DEFAULTS["la
         name = f"latency ratio_p50 {key[0]}/{key[1]}/b{key[2]}"
         if key not in new_entries:
             raise TmergeError(f"the report has no latency for {key[0]}/{key[1]} batch {key[2]}, which the baseline has")
-        rows.append(_row(name, float(base["ratio_p50"]), float(new_entries[key]["ratio_p50"]), t_lat))
+        rows.append(_latency_row(name, base, new_entries[key], t_lat))
     for key, entry in new_entries.items():
         if key not in base_entries:
             rows.append(_row(f"latency ratio_p50 {key[0]}/{key[1]}/b{key[2]}", None, float(entry["ratio_p50"]), t_lat))
@@ -294,4 +322,7 @@ def compare(report: dict, baseline: dict, *, latency: str | float = DEFAULTS["la
         row = _row(metric, base_drift.get(metric), new_drift.get(metric), t_drift, resolution)
         if row.status != "skipped":
             rows.append(row)
-    return CheckResult(rows, sample_warnings(report, baseline, t_lat))
+    warnings = [f"{row.metric}: interval {row.interval[0]:.4g}–{row.interval[1]:.4g} straddles the limit "
+                f"{row.limit:.4g}; too noisy to call (rerun on a quieter machine or with more --iters)"
+                for row in rows if row.status == "uncertain"]
+    return CheckResult(rows, warnings + sample_warnings(report, baseline, t_lat))

@@ -14,7 +14,8 @@ def output_drift(reference: Tensor, merged: Tensor, labels: Tensor | None = None
     and with ``labels`` the top-1 accuracy of each and their delta (merged - reference).
     """
     reference, merged = reference.detach().float(), merged.detach().float()
-    cos = torch.nn.functional.cosine_similarity(reference, merged, dim=-1)
+    # rounding can put a cosine a hair outside [-1, 1] or a KL a hair below 0; reports hold true ranges
+    cos = torch.nn.functional.cosine_similarity(reference, merged, dim=-1).clamp(-1.0, 1.0)
     out = {
         "n": int(reference.shape[0]),
         "cosine_mean": float(cos.mean()),
@@ -24,7 +25,7 @@ def output_drift(reference: Tensor, merged: Tensor, labels: Tensor | None = None
     }
     if logits:
         ref_logp = reference.log_softmax(-1)
-        kl = (ref_logp.exp() * (ref_logp - merged.log_softmax(-1))).sum(-1)
+        kl = (ref_logp.exp() * (ref_logp - merged.log_softmax(-1))).sum(-1).clamp_min(0.0)
         ref_top1, merged_top1 = reference.argmax(-1), merged.argmax(-1)
         out["agreement_top1"] = float((ref_top1 == merged_top1).float().mean())
         out["kl_mean"] = float(kl.mean())

@@ -12,8 +12,13 @@ Methodology (also in the README):
 - Each run is timed with ``time.perf_counter`` around one synchronous forward; on CUDA the
   device is synchronised before the clock is read (torch) or ONNX Runtime's ``run`` returns host
   outputs, so the time includes the copy of the outputs to the host.
-- Reported per model: p50/p90/p99 (linear interpolation), mean, std, min, max, and throughput =
-  batch size / mean time. Ratios merged/unmerged of p50 and of mean; the CI gate uses ratios.
+- Reported per model: p50/p90/p99 (linear interpolation), mean, std (null with one timed run),
+  min, max, and throughput = batch size / mean time. Ratios merged/unmerged of p50 and of mean; the
+  CI gate uses ratios.
+- Trust in a ratio: a 95 % bootstrap confidence interval of ratio_p50, resampling the timed rounds
+  as pairs (the merged and the unmerged run of one round stay together, so a slow spell that hits
+  both cancels). An interval wider than :data:`WIDE_INTERVAL` of the ratio cannot call it: the
+  report carries a warning, and ``tmerge check`` and ``tmerge tune`` use the interval, not the point.
 - Threads: ``torch.set_num_threads(threads)``; ONNX Runtime ``intra_op_num_threads=threads``,
   ``inter_op_num_threads=1``, sequential execution, and intra-op thread spinning off, because with
   two sessions interleaved, one session's spinning pool would steal cores from the other;
@@ -37,6 +42,9 @@ from .. import runtime
 from ..errors import TmergeError
 
 STAT_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "throughput_ips")
+CI_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+WIDE_INTERVAL = 0.10  # an interval wider than this share of its ratio is too wide to call the ratio
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,12 +62,50 @@ def summarize(times_s: list[float], batch_size: int) -> dict:
         "p90_ms": float(np.percentile(ms, 90)),
         "p99_ms": float(np.percentile(ms, 99)),
         "mean_ms": mean,
-        "std_ms": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
+        "std_ms": float(ms.std(ddof=1)) if len(ms) > 1 else None,  # one run has no spread
         "min_ms": float(ms.min()),
         "max_ms": float(ms.max()),
         "throughput_ips": float(batch_size / (mean / 1e3)) if mean > 0 else math.inf,
         "iters": int(len(ms)),
     }
+
+
+def ratio_interval(merged_s: list[float], unmerged_s: list[float], *, level: float = CI_LEVEL,
+                   resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[float] | None:
+    """Bootstrap confidence interval [low, high] of median(merged) / median(unmerged) over paired
+    rounds (``merged_s[i]`` and ``unmerged_s[i]`` were timed in the same round); None with fewer than
+    two rounds. Seeded, so a report is reproducible from its times."""
+    m, u = np.asarray(merged_s, dtype=np.float64), np.asarray(unmerged_s, dtype=np.float64)
+    if len(m) != len(u):
+        raise ValueError("merged and unmerged times must come from the same rounds")
+    if len(m) < 2:
+        return None
+    rounds = np.random.default_rng(seed).integers(0, len(m), size=(resamples, len(m)))
+    ratios = np.median(m[rounds], axis=1) / np.median(u[rounds], axis=1)
+    low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return [float(low), float(high)]
+
+
+def interval_too_wide(ratio: float, interval: list[float] | None) -> bool:
+    """Whether ``interval`` (None: not measurable) is too wide to call ``ratio``."""
+    return interval is None or (interval[1] - interval[0]) > WIDE_INTERVAL * ratio
+
+
+def interval_warnings(entries: list[dict], loadavg: list[float] | None = None) -> list[str]:
+    """One line per latency entry whose ratio interval is too wide (or missing) to call the ratio."""
+    busy = f"; load average {loadavg[0]:g} on {usable_cpus()} cores" if loadavg else ""
+    lines = []
+    for e in entries:
+        interval = e.get("ratio_p50_ci")
+        if not interval_too_wide(e["ratio_p50"], interval):
+            continue
+        where = f"latency {e['backend']}/{e['device']}/b{e['batch_size']}: ratio_p50 {e['ratio_p50']:.3f}"
+        if interval is None:
+            lines.append(f"{where} comes from one timed run and has no interval; time more --iters")
+        else:
+            lines.append(f"{where} has a {e.get('ci_level', CI_LEVEL):.0%} interval {interval[0]:.3f}–{interval[1]:.3f}, "
+                         f"too wide to call the ratio{busy}; rerun on a quieter machine or with more --iters")
+    return lines
 
 
 def time_interleaved(runs: dict[str, Callable[[], Any]], *, warmup: int, iters: int,
@@ -149,6 +195,8 @@ def measure_pair(merged: Callable[[], Any], unmerged: Callable[[], Any], batch_s
         "merged": m,
         "unmerged": u,
         "ratio_p50": m["p50_ms"] / u["p50_ms"],
+        "ratio_p50_ci": ratio_interval(times["merged"], times["unmerged"]),
+        "ci_level": CI_LEVEL,
         "ratio_mean": m["mean_ms"] / u["mean_ms"],
         "speedup_p50": u["p50_ms"] / m["p50_ms"],
         "memory_method": method,

@@ -8,6 +8,7 @@ the same images, latency per (backend, batch size) with the merged and unmerged 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..models.flops import FLOPS_CONVENTION, count_flops
 from ..models.forward import forward_with_features, has_classifier, input_shape
 from ..models.merged import MergeConfig, build_pair
 from ..patch import merge_info
+from ..runtime.torch_eager import autocast, check_precision
 from . import latency as lat
 from .drift import knn_agreement, output_drift
 from .report import KIND, SCHEMA_VERSION, environment, now_iso
@@ -52,6 +54,8 @@ class ProfileConfig:
     onnx_merged_parity: dict | None = None  # re-checked when the file was loaded (pair_from_manifest)
     onnx_unmerged: str | None = None
     workdir: str | None = None  # where exported ONNX files go (default: a temp dir, removed)
+    precision: str = "fp32"  # torch backends and drift: fp32, or fp16/bf16 autocast
+    cuda_graphs: bool = True  # torch backends on CUDA: capture each batch once and replay it
 
     @property
     def needs_onnx(self) -> bool:
@@ -63,6 +67,8 @@ class ProfileConfig:
         self.backends = [lat.check_backend(backend, self.device) for backend in self.backends]
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise TmergeError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
+        if len(set(self.batch_sizes)) < len(self.batch_sizes):
+            raise TmergeError(f"--batch-sizes repeats a batch size: {','.join(map(str, self.batch_sizes))}")
         if self.iters < 1 or self.warmup < 0:
             raise TmergeError("--iters must be >= 1 and --warmup >= 0")
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
@@ -72,6 +78,10 @@ class ProfileConfig:
                 raise TmergeError("--num-images is for drift: drop it or --no-drift")
             if self.num_images < 1:
                 raise TmergeError(f"--num-images must be at least 1, got {self.num_images}")
+        check_precision(self.precision)
+        if self.precision != "fp32" and self.needs_onnx:
+            raise TmergeError(f"--precision {self.precision} is autocast in the torch backends; ONNX backends run "
+                              "the exported fp32 graph: time them in a separate profile")
         if self.compile and "torch" not in self.backends:
             raise TmergeError("--compile applies to the torch backend: add it with --backends, or drop --compile")
         if self.workdir is not None and not set(self.backends) & {"onnxruntime", "tensorrt"}:
@@ -84,6 +94,19 @@ class Progress:
 
     def step(self, description: str, total: int | None = None) -> Callable[[int], None]:
         return lambda done: None
+
+    def lazy_step(self, description: str) -> Callable[[int, int], None]:
+        """Like :meth:`step`, but shown from the first ``update(done, total)`` on: a loop that first
+        checks its input and fails prints nothing but its error."""
+        update = None
+
+        def first_then_update(done: int, total: int) -> None:
+            nonlocal update
+            if update is None:
+                update = self.step(description, total)
+            update(done)
+
+        return first_then_update
 
     def log(self, message: str) -> None:
         pass
@@ -230,7 +253,8 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     if drift_images is not None:
         images, labels, class_names = drift_images
     elif config.data is not None:
-        images, labels, class_names = load_images(config.data, unmerged, n=config.num_images, seed=config.seed)
+        images, labels, class_names = load_images(config.data, unmerged, n=config.num_images, seed=config.seed,
+                                                  progress=progress.lazy_step("preparing drift images"))
     merged.eval()
     unmerged.eval()
     info = merge_info(merged)
@@ -266,8 +290,9 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
 
     if images is not None:
         progress.log(f"drift on {len(images)} images")
-        drift = drift_between(merged, unmerged, images, labels, class_names)
-        drift = {"source": str(config.data), "seed": config.seed, **drift}
+        with autocast("cpu", config.precision):
+            drift = drift_between(merged, unmerged, images, labels, class_names)
+        drift = {"source": str(config.data), "seed": config.seed, "precision": config.precision, **drift}
         report["drift"] = drift
     else:
         report["drift"] = None
@@ -275,8 +300,10 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     report["latency"] = _latency(merged, unmerged, config, images, progress, model_name)
     ort_threads = config.threads if "onnxruntime" in config.backends else None
     report["env"] = environment(torch_threads, ort_threads)
+    report["warnings"] = lat.interval_warnings(report["latency"], report["env"]["loadavg"])
     report["config"] = {"warmup": config.warmup, "iters": config.iters, "batch_sizes": list(config.batch_sizes),
                         "backends": list(config.backends), "device": config.device, "threads": config.threads,
+                        "precision": config.precision, "cuda_graphs": config.cuda_graphs and config.device == "cuda",
                         "compile": config.compile, "data": config.data}
     return report
 
@@ -298,11 +325,14 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
         backends = [runtime.resolve("torch.compile") if b.name == "torch" else b for b in backends]
     artifacts: dict[str, dict] = {}
     tmp = None
+    created = None  # the --onnx-dir folder when this run created it: removed again if the run fails
     try:
         if config.needs_onnx:
             if config.workdir:
                 workdir = Path(config.workdir)
-                workdir.mkdir(parents=True, exist_ok=True)
+                if not workdir.exists():
+                    workdir.mkdir(parents=True)
+                    created = workdir
             else:
                 tmp = tempfile.TemporaryDirectory(prefix="tmerge-profile-")
                 workdir = Path(tmp.name)
@@ -324,8 +354,10 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
                 ir = [p for p in sources.values() if Path(p).suffix.lower() == ".xml"]
                 if ir and backend.name != "openvino":
                     raise TmergeError(f"{ir[0]} is an OpenVINO IR: only the openvino backend runs it")
-            runners = {k: runtime.create(backend.name, v, device=config.device, threads=config.threads, timing=True)
-                       for k, v in sources.items()}
+            torch_options = ({"precision": config.precision, "cuda_graphs": config.cuda_graphs}
+                             if backend.takes == "torch" else {})
+            runners = {k: runtime.create(backend.name, v, device=config.device, threads=config.threads, timing=True,
+                                         **torch_options) for k, v in sources.items()}
             for bs in config.batch_sizes:
                 x = _batch(images, bs, shape, config.seed)
                 update = progress.step(f"{backend.name} {config.device} batch {bs}", total=config.iters)
@@ -342,6 +374,10 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
                                           for k, v in artifacts.items()}
                 entries.append(entry)
             del runners
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         if tmp is not None:
             tmp.cleanup()

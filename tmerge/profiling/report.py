@@ -16,16 +16,19 @@ Schema version 1 (documented in the README, "Profile report schema"). Top-level 
                     tokens_in, r, tokens_out, merged, unmerged}]}
     latency         list of {backend, device, batch_size, threads, compile, warmup, iters,
                     merged: {p50_ms, p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms,
-                    throughput_ips, iters, peak_mem_mb}, unmerged: {...}, ratio_p50, ratio_mean,
-                    speedup_p50, memory_method, artifacts}
+                    throughput_ips, iters, peak_mem_mb}, unmerged: {...}, ratio_p50,
+                    ratio_p50_ci: [low, high] (bootstrap over the interleaved rounds; null with one
+                    round), ci_level, ratio_mean, speedup_p50, memory_method, artifacts}
     drift           {source, n, seed, outputs: "logits"|"features", agreement_top1, kl_mean,
                     cosine_mean, cosine_min, cosine_distance_mean, max_abs_diff, knn_agreement,
                     accuracy_top1_reference, accuracy_top1_merged, accuracy_top1_delta} (metrics that
                     do not apply are null) or null when drift was skipped
+    warnings        lines printed as "warning: ..." (e.g. a ratio interval too wide to call)
     env             {versions: {tmerge, torch, timm, onnxruntime, onnx, python}, platform, cpu,
                     cpu_count, gpu, threads: {torch, onnxruntime}}
 
-Readers must ignore unknown keys; a new required key or a changed meaning bumps schema_version.
+Every number is validated on write and on read: finite, times and ratios positive, probabilities
+in [0, 1], distances >= 0, cosines in [-1, 1]. Readers must ignore unknown keys; a new required key or a changed meaning bumps schema_version.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .._io import existing_file, write_files
+from .._io import existing_file, json_bytes, write_files
 from ..errors import TmergeError
 from .latency import cpu_name, usable_cpus
 
@@ -62,15 +65,50 @@ _REQUIRED_LATENCY = ("backend", "device", "batch_size", "merged", "unmerged", "r
 _REQUIRED_STATS = ("p50_ms", "mean_ms")
 _DRIFT_KEYS = ("agreement_top1", "kl_mean", "cosine_mean")
 
+# the range of every number a report carries: (low, high), both inclusive; "positive" is (> 0)
+POSITIVE = "positive"
+_PROBABILITY = (0.0, 1.0)
+_NON_NEGATIVE = (0.0, math.inf)
+_COSINE = (-1.0, 1.0)
+STAT_RANGES = {"p50_ms": POSITIVE, "p90_ms": POSITIVE, "p99_ms": POSITIVE, "mean_ms": POSITIVE,
+               "std_ms": _NON_NEGATIVE, "min_ms": POSITIVE, "max_ms": POSITIVE, "throughput_ips": POSITIVE,
+               "peak_mem_mb": _NON_NEGATIVE}
+LATENCY_RANGES = {"ratio_p50": POSITIVE, "ratio_mean": POSITIVE, "speedup_p50": POSITIVE}
+DRIFT_RANGES = {"agreement_top1": _PROBABILITY, "knn_agreement": _PROBABILITY,
+                "accuracy_top1_reference": _PROBABILITY, "accuracy_top1_merged": _PROBABILITY,
+                "accuracy_top1_delta": (-1.0, 1.0), "kl_mean": _NON_NEGATIVE,
+                "cosine_distance_mean": (0.0, 2.0), "max_abs_diff": _NON_NEGATIVE, "cosine_mean": _COSINE,
+                "cosine_min": _COSINE, "feature_cosine_mean": _COSINE}
+
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _range_problem(value: Any, allowed) -> str | None:
+    """Why ``value`` (not null) is outside ``allowed``, or None when it is inside."""
+    if not _number(value):
+        return f"is {value!r}, not a finite number"
+    if allowed == POSITIVE:
+        return None if value > 0 else f"is {value!r}, not positive"
+    low, high = allowed
+    if low <= value <= high:
+        return None
+    return f"is {value!r}, outside [{low:g}, {high:g}]"
+
+
 def validate_report(data: Any, where: str = "report") -> dict:
-    """Check ``data`` against schema version 1; a TmergeError naming the first problem."""
+    """Check ``data`` against schema version 1, every number included (finite and in its range);
+    a TmergeError naming the first problem."""
     def bad(msg: str):
         raise TmergeError(f"{where} is not a valid tmerge profile report: {msg}")
+
+    def check_range(name: str, value: Any, allowed, nullable: bool = True) -> None:
+        if value is None and nullable:
+            return
+        problem = _range_problem(value, allowed)
+        if problem:
+            bad(f"{name} {problem}")
 
     if not isinstance(data, dict):
         bad(f"expected a JSON object, got {type(data).__name__}")
@@ -90,8 +128,7 @@ def validate_report(data: Any, where: str = "report") -> dict:
     if not all(isinstance(t, int) and t > 0 for t in data["tokens_per_layer"]):
         bad("'tokens_per_layer' must be a list of positive integers")
     for key in _REQUIRED_FLOPS:
-        if not _number(data["flops"].get(key)) or not data["flops"][key] > 0:
-            bad(f"flops.{key} is missing or not a positive number")
+        check_range(f"flops.{key}", data["flops"].get(key), POSITIVE, nullable=False)
     seen = set()
     for i, entry in enumerate(data["latency"]):
         if not isinstance(entry, dict):
@@ -99,30 +136,39 @@ def validate_report(data: Any, where: str = "report") -> dict:
         for key in _REQUIRED_LATENCY:
             if key not in entry:
                 bad(f"latency[{i}] has no {key!r}")
-        if not _number(entry["ratio_p50"]) or not entry["ratio_p50"] > 0:
-            bad(f"latency[{i}].ratio_p50 is not a positive number")
+        for key, allowed in LATENCY_RANGES.items():
+            check_range(f"latency[{i}].{key}", entry.get(key), allowed, nullable=key != "ratio_p50")
         for side in ("merged", "unmerged"):
             if not isinstance(entry[side], dict) or not all(_number(entry[side].get(k)) for k in _REQUIRED_STATS):
                 bad(f"latency[{i}].{side} lacks {', '.join(_REQUIRED_STATS)}")
-            if not all(entry[side][k] > 0 for k in _REQUIRED_STATS):
-                bad(f"latency[{i}].{side} has a time that is not positive")
+            for key, allowed in STAT_RANGES.items():
+                check_range(f"latency[{i}].{side}.{key}", entry[side].get(key), allowed)
+        interval = entry.get("ratio_p50_ci")
+        if interval is not None:
+            if not (isinstance(interval, list) and len(interval) == 2 and all(_number(v) and v > 0 for v in interval)
+                    and interval[0] <= interval[1]):
+                bad(f"latency[{i}].ratio_p50_ci is {interval!r}, not [low, high] with 0 < low <= high")
         key = (entry["backend"], entry["device"], entry["batch_size"])
         if key in seen:
             bad(f"latency[{i}] repeats {entry['backend']}/{entry['device']}/batch {entry['batch_size']}")
         seen.add(key)
-    if data["drift"] is not None:
+    drift = data["drift"]
+    if drift is not None:
         for key in _DRIFT_KEYS:
-            if key not in data["drift"]:
+            if key not in drift:
                 bad(f"drift has no {key!r}")
-            value = data["drift"][key]
-            if value is not None and not _number(value):
-                bad(f"drift.{key} is not a number or null")
+        for key, allowed in DRIFT_RANGES.items():
+            check_range(f"drift.{key}", drift.get(key), allowed)
+        n = drift.get("n")
+        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            bad(f"drift.n is {n!r}, not a positive integer")
     return data
 
 
-def load_report(path: str | Path) -> dict:
-    """Read and validate a report; unreadable, corrupt or incomplete files are a TmergeError."""
-    path = existing_file(path, "report")
+def load_report(path: str | Path, what: str = "report") -> dict:
+    """Read and validate a report (``what``: how messages name it, e.g. "--baseline"); unreadable,
+    corrupt or incomplete files are a TmergeError."""
+    path = existing_file(path, what)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -134,15 +180,11 @@ def load_report(path: str | Path) -> dict:
     return validate_report(data, str(path))
 
 
-def dumps(report: dict) -> str:
-    return json.dumps(report, indent=2, allow_nan=False, default=str) + "\n"
-
-
 def save_report(report: dict, path: str | Path) -> Path:
     """Validate, then write atomically (temp file in the same folder + rename)."""
     validate_report(report, "the report to write")
     path = Path(path)
-    write_files({path: dumps(report).encode()})
+    write_files({path: json_bytes(report)})
     return path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Callable
 
 from torch import nn
 
-from .._io import write_files
+from .._io import json_bytes, write_files
 from .._optional import pyplot
 from ..data import load_images
 from ..errors import TmergeError
@@ -26,7 +25,7 @@ from ..merging import registry
 from ..models.merged import MergeConfig
 from ..schedule import make_spec
 from .profile import ProfileConfig, Progress, export_for_runtime, profile_pair
-from .report import save_report
+from .report import validate_report
 
 DRIFT_METRICS = ("cosine_distance_mean", "kl_mean", "disagreement_top1", "knn_disagreement")
 
@@ -159,11 +158,9 @@ def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *
     if on_point is not None:
         on_point(len(points), None)
     points_dir = out_dir / "points"
-    points_dir.mkdir(parents=True, exist_ok=True)
-    for stale in points_dir.glob("*.json"):
-        if stale.stem not in reports:
-            stale.unlink()
-    files = [str(save_report(report, points_dir / f"{slug}.json")) for slug, report in reports.items()]
+    report_files = {points_dir / f"{slug}.json": json_bytes(validate_report(report, f"sweep point {slug}"))
+                    for slug, report in reports.items()}
+    files = [str(path) for path in report_files]
     summary = {
         "schema_version": 1,
         "kind": "tmerge.sweep",
@@ -173,15 +170,28 @@ def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *
                    "warmup": config.warmup, "iters": config.iters, "threads": config.threads, "data": config.data},
         "points": rows,
         "reports": files,
+        "warnings": [f"{slug}: {w}" for slug, report in reports.items() for w in report.get("warnings", [])],
     }
-    png = plot_pareto(rows, out_dir / "pareto.png", title=f"{model_name}: drift vs cost", drift_metric=drift_metric)
-    summary["png"] = str(png)
-    write_files({out_dir / "sweep.json": (json.dumps(summary, indent=2, default=str) + "\n").encode()})
+    png = pareto_png(rows, title=f"{model_name}: drift vs cost", drift_metric=drift_metric)
+    summary["png"] = str(out_dir / "pareto.png")
+    points_dir.mkdir(parents=True, exist_ok=True)
+    # every report, the summary and the plot land together, or none of them
+    write_files({**report_files, out_dir / "sweep.json": json_bytes(summary), out_dir / "pareto.png": png})
+    for stale in points_dir.glob("*.json"):
+        if stale.stem not in reports:
+            stale.unlink()
     return summary
 
 
 def plot_pareto(rows: list[dict], out: str | Path, *, title: str = "", drift_metric: str = "cosine_distance_mean") -> Path:
-    """Two panels, drift vs FLOPs ratio and drift vs latency ratio, one line per method."""
+    """Write :func:`pareto_png` to ``out`` (atomically)."""
+    out = Path(out)
+    write_files({out: pareto_png(rows, title=title, drift_metric=drift_metric)})
+    return out
+
+
+def pareto_png(rows: list[dict], *, title: str = "", drift_metric: str = "cosine_distance_mean") -> bytes:
+    """Two panels, drift vs FLOPs ratio and drift vs latency ratio, one line per method (PNG bytes)."""
     plt = pyplot()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
@@ -217,9 +227,7 @@ def plot_pareto(rows: list[dict], out: str | Path, *, title: str = "", drift_met
     axes[0].set_title("FLOPs (FLOPs = 2·MACs)", fontsize=9)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    out = Path(out)
     png = io.BytesIO()
     fig.savefig(png, dpi=120, format="png")
     plt.close(fig)
-    write_files({out: png.getvalue()})
-    return out
+    return png.getvalue()

@@ -44,7 +44,6 @@ import torch
 from torch import nn
 
 from .. import runtime as runtimes
-from .._io import write_files
 from .._optional import pyplot
 from ..data import SAMPLE_PHOTOS, load_images
 from ..errors import TmergeError
@@ -372,12 +371,23 @@ class Entry:
         return float(np.median(self.times) / np.median(self.reference_times))
 
     @property
+    def latency_ratio_ci(self) -> list[float] | None:
+        """Bootstrap interval of :attr:`latency_ratio` over the rounds timed with the unmerged model."""
+        return lat.ratio_interval(self.times, self.reference_times) if self.times else None
+
+    def surely_faster_than(self, other: "Entry") -> bool:
+        """Whether the two latency intervals say this entry is faster (they do not overlap)."""
+        mine, theirs = self.latency_ratio_ci, other.latency_ratio_ci
+        return mine is not None and theirs is not None and mine[1] < theirs[0]
+
+    @property
     def p50_ms(self) -> float | None:
         return float(np.median(self.times) * 1e3) if self.times else None
 
     def as_dict(self) -> dict:
         return {**self.cand.as_dict(), "flops_ratio": self.flops_ratio, "flops_ratio_exact": self.flops_ratio_exact, "final_tokens": self.tokens[-1] if self.tokens else None,
                 "tokens": self.tokens, "drift": dict(self.drift), "latency_ratio_p50": self.latency_ratio,
+                "latency_ratio_p50_ci": self.latency_ratio_ci,
                 "p50_ms": self.p50_ms, "timed_rounds": len(self.times), "stage": self.stage}
 
 
@@ -489,6 +499,8 @@ def tune(unmerged: nn.Module, config: TuneConfig, *, model_name: str, progress: 
             chosen = e
             break
         e.stage += ", failed held-out"
+    if chosen is not None and mode == "max_drift" and chosen.times:
+        chosen = _least_drift_among_ties(chosen, ranked, measure, mode, config)
     if reference is not None:
         measure(reference, "held_out")
     measured = [e for e in entries if e.drift]
@@ -570,6 +582,20 @@ def _is_reference_family(cand: Candidate) -> bool:
 
     return (cand.method == "tome" and cand.family == "r" and cand.adapter is None
             and cand.prop_attn == bool(registry.get("tome").prop_attn_default))
+
+
+def _least_drift_among_ties(fastest: Entry, ranked: list[Entry], measure, mode: str, config: TuneConfig) -> Entry:
+    """Among the feasible timed candidates that ``fastest`` is not surely faster than (their latency
+    intervals overlap), the one with the least held-out drift: a speed advantage inside the timing
+    noise never outweighs less drift."""
+    ties = [fastest]
+    for e in ranked:
+        if e is fastest or not e.times or fastest.surely_faster_than(e):
+            continue
+        measure(e, "held_out")
+        if _feasible(e, mode, config, split="held_out"):
+            ties.append(e)
+    return min(ties, key=lambda e: (e.drift["held_out"], e.latency_ratio, e.cand.label))
 
 
 def _screen_max_drift(families, budget, measure, clock, progress) -> list[tuple[list[Entry], int]]:
@@ -778,9 +804,9 @@ def _result(entries, chosen, met, reference, mode, config, model_name, clock, ro
 # plot
 
 
-def plot_tune(result: dict, out: str | Path) -> Path:
+def plot_tune(result: dict) -> bytes:
     """Drift against FLOPs ratio (every measured candidate) and against latency ratio (timed ones);
-    the Pareto fronts as lines, the chosen point and the ToMe reference marked; written atomically."""
+    the Pareto fronts as lines, the chosen point and the ToMe reference marked; PNG bytes."""
     plt = pyplot()
 
     cands = result["candidates"]
@@ -829,6 +855,4 @@ def plot_tune(result: dict, out: str | Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    out = Path(out)
-    write_files({out: buf.getvalue()})
-    return out
+    return buf.getvalue()

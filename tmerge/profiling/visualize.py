@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import existing_file, write_files, writable_file
+from .._io import existing_file, writable_file, write_files
 from .._optional import pyplot, require
-from ..data import SAMPLE_PHOTOS, data_config, model_transform, sample_images
+from ..data import SAMPLE_PHOTOS, data_config, model_transform, open_image, sample_images
 from ..errors import TmergeError
 from ..patch import merge_info, merging_blocks
 
@@ -108,13 +108,8 @@ def load_image_for(model: nn.Module, path: str | Path) -> tuple[torch.Tensor, np
     if not p.exists() and str(path) in SAMPLE_PHOTOS:
         pil = dict(sample_images())[str(path)]
     else:
-        Image = require("PIL.Image")
-        existing_file(p, "image")
-        try:
-            with Image.open(p) as im:
-                pil = im.convert("RGB")
-        except Exception as e:  # PIL raises UnidentifiedImageError, OSError, DecompressionBombError
-            raise TmergeError(f"cannot read image {p}: {type(e).__name__}: {e}") from e
+        require("PIL.Image")
+        pil = open_image(existing_file(p, "image"))
     x = model_transform(model)(pil).unsqueeze(0)
     cfg = data_config(model)
     return x, unnormalize(x[0], cfg["mean"], cfg["std"])

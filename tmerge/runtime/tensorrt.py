@@ -35,9 +35,35 @@ def require_tensorrt():
     if version >= NEXT_UNSUPPORTED_TRT:
         raise TmergeError(f"TensorRT {trt.__version__} is not supported yet (TensorRT 11 builds strongly typed "
                           "networks and has no fp16 builder flag); pip install 'tmerge[trt]' (tensorrt<11)")
-    if not torch.cuda.is_available():
-        raise TmergeError("TensorRT needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    DEVICE.check()
     return trt
+
+
+class CudaDevice:
+    """Where the engine's inputs and outputs live: CUDA device memory and a CUDA stream, as in
+    TensorRT's Python samples. The runner touches the device only through :data:`DEVICE` (the tests
+    put a host-memory stand-in there to run a stand-in TensorRT on CPU)."""
+
+    def check(self) -> None:
+        if not torch.cuda.is_available():
+            raise TmergeError("TensorRT needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+
+    def name(self) -> str:
+        return torch.cuda.get_device_name()
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A device buffer; its ``data_ptr()`` is the address handed to ``set_tensor_address``."""
+        return torch.empty(shape, dtype=dtype, device="cuda")
+
+    def stream(self) -> torch.cuda.Stream:
+        """A stream (``cuda_stream`` handle, ``synchronize()``) ordered after the current one, where
+        the buffers were filled; TensorRT warns about (and serialises on) the default stream."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        return stream
+
+
+DEVICE = CudaDevice()
 
 
 def profile_shapes(input_shape: tuple[int, ...], batch: int, max_batch: int | None) -> tuple[tuple, tuple, tuple]:
@@ -121,18 +147,18 @@ class TensorRTRunner(Runner):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        x = images.to("cuda", torch.float32).contiguous()
+        x = DEVICE.empty(tuple(images.shape), torch.float32)
+        x.copy_(images)
         if not context.set_input_shape(inputs[0], tuple(x.shape)):
             raise TmergeError(f"input shape {tuple(x.shape)} is outside the engine's optimisation profile")
         context.set_tensor_address(inputs[0], x.data_ptr())
         buffers = []
         for name in outputs:
             dtype = torch.float16 if engine.get_tensor_dtype(name) == trt.DataType.HALF else torch.float32
-            buf = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            buf = DEVICE.empty(tuple(context.get_tensor_shape(name)), dtype)
             context.set_tensor_address(name, buf.data_ptr())
             buffers.append(buf)
-        stream = torch.cuda.Stream()  # TensorRT warns about (and serialises on) the default stream
-        stream.wait_stream(torch.cuda.current_stream())  # x and the buffers were made on the current one
+        stream = DEVICE.stream()
 
         def run():
             if not context.execute_async_v3(stream.cuda_stream):
@@ -153,5 +179,5 @@ class TensorRTRunner(Runner):
 
     def settings(self) -> dict:
         return {"threads": None, "precision": "fp16" if self.fp16 else "fp32 (TF32 off)", **self.build_info,
-                "gpu": torch.cuda.get_device_name()}
+                "gpu": DEVICE.name()}
 

@@ -13,8 +13,8 @@ from ...errors import TmergeError, VerificationError
 from ...profiling.check import compare, parse_threshold
 from ...profiling.report import load_report, save_report
 from ..app import app, print_json
-from ..render import render_check
 from ..options import JsonOpt
+from ..render import render_check
 
 
 @app.command("check")
@@ -43,7 +43,7 @@ def check_command(
         if baseline.exists():
             note = "updated"
             try:
-                result = compare(new, load_report(baseline), **thresholds)
+                result = compare(new, load_report(baseline, "--baseline"), **thresholds)
                 if not as_json:
                     render_check(result)
             except TmergeError as e:  # an unreadable or incomparable old baseline is simply replaced
@@ -54,7 +54,7 @@ def check_command(
         else:
             sys.stderr.write(f"baseline {note}: {baseline}\n")
         return
-    old = load_report(baseline)
+    old = load_report(baseline, "--baseline")
     result = compare(new, old, **thresholds)
     for warning in result.warnings:
         sys.stderr.write(f"warning: {warning}\n")

@@ -8,10 +8,25 @@ import typer
 
 from ...export import export
 from ..app import app, print_json
+from ..options import (
+    AdapterOpt,
+    CheckpointOpt,
+    InflectionOpt,
+    JsonOpt,
+    KeepRatioOpt,
+    MergeFormOpt,
+    MethodOpt,
+    MethodOptionsOpt,
+    ModelKwargsOpt,
+    ModelOpt,
+    PretrainedOpt,
+    PropAttnOpt,
+    ROpt,
+    ScheduleOpt,
+    merge_config,
+    parse_model_kwargs,
+)
 from ..render import render_export
-from ..options import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MergeFormOpt, MethodOpt,
-                       MethodOptionsOpt, ModelKwargsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt,
-                       merge_config, parse_model_kwargs)
 
 OutOpt = Annotated[Optional[str], typer.Option("--out", "-O", help="output file: .onnx, .xml with --format openvino (+ .bin), or .engine/.plan with --format trt")]
 GraphOpt = Annotated[Optional[str], typer.Option("--graph", help="portable: standard ONNX ops only; plugin: one tmerge:: node per merge (+ local function). Default: portable for onnx, plugin for trt")]

@@ -2,25 +2,54 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..._io import existing_file, writable_file, writable_folder
+from ..._io import check_distinct, existing_file, writable_file, writable_folder
 from ...errors import TmergeError
+from ...export.manifest import manifest_path
 from ...models import DEFAULT_MODEL, model_label, weights_sha256
 from ...models.merged import build_pair
 from ...profiling.profile import ProfileConfig, pair_from_manifest, profile_pair
 from ...profiling.report import save_report
 from ...runtime import resolve
 from ..app import app, print_json
+from ..options import (
+    AdapterOpt,
+    BackendsOpt,
+    BatchSizesOpt,
+    CheckpointOpt,
+    CompileOpt,
+    CudaGraphsOpt,
+    DataOpt,
+    DeviceOpt,
+    InflectionOpt,
+    ItersOpt,
+    JsonOpt,
+    KeepRatioOpt,
+    MergeFormOpt,
+    MethodOpt,
+    MethodOptionsOpt,
+    ModelKwargsOpt,
+    ModelOpt,
+    NoDriftOpt,
+    NumImagesOpt,
+    PrecisionOpt,
+    PretrainedOpt,
+    PropAttnOpt,
+    ROpt,
+    ScheduleOpt,
+    ThreadsOpt,
+    WarmupOpt,
+    merge_config,
+    parse_backends,
+    parse_int_list,
+    parse_model_kwargs,
+)
 from ..render import RichProgress, render_report
-from ..options import (AdapterOpt, BackendsOpt, BatchSizesOpt, CheckpointOpt, CompileOpt, DataOpt, DeviceOpt,
-                       InflectionOpt, ItersOpt, JsonOpt, KeepRatioOpt, MergeFormOpt, MethodOpt, MethodOptionsOpt,
-                       ModelKwargsOpt, ModelOpt, NoDriftOpt, NumImagesOpt, PretrainedOpt, PropAttnOpt, ROpt,
-                       ScheduleOpt, ThreadsOpt, WarmupOpt, merge_config, parse_backends,
-                       parse_int_list, parse_model_kwargs)
 
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-O", help="also write the JSON report to this file")]
 OnnxOpt = Annotated[Optional[Path], typer.Option(
@@ -52,6 +81,8 @@ def profile_command(
     iters: ItersOpt = 50,
     threads: ThreadsOpt = None,
     compile: CompileOpt = False,
+    precision: PrecisionOpt = "fp32",
+    cuda_graphs: CudaGraphsOpt = True,
     data: DataOpt = "samples",
     num_images: NumImagesOpt = None,
     no_drift: NoDriftOpt = False,
@@ -63,10 +94,15 @@ def profile_command(
         writable_file(out, "--out", (".json",))
     if onnx_dir is not None:
         writable_folder(onnx_dir, "--onnx-dir")
+    if onnx is not None:
+        existing_file(onnx, "--onnx")
+    check_distinct({"--out": out}, {"--onnx": onnx, "the manifest of --onnx": onnx and manifest_path(onnx),
+                                    "--checkpoint": checkpoint, "--adapter": adapter})
     config = ProfileConfig(
         backends=parse_backends(backends), device=device, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
         warmup=warmup, iters=iters, threads=threads, compile=compile, data=None if no_drift else data,
-        num_images=num_images, workdir=str(onnx_dir) if onnx_dir else None,
+        num_images=num_images, workdir=str(onnx_dir) if onnx_dir else None, precision=precision,
+        cuda_graphs=cuda_graphs,
     )
     kwargs = parse_model_kwargs(model_kwargs)
     if onnx is not None:
@@ -104,3 +140,5 @@ def profile_command(
         print_json(report)
     else:
         render_report(report)
+    for warning in report["warnings"]:
+        sys.stderr.write(f"warning: {warning}\n")

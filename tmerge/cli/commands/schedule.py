@@ -6,8 +6,21 @@ from ...models import DEFAULT_MODEL
 from ...models.merged import build_merged_model
 from ...patch import merge_info
 from ..app import app, print_json
-from ..options import (CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt, MethodOptionsOpt,
-                       ModelKwargsOpt, ModelOpt, PropAttnOpt, ROpt, ScheduleOpt, merge_config, parse_model_kwargs)
+from ..options import (
+    CheckpointOpt,
+    InflectionOpt,
+    JsonOpt,
+    KeepRatioOpt,
+    MethodOpt,
+    MethodOptionsOpt,
+    ModelKwargsOpt,
+    ModelOpt,
+    PropAttnOpt,
+    ROpt,
+    ScheduleOpt,
+    merge_config,
+    parse_model_kwargs,
+)
 
 
 @app.command("schedule")

@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..._io import writable_folder
+from ..._io import writable_file, writable_folder
 from ...models import DEFAULT_MODEL, model_label, weights_sha256
 from ...models.merged import MergeConfig, build_pair
 from ...profiling.profile import ProfileConfig
 from ...profiling.sweep import check_drift_metric, grid, run_sweep
 from ..app import app, print_json
+from ..options import (
+    BackendsOpt,
+    BatchSizesOpt,
+    CheckpointOpt,
+    DataOpt,
+    DeviceOpt,
+    ItersOpt,
+    JsonOpt,
+    MergeFormOpt,
+    ModelKwargsOpt,
+    ModelOpt,
+    NoDriftOpt,
+    NumImagesOpt,
+    PretrainedOpt,
+    ThreadsOpt,
+    WarmupOpt,
+    parse_backends,
+    parse_float_list,
+    parse_int_list,
+    parse_model_kwargs,
+)
 from ..render import render_sweep, wide_console
-from ..options import (BackendsOpt, BatchSizesOpt, CheckpointOpt, DataOpt, DeviceOpt, ItersOpt, JsonOpt,
-                       MergeFormOpt, ModelKwargsOpt, ModelOpt, NoDriftOpt, NumImagesOpt, PretrainedOpt, ThreadsOpt,
-                       WarmupOpt, parse_backends, parse_float_list, parse_int_list,
-                       parse_model_kwargs)
 
 
 @app.command("sweep")
@@ -52,6 +69,9 @@ def sweep_command(
     points = grid(method_list, r_list, keep_list)
     check_drift_metric(drift_metric)
     writable_folder(out_dir, "--out-dir")
+    if out_dir.is_dir():
+        for name in ("sweep.json", "pareto.png"):
+            writable_file(out_dir / name, "--out-dir")
     config = ProfileConfig(backends=parse_backends(backends), device=device,
                            batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), warmup=warmup, iters=iters,
                            threads=threads, data=None if no_drift else data, num_images=num_images)
@@ -74,3 +94,5 @@ def sweep_command(
         print_json(summary)
     else:
         render_sweep(summary)
+    for warning in summary["warnings"]:
+        sys.stderr.write(f"warning: {warning}\n")

@@ -5,19 +5,32 @@ from __future__ import annotations
 import os
 from typing import Annotated, Optional
 
+import torch
 import typer
 
-import torch
-
-from ...data import load_images
 from ..._io import writable_file
+from ...data import load_images
 from ...errors import TmergeError
 from ...models import load_model, model_label
-from ...training import check_training_options, checkpoint_path, trainable_methods, train_adapter
+from ...training import check_training_options, checkpoint_path, train_adapter, trainable_methods
 from ..app import app, print_json
-from ..options import (CheckpointOpt, DataOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOptionsOpt,
-                       ModelKwargsOpt, ModelOpt, NumImagesOpt, PropAttnOpt, ROpt, ScheduleOpt, merge_config,
-                       parse_model_kwargs)
+from ..options import (
+    CheckpointOpt,
+    DataOpt,
+    InflectionOpt,
+    JsonOpt,
+    KeepRatioOpt,
+    MethodOptionsOpt,
+    ModelKwargsOpt,
+    ModelOpt,
+    NumImagesOpt,
+    PropAttnOpt,
+    ROpt,
+    ScheduleOpt,
+    merge_config,
+    parse_model_kwargs,
+)
+from ..render import RichProgress
 
 
 @app.command("train")
@@ -80,17 +93,24 @@ def train_command(
             raise TmergeError(f"--r-range takes LO:HI (e.g. 4:16), got {r_range!r}")
     net = load_model(model, checkpoint=checkpoint, **parse_model_kwargs(model_kwargs))
     n_train = num_images if num_images is not None else (256 if data == "samples" else None)
-    if heldout_data is None and heldout:
-        want = None if n_train is None else n_train + heldout
-        images, _labels, _names = load_images(data, net, n=want, seed=seed)
-        if images.shape[0] <= heldout:
-            raise TmergeError(f"{data} gave {images.shape[0]} images: not enough for {heldout} held-out ones "
-                              "(lower --heldout or give --heldout-data)")
-        order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
-        held, images = images[order[:heldout]], images[order[heldout:].sort().values]
-    else:
-        images, _labels, _names = load_images(data, net, n=n_train, seed=seed)
-        held = load_images(heldout_data, net, n=heldout, seed=seed + 1).images if heldout else None
+    if n_train is not None:
+        _check_batch_size(batch_size, n_train)
+    with RichProgress(enabled=not as_json) as bars:
+        if heldout_data is None and heldout:
+            want = None if n_train is None else n_train + heldout
+            images, _labels, _names = load_images(data, net, n=want, seed=seed,
+                                                  progress=bars.lazy_step("preparing images"))
+            if images.shape[0] <= heldout:
+                raise TmergeError(f"{data} gave {images.shape[0]} images: not enough for {heldout} held-out ones "
+                                  "(lower --heldout or give --heldout-data)")
+            order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+            held, images = images[order[:heldout]], images[order[heldout:].sort().values]
+        else:
+            images, _labels, _names = load_images(data, net, n=n_train, seed=seed,
+                                                  progress=bars.lazy_step("preparing images"))
+            held = load_images(heldout_data, net, n=heldout, seed=seed + 1,
+                               progress=bars.lazy_step("preparing held-out images")).images if heldout else None
+    _check_batch_size(batch_size, int(images.shape[0]))
     data_summary = {"source": data, "n_images": int(images.shape[0]), "seed": seed,
                     "heldout": heldout_data or (f"{heldout} images of {data}" if heldout else None)}
     summary = train_adapter(
@@ -115,3 +135,8 @@ def train_command(
     if drift0 is not None:
         console.print(f"held-out drift (cosine distance): {drift0:.4g} untrained -> {drift1:.4g} trained")
     console.print(f"adapter: {out} (load with --method {method} --adapter {out})")
+
+
+def _check_batch_size(batch_size: int, n_images: int) -> None:
+    if batch_size > n_images:
+        raise TmergeError(f"--batch-size {batch_size} is larger than the {n_images} training images")

@@ -4,14 +4,13 @@ faithful one within a latency budget) on the target runtime; Pareto table, JSON,
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..._io import write_files
+from ..._io import json_bytes, writable_file, write_files
 from ...errors import TmergeError, VerificationError
 from ...export import export
 from ...export.checks import ENGINE_SUFFIXES, check_out_path
@@ -20,8 +19,7 @@ from ...models import DEFAULT_MODEL
 from ...models.merged import MergeConfig, build_pair
 from ...profiling.tune import TuneConfig, adapter_candidate, parse_duration, plot_tune, tune
 from ..app import app, print_json
-from ..options import (CheckpointOpt, DataOpt, JsonOpt, ModelKwargsOpt, ModelOpt, NumImagesOpt, PretrainedOpt,
-                       ThreadsOpt, parse_model_kwargs)
+from ..options import CheckpointOpt, DataOpt, JsonOpt, ModelKwargsOpt, ModelOpt, NumImagesOpt, PretrainedOpt, ThreadsOpt, parse_model_kwargs
 from ..render import RichProgress, calibration_drift, render_tune
 
 
@@ -74,6 +72,9 @@ def tune_command(
                         max_timed=max_timed, reserve_exports=1 if export_to else 0)
     config.validate()
     out_dir = _check_out_dir(out_dir)
+    if out_dir.is_dir():
+        for name in ("tune.json", "pareto.png"):
+            writable_file(out_dir / name, "--out-dir")
     export_path = _check_export_path(export_to, runtime) if export_to else None
     kwargs = parse_model_kwargs(model_kwargs)
     _, unmerged = build_pair(model, MergeConfig(method="none"), checkpoint=checkpoint, pretrained=pretrained,
@@ -84,12 +85,13 @@ def tune_command(
     with RichProgress(enabled=True) as progress:
         result = tune(unmerged, config, model_name=model or DEFAULT_MODEL, progress=progress,
                       reference_model_flags=model_flags)
-    if export_path is not None and result["met"]:
-        result["export"] = _export_choice(result, config, export_path, model, checkpoint, pretrained, kwargs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result["png"] = str(plot_tune(result, out_dir / "pareto.png"))
-    result["json"] = str(out_dir / "tune.json")
-    write_files({out_dir / "tune.json": (json.dumps(result, indent=2, default=str) + "\n").encode()})
+    if result["met"]:  # a failed search (exit 1) writes nothing
+        if export_path is not None:
+            result["export"] = _export_choice(result, config, export_path, model, checkpoint, pretrained, kwargs)
+        result["png"], result["json"] = str(out_dir / "pareto.png"), str(out_dir / "tune.json")
+        png = plot_tune(result)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_files({out_dir / "tune.json": json_bytes(result), out_dir / "pareto.png": png})
     if as_json:
         print_json(result)
     else:
@@ -104,10 +106,10 @@ def tune_command(
 
 def _check_export_path(path: str, runtime: str) -> Path:
     if runtime == "tensorrt":
-        engine = check_out_path(path, ENGINE_SUFFIXES)
-        check_out_path(engine.with_suffix(".onnx"))
+        engine = check_out_path(path, ENGINE_SUFFIXES, what="--export")
+        check_out_path(engine.with_suffix(".onnx"), what="--export")
         return engine
-    return check_out_path(path)
+    return check_out_path(path, what="--export")
 
 
 def _model_flags(model, model_kwargs, checkpoint, pretrained) -> list[str]:

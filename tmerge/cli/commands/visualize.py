@@ -14,9 +14,23 @@ from ...models import DEFAULT_MODEL
 from ...models.merged import build_merged_model
 from ...profiling.visualize import visualize
 from ..app import app, print_json
-from ..options import (AdapterOpt, CheckpointOpt, InflectionOpt, JsonOpt, KeepRatioOpt, MethodOpt,
-                       MethodOptionsOpt, ModelKwargsOpt, ModelOpt, PretrainedOpt, PropAttnOpt, ROpt, ScheduleOpt,
-                       merge_config, parse_model_kwargs)
+from ..options import (
+    AdapterOpt,
+    CheckpointOpt,
+    InflectionOpt,
+    JsonOpt,
+    KeepRatioOpt,
+    MethodOpt,
+    MethodOptionsOpt,
+    ModelKwargsOpt,
+    ModelOpt,
+    PretrainedOpt,
+    PropAttnOpt,
+    ROpt,
+    ScheduleOpt,
+    merge_config,
+    parse_model_kwargs,
+)
 
 
 @app.command("visualize")

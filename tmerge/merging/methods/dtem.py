@@ -53,8 +53,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import TmergeError
-from ..base import (BipartiteChoice, BlockInput, MergePlan, Option, bipartite_choice, bipartite_sides,
-                    block_constants, candidate_destinations, lookup, tome_plan)
+from ..base import (
+    BipartiteChoice,
+    BlockInput,
+    MergePlan,
+    Option,
+    bipartite_choice,
+    bipartite_sides,
+    block_constants,
+    candidate_destinations,
+    lookup,
+    tome_plan,
+)
 from .tome import ToMe
 
 KEEP_EPS = 1e-4  # smallest share of its size an A token keeps during soft training merges

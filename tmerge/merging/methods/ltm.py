@@ -46,10 +46,20 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ...errors import TmergeError
-from ..base import (BlockInput, MergePlan, Option, bipartite_choice, bipartite_sides, block_constants,
-                    candidate_destinations, key_metric, lookup, take_rows, tome_plan)
+from ..base import (
+    BlockInput,
+    MergePlan,
+    Option,
+    bipartite_choice,
+    bipartite_sides,
+    block_constants,
+    candidate_destinations,
+    key_metric,
+    lookup,
+    take_rows,
+    tome_plan,
+)
 from .tome import ToMe
-
 
 SCORER_GRAD = 0.05  # the scorer learns as if the gate were at least this open (value unchanged)
 IB_CLUSTERS = 16

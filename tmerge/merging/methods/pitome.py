@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..base import (BlockInput, MergeMethod, MergePlan, Option, bipartite_choice, block_constants, key_metric,
-                    lookup, prefixed, take_rows)
+from ..base import BlockInput, MergeMethod, MergePlan, Option, bipartite_choice, block_constants, key_metric, lookup, prefixed, take_rows
 
 
 class PiToMe(MergeMethod):

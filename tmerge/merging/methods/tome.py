@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..base import (BlockInput, MergeMethod, MergePlan, bipartite_choice, bipartite_sides, block_constants,
-                    key_metric, tome_plan)
+from ..base import BlockInput, MergeMethod, MergePlan, bipartite_choice, bipartite_sides, block_constants, key_metric, tome_plan
 
 
 class ToMe(MergeMethod):

@@ -3,20 +3,21 @@
 Reproducible bit for bit from ``--seed`` on a CPU with the same thread count (default 2): the
 training images, their order, the r drawn at every step and the initialisations are functions of the
 seed; the adapter files hold no wall-clock values; the merges use the summing form ("scatter":
-``index_add`` in eager PyTorch), the one the shipped adapters were trained with. ``--check`` compares the sha256 of the files it
-wrote with the shipped ones (tmerge/models/adapters/).
+``index_add`` in eager PyTorch). ``--check`` compares the sha256 of the files it wrote with the
+shipped ones (tmerge/models/adapters/). Where a run cut short by ``--max-minutes`` stops depends on
+the machine's speed (the learning-rate and temperature schedules follow the planned ``--steps``);
+``--stop-after N`` stops at step N deterministically and so reproduces such a run. The shipped
+adapters: ``--views 1 --steps 120 --methods dtem --stop-after 36 --out /tmp/a --check`` and
+``--views 1 --steps 120 --methods ltm --stop-after 43 --out /tmp/a --check``.
 
-Training data (none of it is used by the held-out evaluation, benchmarks/learned_methods.py):
-
-* Fashion-MNIST *train* images: the last ``--fmnist`` of a seed-0 permutation of the 60k (the probe
-  of the evaluation is fit on the first ones);
-* random crops of scikit-image pictures: the 5 training colour photos (astronaut, chelsea, coffee,
-  rocket, hubble_deep_field) and 12 more bundled pictures (``tmerge.data.EXTRA_PHOTOS``); the 3
-  held-out photos (immunohistochemistry, retina, stereo_motorcycle) are never used.
-
-One pass of the unmerged model gives the distillation targets of both trainings (cached); each
-method then trains for one epoch with r drawn uniformly from ``--r-min``..``--r-max`` per step, so
-one adapter serves that whole range.
+Training data: the *train* split of the photo corpus (``python -m tmerge.data.corpus build``; the
+evaluation photos, benchmarks/heldout_drift.py, come from a package that training never reads),
+``--views`` random crops per photo. One pass of the unmerged model gives the distillation targets
+of both trainings (cached); each method then trains for ``--steps`` steps with r drawn uniformly from
+``--r-min``..``--r-max`` per step and each step's loss divided by ToMe's at that r (so small r count as
+much as large r); one adapter serves that whole range. DTEM trains through the paper's soft relaxation
+(``relaxed=1``) with its temperature tau2 annealed from ``--tau2-start`` to ``--tau2-end``, unless
+``--dtem-straight-through``.
 
 Run:  python benchmarks/train_default_adapters.py                  # writes the shipped adapters
       python benchmarks/train_default_adapters.py --out /tmp/a --check   # reproduce and compare
@@ -32,24 +33,12 @@ import sys
 import time
 from pathlib import Path
 
-from tmerge.data import EXTRA_PHOTOS, fashion_mnist, model_transform, sample_views
+from tmerge.data.corpus import corpus_entries, corpus_views
 from tmerge.models import load_model
 from tmerge.models.adapters import SHIPPED_DIR, shipped_adapter_name
 from tmerge.training import _teacher_outputs, train_adapter
 
-import numpy as np
 import torch
-
-TRAIN_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")
-HELDOUT_PHOTOS = ("immunohistochemistry", "retina", "stereo_motorcycle")
-
-
-def fmnist_images(model, indices):
-    from PIL import Image
-
-    pixels, _labels = fashion_mnist("train")
-    transform = model_transform(model)
-    return torch.stack([transform(Image.fromarray(pixels[i])) for i in indices])
 
 
 def sha256(path: Path) -> str:
@@ -59,14 +48,19 @@ def sha256(path: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fmnist", type=int, default=80, help="Fashion-MNIST train images")
-    ap.add_argument("--photos", type=int, default=80, help="random crops of the training pictures")
+    ap.add_argument("--views", type=int, default=2, help="random crops per training photo")
     ap.add_argument("--r-min", type=int, default=4)
     ap.add_argument("--r-max", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--lr-dtem", type=float, default=1e-3)
     ap.add_argument("--lr-ltm", type=float, default=1e-2)
+    ap.add_argument("--tau2-start", type=float, default=1.0)
+    ap.add_argument("--tau2-end", type=float, default=0.01)
+    ap.add_argument("--dtem-straight-through", action="store_true")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop each training after this long")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop each training after this many of the --steps (reproduces a --max-minutes run)")
     ap.add_argument("--methods", nargs="+", default=["dtem", "ltm"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(SHIPPED_DIR), help="folder for the adapters")
@@ -81,18 +75,18 @@ def main() -> int:
         print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
     base = load_model(None)
-    perm = np.random.default_rng(0).permutation(60000)
-    fm_idx = np.sort(perm[len(perm) - args.fmnist:]) if args.fmnist else np.array([], dtype=int)
-    parts = [sample_views(args.photos, base, seed=args.seed, photos=(*TRAIN_PHOTOS, *EXTRA_PHOTOS))]
-    if args.fmnist:
-        parts.append(fmnist_images(base, fm_idx))
-    images = torch.cat(parts)
-    log(f"{len(images)} training images ({args.photos} picture crops, {args.fmnist} Fashion-MNIST train)")
+    entries = corpus_entries("train")
+    images = corpus_views(entries, base, views_per_photo=args.views, seed=args.seed)
+    sources = sorted({e["source"] for e in entries})
+    log(f"{len(images)} training views of {len(entries)} photos from {len(sources)} sources")
     teacher = _teacher_outputs(base.eval(), images, 16, "cpu")
     log("teacher outputs cached")
-    data = {"pictures": [*TRAIN_PHOTOS, *EXTRA_PHOTOS], "picture_crops": args.photos,
-            "fashion_mnist_train": args.fmnist, "seed": args.seed}
+    data = {"corpus_split": "train", "sources": sources, "photos": len(entries), "views": len(images),
+            "photos_sha256": hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest(),
+            "seed": args.seed}
     lrs = {"dtem": args.lr_dtem, "ltm": args.lr_ltm}
+    extra = {"dtem": {} if args.dtem_straight_through else
+             {"options": {"relaxed": 1}, "anneal": {"tau2": (args.tau2_start, args.tau2_end)}}, "ltm": {}}
     report = {"args": vars(args), "adapters": {}}
     out_dir = Path(args.out)
     for method in args.methods:
@@ -101,16 +95,19 @@ def main() -> int:
         model = load_model(None)
         summary = train_adapter(
             model, method, images=images, teacher_outputs=teacher, out=out,
-            r_range=(args.r_min, args.r_max), epochs=args.epochs, batch_size=args.batch_size,
+            r_range=(args.r_min, args.r_max), steps=args.steps, batch_size=args.batch_size,
             lr=lrs[method], seed=args.seed, checkpoint_every=0, progress=False, eval_every=0,
             model_name="dinov2-s14", data_summary=data, merge_form="scatter",
+            max_seconds=None if args.max_minutes is None else 60 * args.max_minutes, stop_after=args.stop_after,
+            **extra[method],
         )
         seconds = time.perf_counter() - started
         out.with_name(out.name + ".ckpt.pt").unlink(missing_ok=True)  # the trainer's resume point
         load.append(os.getloadavg()[0])
         digest = sha256(out)
         entry = {"file": str(out), "sha256": digest, "steps": summary["steps"], "train_seconds": round(seconds, 1),
-                 "initial_loss": summary["initial_loss"], "final_loss": summary["final_loss"]}
+                 "initial_loss": summary["initial_loss"], "final_loss": summary["final_loss"],
+                 "stopped_early": summary["stopped_early"], "tome_reference_loss": summary["tome_reference_loss"]}
         if args.check:
             shipped = SHIPPED_DIR / shipped_adapter_name(method)
             entry["identical_to_shipped"] = shipped.is_file() and sha256(shipped) == digest

@@ -18,7 +18,7 @@ def test_none_and_r0_are_bit_identical(variant, tiny_images):
     with torch.no_grad():
         ref = model(tiny_images)
         for method in ("tome", "pitome"):
-            tmerge.apply(model, method, r=0)
+            tmerge.apply(model, method, adapter=None, r=0)
             assert torch.equal(model(tiny_images), ref)
         tmerge.apply(model, "tome", r=4)
         assert not torch.equal(model(tiny_images), ref)
@@ -31,7 +31,7 @@ def test_none_and_r0_are_bit_identical(variant, tiny_images):
 @pytest.mark.parametrize("method", ["tome", "pitome"])
 def test_token_counts_and_protected_prefix(variant, method, tiny_images):
     model = tiny_vit(variant)
-    tmerge.apply(model, method, r=3)
+    tmerge.apply(model, method, adapter=None, r=3)
     with torch.no_grad(), model.blocks.recording_slots():
         model(tiny_images)
     p = model.num_prefix_tokens
@@ -113,14 +113,14 @@ def test_any_schedule_runs_and_forms_agree(variant, method, schedule, form):
     model = tiny_vit(variant)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     try:
-        tmerge.apply(model, method, schedule=schedule)
+        tmerge.apply(model, method, adapter=None, schedule=schedule)
     except TmergeError as e:  # an explicit entry the model cannot do is refused, never silently capped
         assert "is impossible at block" in str(e)
         return
     with torch.no_grad():
         out = model(x)
         info = merge_info(model)
-        tmerge.apply(model, method, schedule=schedule, merge_form=form)
+        tmerge.apply(model, method, adapter=None, schedule=schedule, merge_form=form)
         out_form = model(x)
     assert torch.allclose(out, out_form, atol=1e-5)
     assert tmerge.tokens_per_layer(model) == info["tokens"]

@@ -233,3 +233,45 @@ def test_fashion_mnist_probe_beats_chance_on_held_out_images(cache, model):
     test = data.load_images("fashion-mnist:test", model, n=200)
     accuracy = probe.accuracy(data.extract_features(model, test.images), test.labels)
     assert accuracy > 0.3  # ten classes: chance is 0.1, even for a random tiny ViT
+
+
+def _rcc(files: dict[str, bytes], compress: bool) -> bytes:
+    """A Qt resource file (format 1): root -> folder "a" -> the files."""
+    import struct
+    import zlib
+
+    names, data, name_at = b"", b"", {}
+    for name in ["a", *files]:
+        name_at[name] = len(names)
+        names += struct.pack(">HI", len(name), 0) + name.encode("utf-16-be")
+    nodes = [struct.pack(">IHII", 0, 2, 1, 1), struct.pack(">IHII", name_at["a"], 2, len(files), 2)]
+    for name, blob in files.items():
+        payload = struct.pack(">I", len(blob)) + zlib.compress(blob) if compress else blob
+        nodes.append(struct.pack(">IHHHI", name_at[name], 1 if compress else 0, 0, 0, len(data)))
+        data += struct.pack(">I", len(payload)) + payload
+    tree = b"".join(nodes)
+    header = 20
+    return b"qres" + struct.pack(">IIII", 1, header, header + len(tree), header + len(tree) + len(data)) + tree + data + names
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_rcc(compress):
+    from tmerge.data.corpus import read_rcc
+
+    files = {"x.webp": b"first file", "y.png": b"\x00second" * 20}
+    assert dict(read_rcc(_rcc(files, compress))) == {f"a/{k}": v for k, v in files.items()}
+    with pytest.raises(TmergeError, match="not a Qt resource"):
+        list(read_rcc(b"nope"))
+
+
+def test_photo_score_and_missing_corpus(tmp_path):
+
+    from tmerge.data.corpus import corpus_entries, photo_score
+
+    noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    assert photo_score(Image.fromarray(noise)) == 1.0
+    assert photo_score(Image.new("RGB", (96, 96), (200, 10, 10))) < 0.01
+    with pytest.raises(TmergeError, match="not built"):
+        corpus_entries("eval", root=tmp_path)
+    with pytest.raises(TmergeError, match="split must be one of"):
+        corpus_entries("test", root=tmp_path)

@@ -165,13 +165,31 @@ def test_adapter_candidate(tmp_path):
     from tmerge.models.adapters import save_adapter
 
     model = tiny_vit()
-    trained = apply(copy.deepcopy(model), "dtem", r=2)
+    trained = apply(copy.deepcopy(model), "dtem", r=2, adapter=None)
+    with torch.no_grad():  # a (random) change of the learned embedding: it drifts less or more than ToMe
+        for lin in trained.tmerge_method.embed:
+            lin.weight.add_(torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(0)))
     path = save_adapter(trained, tmp_path / "dtem.safetensors")
     cand = adapter_candidate(str(path))
     assert cand.method == "dtem" and cand.schedule == (2, 2, 2) and cand.adapter == str(path)
     assert "--adapter" in cand.export_flags()
-    result = tune(model, config(methods=(), adapters=(str(path),), max_drift=1.0), model_name="tiny", images=images())
-    assert result["met"] and result["chosen"]["method"] == "dtem"
+    result = tune(model, config(methods=("tome",), adapters=(str(path),), max_drift=1.0), model_name="tiny",
+                  images=images())
+    learned = [c for c in result["candidates"] if c["method"] == "dtem"]
+    assert len(learned) == 1 and learned[0]["stage"].startswith("dropped: drifts more than ToMe")
+    assert result["chosen"]["method"] == "tome"
+
+
+@pytest.mark.parametrize("ours, kept", [(0.5, True), (1.0, False), (2.0, False)])
+def test_an_adapter_stays_only_where_it_drifts_less_than_tome(ours, kept):
+    from tmerge.profiling.tune import _drop_learned_worse_than_tome
+
+    learned = Entry(Candidate("dtem", "adapter", 6.0, True, schedule=(2, 2, 2), adapter="a.safetensors"), 0.8, [17, 11])
+    tome = Entry(Candidate("tome", "r", 2, True, r=2), 0.8, [17, 11])
+    families = {learned.cand.family_key: [learned], tome.cand.family_key: [tome]}
+    drift = {"dtem": ours, "tome": 1.0}
+    _drop_learned_worse_than_tome(families, lambda e, split: drift[e.cand.method], type("P", (), {"log": print})())
+    assert (learned.cand.family_key in families) == kept and tome.cand.family_key in families
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -52,7 +52,7 @@ def test_training_reduces_the_loss(method, kwargs, data, tmp_path):
     headless = base.num_classes == 0
     # DTEM's relaxation: a smooth objective (its default straight-through forward is piecewise constant)
     options = {"relaxed": 1} if method == "dtem" else {}
-    before = tmerge.apply(copy.deepcopy(base), method, r=3, **options)
+    before = tmerge.apply(copy.deepcopy(base), method, adapter=None, r=3, **options)
     loss_before = _soft_loss(before, base, data[0], headless)
     model = copy.deepcopy(base)
     # full-batch steps: gradient descent on exactly the objective measured here
@@ -107,7 +107,7 @@ def test_adapter_round_trip_and_mismatches(data, tmp_path):
     trained = copy.deepcopy(base)
     path = tmp_path / "ltm.safetensors"
     _train(trained, path, data, "ltm", steps=4)
-    fresh = tmerge.apply(copy.deepcopy(base), "ltm", r=3)
+    fresh = tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=3)
     meta = load_adapter(fresh, path)
     assert meta["method"] == "ltm"
     x = data[1]
@@ -117,12 +117,12 @@ def test_adapter_round_trip_and_mismatches(data, tmp_path):
         assert torch.equal(fresh.tmerge_method.state_dict()[k], v)
 
     cases = [
-        (tmerge.apply(copy.deepcopy(base), "dtem", r=3), "trained for method 'ltm'"),
-        (tmerge.apply(copy.deepcopy(base), "ltm", r=2), "schedule"),
-        (tmerge.apply(copy.deepcopy(base), "ltm", r=3, prop_attn=False), "proportional attention"),
-        (tmerge.apply(tiny_vit("plain", seed=1), "ltm", r=3), "weights"),
-        (tmerge.apply(copy.deepcopy(base), "ltm", r=3, topk=2), "options"),
-        (tmerge.apply(copy.deepcopy(base), "ltm", r=3, mask_dim=8), "options"),
+        (tmerge.apply(copy.deepcopy(base), "dtem", adapter=None, r=3), "trained for method 'ltm'"),
+        (tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=2), "schedule"),
+        (tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=3, prop_attn=False), "proportional attention"),
+        (tmerge.apply(tiny_vit("plain", seed=1), "ltm", adapter=None, r=3), "weights"),
+        (tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=3, topk=2), "options"),
+        (tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=3, mask_dim=8), "options"),
         (copy.deepcopy(base), "needs a merged model"),
     ]
     for model, message in cases:
@@ -130,7 +130,7 @@ def test_adapter_round_trip_and_mismatches(data, tmp_path):
             load_adapter(model, path)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    fresh = tmerge.apply(copy.deepcopy(base), "ltm", r=3)
+    fresh = tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=3)
     with pytest.raises(tmerge.TmergeError, match="could not be read"):
         load_adapter(fresh, bad)
     with pytest.raises(tmerge.TmergeError, match="does not exist"):
@@ -207,6 +207,11 @@ def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
     used = tmerge.merge_info(net)["adapter"]
     assert used["path"] == str(shipped / adapters.shipped_adapter_name("ltm")) and used["r_range"] == [1, 2]
     assert tmerge.merge_info(build_merged_model(None, MergeConfig("dtem", r=2)))["adapter"] == "untrained"
+    # the Python API loads the shipped adapter the same way, and refuses a learned method without one
+    default = tmerge.models.load_model(None)
+    assert tmerge.merge_info(tmerge.apply(copy.deepcopy(default), "ltm", r=2))["adapter"]["path"] == used["path"]
+    with pytest.raises(tmerge.TmergeError, match="ships no adapter"):
+        tmerge.apply(copy.deepcopy(default), "dtem", r=2)
 
 
 DDP_SCRIPT = textwrap.dedent("""
@@ -251,11 +256,11 @@ def test_one_adapter_for_a_range_of_r(data, tmp_path):
     assert summary["r_range"] == [1, 3]
     assert read_adapter(path)[1]["r_range"] == [1, 3]
     for r in (1, 2, 3):
-        model = tmerge.apply(copy.deepcopy(base), "dtem", r=r)
+        model = tmerge.apply(copy.deepcopy(base), "dtem", adapter=None, r=r)
         load_adapter(model, path)
         assert tmerge.merge_info(model)["adapter"]["r_range"] == [1, 3]
     with pytest.raises(tmerge.TmergeError, match="r = 1..3"):
-        load_adapter(tmerge.apply(copy.deepcopy(base), "dtem", r=4), path)
+        load_adapter(tmerge.apply(copy.deepcopy(base), "dtem", adapter=None, r=4), path)
     with pytest.raises(tmerge.TmergeError, match="r_range or a schedule"):
         _train(copy.deepcopy(base), path, data, r=2, r_range=(1, 3))
     # the same seed draws the same r sequence and gives the same bytes
@@ -278,7 +283,12 @@ def test_trainer_only_calls_the_method_hooks():
 
 
 def test_shipped_adapters_match_the_default_model_only():
-    from tmerge.models.adapters import SHIPPED_DIR, read_adapter, shipped_adapter, shipped_adapter_name
+    from tmerge.models.adapters import (
+        SHIPPED_DIR,
+        read_adapter,
+        shipped_adapter,
+        shipped_adapter_name,
+    )
 
     for method in ("dtem", "ltm"):
         path = SHIPPED_DIR / shipped_adapter_name(method)
@@ -286,7 +296,7 @@ def test_shipped_adapters_match_the_default_model_only():
         meta = read_adapter(path)[1]
         assert meta["method"] == method and meta["model"] == "dinov2-s14"
         assert meta["r_range"][0] <= 8 and meta["r_range"][1] >= 16
-        tiny = tmerge.apply(tiny_vit("plain"), method, r=2)
+        tiny = tmerge.apply(tiny_vit("plain"), method, adapter=None, r=2)
         assert shipped_adapter(tiny, method) is None  # other weights: untrained (= ToMe)
         assert tmerge.merge_info(tiny)["adapter"] == "untrained"
 
@@ -318,3 +328,36 @@ def test_train_cli_refuses_before_work(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_balanced_r_and_annealed_relaxation(data, tmp_path):
+    """Losses divided by ToMe's at each r; an annealed training-only option is back at its configured
+    value afterwards, and the adapter loads whatever training-only options the model has."""
+    base = tiny_vit("plain", num_classes=0)
+    path = tmp_path / "annealed.safetensors"
+    summary = _train(copy.deepcopy(base), path, data, r=None, r_range=(1, 3), steps=4, options={"relaxed": 1},
+                     anneal={"tau2": (1.0, 0.05)})
+    assert summary["balance_r"] and set(summary["tome_reference_loss"]) == {"1", "2", "3"}
+    assert summary["training_options"]["tau2"] == 0.1 and summary["training_options"]["relaxed"] == 1
+    meta = read_adapter(path)[1]
+    assert meta["options"]["tau2"] == 0.1 and meta["anneal"] == {"tau2": [1.0, 0.05]}
+    load_adapter(tmerge.apply(copy.deepcopy(base), "dtem", adapter=None, r=2), path)  # relaxed=0 here
+    with pytest.raises(tmerge.TmergeError, match="training-only"):
+        _train(copy.deepcopy(base), path, data, anneal={"feat_dim": (8, 16)})
+    stopped = _train(copy.deepcopy(base), tmp_path / "s.safetensors", data, steps=4, stop_after=2, checkpoint_every=0)
+    assert stopped["steps"] == 2 and stopped["planned_steps"] == 4 and stopped["stopped_early"]
+    with pytest.raises(tmerge.TmergeError, match="balance_r needs r_range"):
+        _train(copy.deepcopy(base), path, data, balance_r=True)
+
+
+def test_apply_needs_an_adapter_for_a_learned_method(data, tmp_path):
+    base = tiny_vit("plain", num_classes=0)
+    with pytest.raises(tmerge.TmergeError, match="adapter=None"):
+        tmerge.apply(copy.deepcopy(base), "dtem", r=2)
+    assert tmerge.merge_info(tmerge.apply(copy.deepcopy(base), "ltm", r=2, adapter=None))["adapter"] == "untrained"
+    path = tmp_path / "a.safetensors"
+    _train(copy.deepcopy(base), path, data, r=2, steps=2)
+    model = tmerge.apply(copy.deepcopy(base), "dtem", r=2, adapter=path)
+    assert tmerge.merge_info(model)["adapter"]["path"] == str(path)
+    with pytest.raises(tmerge.TmergeError, match="takes no adapter"):
+        tmerge.apply(copy.deepcopy(base), "tome", r=2, adapter=path)

@@ -45,6 +45,12 @@ def shipped_adapter(model: nn.Module, method: str) -> Path | None:
     return path if trained_on == backbone_sha256(model) else None
 
 
+def training_only_options(method) -> set[str]:
+    """Options of a merge method (class or instance) that only shape training (their help starts with
+    "training:"); an adapter loads whatever their values, since the inference merge ignores them."""
+    return {name for name, opt in method.options.items() if opt.help.startswith("training:")}
+
+
 def _arch(model: nn.Module) -> str | None:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture")
@@ -149,8 +155,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict:
         flag = "--prop-attn" if meta.get("prop_attn") else "--no-prop-attn"
         raise TmergeError(f"adapter {name} was trained with proportional attention "
                           f"{'on' if meta.get('prop_attn') else 'off'}; pass {flag}")
-    if meta.get("options") is not None and meta["options"] != info["options"]:
-        given = " ".join(f"-o {k}={json.dumps(v)}" for k, v in meta["options"].items() if v is not None)
+    ignored = training_only_options(model.tmerge_method)
+    trained_with = {k: v for k, v in (meta.get("options") or {}).items() if k not in ignored}
+    if meta.get("options") is not None and trained_with != {k: v for k, v in info["options"].items() if k not in ignored}:
+        given = " ".join(f"-o {k}={json.dumps(v)}" for k, v in trained_with.items() if v is not None)
         raise TmergeError(f"adapter {name} was trained with method options {meta['options']} but the model "
                           f"uses {info['options']}; pass {given or 'the same options'}")
     method = model.tmerge_method

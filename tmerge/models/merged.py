@@ -9,15 +9,46 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..errors import TmergeError
 from ..merging import registry
-from ..patch import apply
+from ..patch import apply as patch_model
 from . import load_model
 from .adapters import load_adapter, shipped_adapter
+
+SHIPPED = "shipped"  # adapter=SHIPPED: the adapter shipped for the model's weights (default of tmerge.apply)
+
+
+def apply(model: nn.Module, method: Any, *, adapter: str | Path | None = SHIPPED, **kwargs: Any) -> nn.Module:
+    """:func:`tmerge.patch.apply` (same arguments), then the learned parameters of DTEM/LTM.
+
+    ``adapter``: a trained adapter file; ``"shipped"`` (default) the adapter tmerge ships for the
+    model's weights (the embedded default model), an error when there is none; ``None`` runs the
+    learned method untrained (it then merges exactly like ToMe). Training-free methods take no adapter.
+    """
+    patch_model(model, method, **kwargs)
+    learned = method != "none" and bool(model.tmerge_method.trainable_layers())
+    if not learned:
+        if adapter not in (None, SHIPPED):
+            raise TmergeError(f"method {merge_name(model)} learns nothing: it takes no adapter")
+        return model
+    if adapter == SHIPPED:
+        adapter = shipped_adapter(model, merge_name(model))
+        if adapter is None:
+            raise TmergeError(f"{merge_name(model)} is a learned method and tmerge ships no adapter for this model's "
+                              "weights: train one (tmerge train) and pass adapter=PATH, or pass adapter=None to "
+                              "run it untrained (it then merges like ToMe)")
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model
+
+
+def merge_name(model: nn.Module) -> str:
+    return model.tmerge_method.name
 
 
 @dataclass(frozen=True)
@@ -71,7 +102,7 @@ class MergeConfig:
 
         A learned method without ``adapter`` on the model a shipped adapter was trained for (the
         embedded default) loads that adapter; otherwise it runs untrained (= ToMe)."""
-        apply(model, self.method, **self.apply_kwargs())
+        patch_model(model, self.method, **self.apply_kwargs())
         adapter = self.adapter
         if adapter is None and self.method != "none" and model.tmerge_method.trainable_layers():
             adapter = shipped_adapter(model, self.method)

@@ -7,7 +7,7 @@ Schema version 1 (documented in the README, "Profile report schema"). Top-level 
     created         ISO 8601 UTC time
     model           model name as given (str), model_info: {label, checkpoint, weights_sha256,
                     input_size, num_prefix_tokens, num_classes, head}
-    method          merging method name; method_options, adapter (learned methods: the loaded adapter
+    method          merging method name; method_options, adapter_used (learned methods: the adapter that ran
                     {path, sha256, shipped, ...} or "untrained"), prop_attn, merge_form, schedule_spec
     schedule        per-block r (list of int)
     tokens_per_layer  tokens entering each block, then the final count (len = depth + 1)

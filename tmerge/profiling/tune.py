@@ -4,7 +4,8 @@ latency budget), measured on the target runtime.
 Search, cheapest evidence first:
 
 1. **Search space.** Per method (training-free ones; learned ones only with a trained adapter, which
-   fixes their schedule) and proportional-attention setting: *families* of schedules ordered by
+   fixes their schedule, and only where the adapter drifts less than ToMe at that schedule on the
+   calibration split: at equal cost, timing could otherwise pick it by noise) and proportional-attention setting: *families* of schedules ordered by
    strength — constant r, ToMe's (r, inflection) ramps, "late" schedules that merge only in the later
    blocks, PiToMe-style keep ratios. Schedules that resolve to the same per-block r are one candidate.
 2. **Cost model.** Exact FLOPs of every candidate (``torch.utils.flop_counter`` on the real forward,
@@ -34,7 +35,7 @@ import re
 import shlex
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -460,6 +461,7 @@ def tune(unmerged: nn.Module, config: TuneConfig, *, model_name: str, progress: 
             entry.drift[split], _ = ev.drift(entry.cand, imgs, split, metric)
         return entry.drift[split]
 
+    _drop_learned_worse_than_tome(families, measure, progress)
     rounds: dict[str, Any] = {"unmerged_ms": None}
     workdir = tempfile.TemporaryDirectory(prefix="tmerge-tune-")
     runners: dict[int, Callable[[], Any]] = {}
@@ -558,6 +560,22 @@ def _rank(entries: list[Entry], mode: str, config: TuneConfig, measured: bool = 
         return (not ok, (e.calibration_drift or 0) if ok else (e.p50_ms or math.inf), e.flops_ratio, e.cand.label)
 
     return sorted(entries, key=key)
+
+
+def _drop_learned_worse_than_tome(families: dict, measure: Callable[[Entry, str], float], progress) -> None:
+    """A trained adapter costs what ToMe costs at the same schedule, so timing cannot tell them apart:
+    it stays a candidate only where it drifts less than ToMe at its schedule on the calibration split."""
+    for key, fam in list(families.items()):
+        learned = fam[0]
+        if learned.cand.adapter is None:
+            continue
+        twin = Entry(replace(learned.cand, method="tome", family="adapter", adapter=None, options=()),
+                     learned.flops_ratio, list(learned.tokens))
+        ours, tome = measure(learned, "calibration"), measure(twin, "calibration")
+        if ours >= tome:
+            learned.stage = f"dropped: drifts more than ToMe at its schedule ({ours:.4g} vs {tome:.4g})"
+            del families[key]
+            progress.log(f"{learned.cand.label}: {learned.stage}")
 
 
 def _is_reference_family(cand: Candidate) -> bool:

@@ -13,7 +13,17 @@ The trainer knows nothing about a method beyond its training hooks (:class:`tmer
 ``plan`` in training mode (a relaxed merge where the method needs one, as DTEM's).
 
 ``r_range=(lo, hi)`` trains one adapter for a range of constant r: every step draws r uniformly from
-lo..hi (a function of seed and step only), so the adapter serves any r in the range. The teacher's
+lo..hi (a function of seed and step only), so the adapter serves any r in the range. Merging more
+tokens costs more drift, so a plain sum of losses lets the large r decide every gradient; with
+``balance_r=True`` (default with ``r_range``) each step's distillation loss is divided by the loss of
+the untrained method (= ToMe) at that step's r, measured once before training on a fixed subset of the
+images: every r then weighs by how much it improves on ToMe, which is what the adapter is judged by.
+
+``anneal={"tau2": (1.0, 0.01)}`` sets a method option (one of its training-only ones, such as
+DTEM's relaxation temperatures) from the training loop: geometric from the first value at step 0 to
+the second at the last step, so a soft relaxation is annealed towards the hard merge it stands for.
+Training-only options (their help starts with "training:") are not part of the adapter's identity:
+the adapter records them under ``training_options`` and loads with any value of them. The teacher's
 outputs are computed once per image and reused in every epoch. ``images`` is a tensor (N, 3, H, W)
 or any object with ``len()`` whose ``[index_tensor]`` returns such a batch (images decoded lazily).
 
@@ -46,7 +56,7 @@ from .._io import atomic_paths
 from ..errors import TmergeError
 from ..merging import MergeMethod, available
 from ..models import backbone_sha256
-from ..models.adapters import save_adapter
+from ..models.adapters import save_adapter, training_only_options
 from ..models.forward import forward_with_features
 from ..patch import apply, merge_info
 from ..profiling.drift import output_drift
@@ -190,6 +200,32 @@ def _sampled_r(r_range: tuple[int, int], seed: int, step: int) -> int:
     return int(torch.randint(r_range[0], r_range[1] + 1, (1,), generator=gen))
 
 
+def _annealed(values: tuple[float, float], step: int, total: int) -> float:
+    start, end = float(values[0]), float(values[1])
+    t = step / max(1, total - 1)
+    return start * (end / start) ** t
+
+
+@torch.no_grad()
+def tome_reference_loss(model: nn.Module, images, t_out: Tensor, r_values: range, headless: bool, n: int,
+                        batch_size: int, device) -> dict[int, float]:
+    """Distillation loss of the untrained method (ToMe's merge) at each r on the first ``n`` images."""
+    merger = model.tmerge_method
+    was_training = merger.training
+    merger.eval()
+    index = torch.arange(min(n, len(images)))
+    reference = {}
+    try:
+        for r in r_values:
+            set_constant_r(model, r)
+            losses = [distill_loss(forward_with_features(model, images[i].to(device))[0], t_out[i].to(device),
+                                   headless) * len(i) for i in index.split(batch_size)]
+            reference[r] = max(float(sum(losses)) / len(index), 1e-12)
+    finally:
+        merger.train(was_training)
+    return reference
+
+
 def _fingerprint(info: dict) -> str:
     return json.dumps(info, sort_keys=True, default=str)
 
@@ -244,9 +280,13 @@ def train_adapter(
     data_summary: dict | None = None,
     device: str | None = None,
     max_seconds: float | None = None,
+    stop_after: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
     teacher_outputs: tuple[Tensor, Tensor] | None = None,
     merge_form: str | None = None,
+    balance_r: bool | None = None,
+    anneal: dict[str, tuple[float, float]] | None = None,
+    balance_images: int = 16,
 ) -> dict:
     """Train ``method`` (dtem | ltm) on ``model`` (UNMERGED, any timm ViT tmerge supports) by
     distillation from the unmerged model; write the adapter to ``out``; return a summary dict.
@@ -255,10 +295,14 @@ def train_adapter(
     Give ``steps`` or ``epochs`` (default 1 epoch); ``r_range=(lo, hi)`` instead of ``r`` samples a
     constant r per step (the model ends with r = hi). A checkpoint ``<out>.ckpt.pt`` is written every
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it. ``max_seconds``
-    stops early once the training loop has run that long (the summary says so; not deterministic).
+    stops early once the training loop has run that long (the summary says so; not deterministic);
+    ``stop_after`` stops after that many steps of the planned ``steps`` (deterministic: it reproduces a
+    run that ``max_seconds`` stopped there).
     ``teacher_outputs`` (outputs, pooled features) of the unmerged model on ``images``, when already
     computed (e.g. shared by several trainings on the same images), skip that pass. ``merge_form``
     (default: :func:`tmerge.apply`'s) fixes the merge ops, hence the float rounding of a reproduction.
+    ``balance_r`` (default: on with ``r_range``) divides each step's loss by ToMe's at that r (on the
+    first ``balance_images`` images); ``anneal`` sets training-only method options per step (module docstring).
     """
     if method not in trainable_methods():
         raise TmergeError(f"only learned methods can be trained ({', '.join(trainable_methods())}); got {method!r}")
@@ -273,6 +317,9 @@ def train_adapter(
         if not 0 < r_range[0] <= r_range[1]:
             raise TmergeError(f"r_range must be 0 < lo <= hi, got {r_range}")
         r = r_range[1]
+    balance_r = r_range is not None if balance_r is None else bool(balance_r)
+    if balance_r and r_range is None:
+        raise TmergeError("balance_r needs r_range (it balances the r drawn per step)")
     out = Path(out)
     ckpt_path = checkpoint_path(out)
     if resume and not ckpt_path.is_file():
@@ -291,6 +338,13 @@ def train_adapter(
         apply(model, method, r=r, schedule=schedule, keep_ratio=keep_ratio, prop_attn=prop_attn, **form,
               **(options or {}))
         merger = model.tmerge_method
+        anneal = {k: (float(v[0]), float(v[1])) for k, v in (anneal or {}).items()}
+        not_training = sorted(set(anneal) - training_only_options(merger))
+        if not_training:
+            raise TmergeError(f"only training-only options of {method} can be annealed "
+                              f"({', '.join(sorted(training_only_options(merger))) or 'none'}); got {', '.join(not_training)}")
+        if any(not (v > 0 and math.isfinite(v)) for pair in anneal.values() for v in pair):
+            raise TmergeError(f"annealed option values must be finite and > 0, got {anneal}")
         model.eval()
         merger.train()
         info = merge_info(model)
@@ -318,13 +372,18 @@ def train_adapter(
             h_out, _ = _teacher_outputs(teacher, heldout, batch_size, dist.device)
         del teacher
         merger.prepare_training(t_out, t_feat, headless=headless, seed=seed, extra_loss_weight=ib_weight)
+        reference = None
+        if balance_r:
+            reference = tome_reference_loss(model, images, t_out, range(r_range[0], r_range[1] + 1), headless,
+                                            balance_images, batch_size, dist.device)
+        configured = dict(merger.config)
 
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         identity = {
             "method": method, "options": info["options"], "r": info["r"], "r_range": r_range,
             "prop_attn": info["prop_attn"],
             "weights_sha256": weights_sha, "n_images": n, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "ib_weight": ib_weight, "world": dist.world,
+            "ib_weight": ib_weight, "world": dist.world, "balance_r": balance_r, "anneal": anneal,
         }
         step, history, drift_history = 0, [], []
         if resume:
@@ -375,6 +434,9 @@ def train_adapter(
             loop_start = time.perf_counter()
             stopped_early = False
             while step < total:
+                if stop_after is not None and step >= stop_after:
+                    stopped_early = True
+                    break
                 if max_seconds is not None and dist.agree(time.perf_counter() - loop_start > max_seconds):
                     stopped_early = True
                     break
@@ -386,11 +448,17 @@ def train_adapter(
                     idx = order[:batch_size]
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                for name, values in anneal.items():
+                    merger.config[name] = _annealed(values, step, total)
+                step_r = None
                 if r_range is not None:
-                    set_constant_r(model, _sampled_r(r_range, seed, step))
+                    step_r = _sampled_r(r_range, seed, step)
+                    set_constant_r(model, step_r)
                 x = images[idx].to(dist.device)
                 s_out, s_feat = student(x)
                 loss = distill_loss(s_out, t_out[idx].to(dist.device), headless)
+                if reference is not None:
+                    loss = loss / reference[step_r]
                 extra = merger.extra_loss(s_feat, idx)
                 if extra is not None:
                     loss = loss + extra
@@ -417,6 +485,8 @@ def train_adapter(
             bar.close()
         save_checkpoint()
 
+        merger.config.update(configured)  # annealed options back to their configured values
+        training_options = {k: merger.config[k] for k in sorted(training_only_options(merger))}
         merger.eval()
         window = history[-min(len(history), max(1, per_epoch)):]
         summary = {
@@ -432,6 +502,10 @@ def train_adapter(
             "seed": seed,
             "ib_weight": ib_weight,
             "r_range": list(r_range) if r_range is not None else None,
+            "balance_r": balance_r,
+            "tome_reference_loss": {str(k): v for k, v in reference.items()} if reference else None,
+            "anneal": {k: list(v) for k, v in anneal.items()} or None,
+            "training_options": training_options,
             "loss": "kl_logits" if not headless else "cosine_features",
             "initial_loss": history[0] if history else None,
             "final_loss": sum(window) / len(window) if window else None,
@@ -462,7 +536,14 @@ class _Progress:
         if not enabled:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("training"), BarColumn(), MofNCompleteColumn(),

@@ -12,6 +12,8 @@ from tmerge.profiling.counts import merging_layers, onnx_nodes_per_merging_block
 import pytest
 import torch
 
+UNTRAINED = {"adapter": None}  # learned methods run untrained here, on purpose
+
 # ViT-B/16's token count (196 patches + class token) on a narrow, shallow model: the op count of a
 # merge step depends on the token count's parity and the prefix, never on width or depth
 VIT_B_TOKENS = dict(img_size=224, patch_size=16)
@@ -43,7 +45,7 @@ def test_the_forward_creates_no_index_tensor_and_reads_nothing_back():
 @pytest.mark.parametrize("variant", ["plain", "registers", "distilled", "avgpool"])
 def test_merged_forward_runs_on_the_meta_device(method, variant):
     """No value is read back on the host: the whole forward runs without data."""
-    model = tmerge.apply(tiny_vit(variant), method, r=3).to("meta")
+    model = tmerge.apply(tiny_vit(variant), method, r=3, **UNTRAINED).to("meta")
     with torch.no_grad():
         out = model(torch.randn(2, 3, 32, 32, device="meta"))
     assert out.shape == (2, 10) and out.device.type == "meta"
@@ -54,7 +56,7 @@ def test_merged_forward_runs_on_the_meta_device(method, variant):
 def test_no_host_sync_on_cuda(method):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    model = tmerge.apply(tiny_vit("registers"), method, r=3).cuda()
+    model = tmerge.apply(tiny_vit("registers"), method, r=3, **UNTRAINED).cuda()
     x = torch.randn(2, 3, 32, 32, device="cuda")
     with torch.no_grad():
         model(x)  # lazy initialisation outside the check
@@ -97,7 +99,7 @@ def test_portable_onnx_nodes_per_merging_block(method):
 
 @pytest.mark.parametrize("method", ["tome", "pitome", "dtem"])
 def test_torch_compile_sees_each_merge_as_one_opaque_op(method):
-    model = tmerge.apply(tiny_vit("plain"), method, r=3).eval()
+    model = tmerge.apply(tiny_vit("plain"), method, r=3, **UNTRAINED).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         explained = torch._dynamo.explain(model)(x)

@@ -55,6 +55,14 @@ def _sort_translation(self, *args, stable=None, dim=-1, descending=False):
     return values, indices
 
 
+def _take_rows_translation(rows, index):
+    """``tmerge::take_rows`` (a gather of whole rows per batch item) as one GatherND with batch_dims=1:
+    no index broadcast to every channel."""
+    from onnxscript import opset18 as op
+
+    return op.GatherND(rows, index, batch_dims=1)
+
+
 def torch_onnx_export(module: nn.Module, args: tuple, *, dynamic_batch: bool, opset: int,
                       input_names: list[str], output_names: list[str], custom_table: dict | None = None,
                       dynamic_shapes=None):
@@ -66,7 +74,8 @@ def torch_onnx_export(module: nn.Module, args: tuple, *, dynamic_batch: bool, op
         dynamic_shapes = tuple({0: batch} for _ in args)
     if not dynamic_batch:
         dynamic_shapes = None
-    table = {torch.ops.aten.sort.stable: _sort_translation, **(custom_table or {})}
+    table = {torch.ops.aten.sort.stable: _sort_translation, torch.ops.tmerge.take_rows.default: _take_rows_translation,
+             **(custom_table or {})}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:

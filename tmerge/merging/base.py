@@ -310,8 +310,23 @@ def lookup(table: Tensor, index: Tensor) -> Tensor:
 
 def take_rows(t: Tensor, index: Tensor) -> Tensor:
     """``t[b, index[b, i, 0]]`` for ``t`` (B, N, C) and ``index`` (B, K, 1): a gather of whole rows.
-    (``take_along_dim`` would broadcast, which makes torch.export fix the batch size.)"""
+
+    Exported, it is one GatherND over the batch (``tmerge::take_rows``), not GatherElements with an
+    index broadcast to every channel (an index as large as the output, which runtimes read element
+    by element). (``take_along_dim`` would broadcast too, and makes torch.export fix the batch size.)"""
+    if torch.compiler.is_exporting():
+        return torch.ops.tmerge.take_rows(t, index)
     return t.gather(1, index.expand(-1, -1, t.shape[-1]))
+
+
+@torch.library.custom_op("tmerge::take_rows", mutates_args=())
+def _take_rows_op(t: Tensor, index: Tensor) -> Tensor:
+    return t.gather(1, index.expand(-1, -1, t.shape[-1])).clone()
+
+
+@_take_rows_op.register_fake
+def _(t, index):
+    return t.new_empty(index.shape[0], index.shape[1], t.shape[-1])
 
 
 def candidate_destinations(scores: Tensor, best_b: Tensor, k: int) -> tuple[Tensor, Tensor]:

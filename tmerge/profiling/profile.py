@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from .. import runtime
-from ..data import load_images
+from ..data.sources import load_images
 from ..errors import TmergeError
 from ..export import Manifest, export_onnx, read_manifest
 from ..export.manifest import check_describes
 from ..export.verify import recheck_file
-from ..models import DEFAULT_MODEL, check_batch_fits, weights_sha256
+from ..models.default_model import DEFAULT_MODEL
 from ..models.flops import FLOPS_CONVENTION, count_flops
 from ..models.forward import forward_with_features, has_classifier, input_shape
+from ..models.hashing import weights_sha256
+from ..models.memory import check_batch_fits
 from ..models.merged import MergeConfig, build_pair
 from ..patch import merge_info
 from ..runtime.torch_eager import autocast, check_precision

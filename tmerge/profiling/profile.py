@@ -62,7 +62,7 @@ class ProfileConfig:
     @property
     def needs_onnx(self) -> bool:
         """Whether a backend runs exported graphs (ONNX Runtime, OpenVINO, TensorRT)."""
-        return any(runtime.resolve(b).takes == "onnx" for b in self.backends)
+        return any(runtime.find_backend(b).takes == "onnx" for b in self.backends)
 
     def __post_init__(self) -> None:
         """Bad settings fail here, before any model is loaded."""
@@ -322,9 +322,9 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
     if not config.backends or config.iters == 0:
         return entries
     shape = input_shape(unmerged)[1:]
-    backends = [runtime.resolve(b) for b in config.backends]
+    backends = [runtime.find_backend(b) for b in config.backends]
     if config.compile:  # --compile: the torch backend compiled
-        backends = [runtime.resolve("torch.compile") if b.name == "torch" else b for b in backends]
+        backends = [runtime.find_backend("torch.compile") if b.name == "torch" else b for b in backends]
     artifacts: dict[str, dict] = {}
     tmp = None
     created = None  # the --onnx-dir folder when this run created it: removed again if the run fails

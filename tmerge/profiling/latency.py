@@ -38,7 +38,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import runtime
 from ..errors import TmergeError
 
 CI_LEVEL = 0.95
@@ -163,11 +162,6 @@ def set_torch_threads(threads: int | None) -> int:
             raise TmergeError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
-
-
-def check_backend(backend: str, device: str) -> str:
-    """The registered name of ``backend``; a one-line TmergeError when it or the device is not usable."""
-    return runtime.check_backend(backend, device).name
 
 
 # ----------------------------------------------------------------------------------------------

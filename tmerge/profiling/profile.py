@@ -66,7 +66,7 @@ class ProfileConfig:
 
     def __post_init__(self) -> None:
         """Bad settings fail here, before any model is loaded."""
-        self.backends = [lat.check_backend(backend, self.device) for backend in self.backends]
+        self.backends = [runtime.check_backend(backend, self.device).name for backend in self.backends]
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise TmergeError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
         if len(set(self.batch_sizes)) < len(self.batch_sizes):

@@ -293,7 +293,7 @@ def make_runner(runtime: str, model: nn.Module, x: torch.Tensor, workdir: Path, 
 def check_runtime(runtime: str, device: str) -> None:
     if runtime not in RUNTIMES:
         raise TmergeError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-    lat.check_backend(runtime, device)
+    runtimes.check_backend(runtime, device)
 
 
 # ----------------------------------------------------------------------------------------------

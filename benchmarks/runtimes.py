@@ -140,7 +140,7 @@ def main() -> None:
                 row = {"model": model_label, "method": method_label, "batch": batch, "flops_ratio": flops_ratio,
                        "load": os.getloadavg()[0]}
                 for rt in RUNTIMES:
-                    onnx_based = runtime.resolve(rt).takes == "onnx"
+                    onnx_based = runtime.find_backend(rt).takes == "onnx"
                     m = runtime.create(rt, m_path if onnx_based else merged, threads=THREADS, timing=True)
                     u = runtime.create(rt, u_path if onnx_based else unmerged, threads=THREADS, timing=True)
                     r = measure_pair(m.prepare(x), u.prepare(x), batch, device="cpu", backend=rt,

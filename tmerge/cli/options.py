@@ -11,7 +11,7 @@ import typer
 from ..errors import TmergeError
 from ..models import DEFAULT_MODEL
 from ..models.merged import MergeConfig
-from ..runtime import resolve
+from ..runtime import find_backend
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help=f"timm model name; default: the embedded DINOv2 ViT-S/14 ({DEFAULT_MODEL})")]
 ModelKwargsOpt = Annotated[Optional[str], typer.Option(
@@ -72,7 +72,7 @@ def parse_float_list(text: str, what: str) -> list[float]:
 
 def parse_backends(text: str) -> list[str]:
     """Registered backend names (aliases resolved, see :mod:`tmerge.runtime`); empty entries are errors."""
-    return list(dict.fromkeys(resolve(b).name for b in text.split(",")))
+    return list(dict.fromkeys(find_backend(b).name for b in text.split(",")))
 
 
 def parse_key_values(items: str | list[str] | None, what: str, *, split_commas: bool = False) -> dict[str, Any]:

@@ -30,7 +30,9 @@ from ..errors import TmergeError, VerificationError, first_line
 from ..models import DEFAULT_MODEL, check_batch_fits
 from ..models import model_label as label_of
 from ..models.merged import MergeConfig, build_merged_model
-from .checks import (
+from ..runtime.tensorrt import require_tensorrt
+from .graph import strip_slots
+from .input_checks import (
     ENGINE_SUFFIXES,
     check_atol,
     check_batch,
@@ -41,11 +43,10 @@ from .checks import (
     check_plugin_method,
     require_onnx,
 )
-from .graph import strip_slots
 from .instrument import build_graph
 from .manifest import ExportResult, build_manifest, manifest_bytes, manifest_path
-from .openvino import IR_SUFFIXES, export_ir
-from .tensorrt import export_engine, require_tensorrt
+from .openvino_ir import IR_SUFFIXES, export_ir
+from .trt_engine import export_engine
 from .verify import VERIFIED_RUNTIMES, verify_graph
 
 
@@ -165,7 +166,7 @@ def export(
         onnx_path = check_out_path(out_path.with_suffix(".onnx"))
         if graph != "portable":
             raise TmergeError("--format openvino converts the portable graph: use --graph portable (the default)")
-        runtime.check("openvino")
+        runtime.check_backend("openvino")
     else:
         out_path = check_out_path(out, ENGINE_SUFFIXES)
         onnx_path = check_out_path(out_path.with_suffix(".onnx"))

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import TmergeError
 from ..merging import registry
 from ..patch import apply as patch_model
+from ..patch import merge_method
 from . import load_model
 from .adapters import load_adapter, shipped_adapter
 
@@ -31,7 +32,7 @@ def apply(model: nn.Module, method: Any, *, adapter: str | Path | None = SHIPPED
     learned method untrained (it then merges exactly like ToMe). Training-free methods take no adapter.
     """
     patch_model(model, method, **kwargs)
-    learned = method != "none" and bool(model.tmerge_method.trainable_layers())
+    learned = method != "none" and bool(merge_method(model).trainable_layers())
     if not learned:
         if adapter not in (None, SHIPPED):
             raise TmergeError(f"method {merge_name(model)} learns nothing: it takes no adapter")
@@ -48,7 +49,7 @@ def apply(model: nn.Module, method: Any, *, adapter: str | Path | None = SHIPPED
 
 
 def merge_name(model: nn.Module) -> str:
-    return model.tmerge_method.name
+    return merge_method(model).name
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class MergeConfig:
         embedded default) loads that adapter; otherwise it runs untrained (= ToMe)."""
         patch_model(model, self.method, **self.apply_kwargs())
         adapter = self.adapter
-        if adapter is None and self.method != "none" and model.tmerge_method.trainable_layers():
+        if adapter is None and self.method != "none" and merge_method(model).trainable_layers():
             adapter = shipped_adapter(model, self.method)
         if adapter is not None:
             load_adapter(model, adapter)

@@ -58,7 +58,7 @@ from ..merging import MergeMethod, available
 from ..models import backbone_sha256
 from ..models.adapters import save_adapter, training_only_options
 from ..models.forward import forward_with_features
-from ..patch import apply, merge_info
+from ..patch import apply, merge_info, merge_method
 from ..profiling.drift import output_drift
 from ..schedule import make_spec, resolve
 
@@ -174,7 +174,7 @@ def _teacher_outputs(teacher: nn.Module, images, batch_size: int, device) -> tup
 @torch.no_grad()
 def heldout_drift(model: nn.Module, images: Tensor, reference: Tensor, headless: bool, batch_size: int,
                   device) -> dict:
-    method = model.tmerge_method
+    method = merge_method(model)
     was_training = method.training
     method.eval()
     try:
@@ -187,7 +187,7 @@ def heldout_drift(model: nn.Module, images: Tensor, reference: Tensor, headless:
 
 def set_constant_r(model: nn.Module, r: int) -> None:
     """Switch a patched model to a constant-r schedule in place (the method keeps its parameters)."""
-    blocks, method = model.blocks, model.tmerge_method
+    blocks, method = model.blocks, merge_method(model)
     blocks.schedule = resolve(make_spec(r=r), len(blocks), blocks.schedule.tokens[0], blocks.num_prefix,
                               method.max_r)
     training = method.training
@@ -210,7 +210,7 @@ def _annealed(values: tuple[float, float], step: int, total: int) -> float:
 def tome_reference_loss(model: nn.Module, images, t_out: Tensor, r_values: range, headless: bool, n: int,
                         batch_size: int, device) -> dict[int, float]:
     """Distillation loss of the untrained method (ToMe's merge) at each r on the first ``n`` images."""
-    merger = model.tmerge_method
+    merger = merge_method(model)
     was_training = merger.training
     merger.eval()
     index = torch.arange(min(n, len(images)))
@@ -337,7 +337,7 @@ def train_adapter(
         form = {} if merge_form is None else {"merge_form": merge_form}
         apply(model, method, r=r, schedule=schedule, keep_ratio=keep_ratio, prop_attn=prop_attn, **form,
               **(options or {}))
-        merger = model.tmerge_method
+        merger = merge_method(model)
         anneal = {k: (float(v[0]), float(v[1])) for k, v in (anneal or {}).items()}
         not_training = sorted(set(anneal) - training_only_options(merger))
         if not_training:

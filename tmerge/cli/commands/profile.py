@@ -15,7 +15,7 @@ from ...models import DEFAULT_MODEL, model_label, weights_sha256
 from ...models.merged import build_pair
 from ...profiling.profile import ProfileConfig, pair_from_manifest, profile_pair
 from ...profiling.report import save_report
-from ...runtime import resolve
+from ...runtime import find_backend
 from ..app import app, print_json
 from ..options import (
     AdapterOpt,
@@ -118,7 +118,7 @@ def profile_command(
                                                               model_kwargs=kwargs, adapter=adapter)
         static = None if manifest.dynamic_batch else manifest.export_batch
         if static is not None and any(b != static for b in config.batch_sizes) and any(
-                resolve(b).takes == "onnx" for b in config.backends):
+                find_backend(b).takes == "onnx" for b in config.backends):
             raise TmergeError(f"{onnx} was exported with a static batch of {static}: use --batch-sizes {static} "
                               "or export with --dynamic-batch")
         config.onnx_merged = str(onnx)

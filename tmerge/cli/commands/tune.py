@@ -13,7 +13,7 @@ import typer
 from ..._io import json_bytes, writable_file, write_files
 from ...errors import TmergeError, VerificationError
 from ...export import export
-from ...export.checks import ENGINE_SUFFIXES, check_out_path
+from ...export.input_checks import ENGINE_SUFFIXES, check_out_path
 from ...merging import registry
 from ...models import DEFAULT_MODEL
 from ...models.merged import MergeConfig, build_pair

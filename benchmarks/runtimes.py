@@ -14,7 +14,7 @@ ratios of interleaved runs are meaningful.
 Also measured: the share of each merged ONNX model's time spent in the merge steps (every node that
 the exporter attributes to ``MergingBlocks`` outside the timm blocks: matching + merge + the
 proportional-attention bias), from ONNX Runtime's node profiler and OpenVINO's per-node counters;
-and the issue's acceptance check: the default export (ToMe r=16) run 40 times at batch 8 on one
+and a determinism check: the default export (ToMe r=16) run 40 times at batch 8 on one
 session with 2 threads in ONNX Runtime and OpenVINO, bit-identical and within 1e-4 of PyTorch.
 """
 

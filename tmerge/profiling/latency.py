@@ -1,6 +1,6 @@
 """Latency of a merged model against its unmerged self, timed in one process, interleaved.
 
-Methodology (also in the README):
+Methodology (also in docs/methodology.md):
 
 - Both models are built and loaded before any timing, for the same backend, device and batch size,
   on the same input batch.

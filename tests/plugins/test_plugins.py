@@ -170,12 +170,12 @@ def test_trt_shape_logic_with_symbolic_dims():
                                                              "depth", "merge_form", "margin", "alpha", "bsm"]
 
 
-def test_prepare_onnx_for_trt_sets_aot_on_plugin_nodes():
+def test_prepare_onnx_for_trt_asks_for_the_jit_plugin_and_drops_the_functions():
     pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     node = helper.make_node("BipartiteMerge", ["x", "s", "k"], ["y", "t"], domain="tmerge", r=1,
-                            plugin_namespace="tmerge", plugin_version="1")
+                            plugin_namespace="tmerge", plugin_version="1", aot=1)
     fn = helper.make_function("tmerge", "BipartiteMerge", ["x", "size", "keys"], ["x_out", "size_out"],
                               [helper.make_node("Identity", ["x"], ["x_out"]),
                                helper.make_node("Identity", ["size"], ["size_out"])],
@@ -184,18 +184,19 @@ def test_prepare_onnx_for_trt_sets_aot_on_plugin_nodes():
     graph = helper.make_graph([node], "g", [vi("x"), vi("s"), vi("k")], [vi("y"), vi("t")])
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("tmerge", 1)],
                               functions=[fn])
-    prepared = trtdefs.prepare_onnx_for_trt(model, aot=True)
-    attrs = {a.name: helper.get_attribute_value(a) for a in prepared.graph.node[0].attribute}
-    assert attrs["aot"] == 1 and attrs["plugin_namespace"] == b"tmerge"
+    prepared = trtdefs.prepare_onnx_for_trt(model)
+    attrs = [(a.name, helper.get_attribute_value(a)) for a in prepared.graph.node[0].attribute]
+    assert ("plugin_namespace", b"tmerge") in attrs
+    assert [v for k, v in attrs if k == "aot"] == [0]  # one aot attribute, 0: the JIT implementation
     assert len(prepared.functions) == 0  # the parser would key every layer's body by op type alone
     assert len(model.functions) == 1  # the input is not modified
-    again = trtdefs.prepare_onnx_for_trt(prepared, aot=False)
+    assert [a.i for a in model.graph.node[0].attribute if a.name == "aot"] == [1]
+    again = trtdefs.prepare_onnx_for_trt(prepared)
     assert [a.i for a in again.graph.node[0].attribute if a.name == "aot"] == [0]
-    assert all(a.name != "aot" for a in model.graph.node[0].attribute)  # the input is not modified
     plain = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [vi("x")],
                                                 [vi("y")]))
     with pytest.raises(TmergeError, match="--graph plugin"):
-        trtdefs.prepare_onnx_for_trt(plain, aot=True)
+        trtdefs.prepare_onnx_for_trt(plain)
 
 
 def test_profile_shapes():
@@ -237,7 +238,7 @@ def test_trt_engine_end_to_end(tmp_path, method, fp16):  # pragma: no cover - no
 
     model = _model(method, depth=2)
     result = export_onnx(model, tmp_path / "m.onnx", graph="plugin", dynamic_batch=True)
-    engine = export_engine(result, model, tmp_path / "m.engine", batch=2, max_batch=8, fp16=fp16, aot=False)
+    engine = export_engine(result, model, tmp_path / "m.engine", batch=2, max_batch=8, fp16=fp16)
     assert engine.path.is_file() and engine.manifest["format"] == "trt"
     assert all(c["cosine_min"] > 0.999 for c in engine.parity["checks"])
 

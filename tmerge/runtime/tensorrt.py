@@ -137,6 +137,8 @@ class TensorRTRunner(Runner):
             if self.serialized is None:
                 self.serialized, self.build_info = build_engine(self.model, input_shape, batch=self.batch or input_shape[0],
                                                      max_batch=self.max_batch, fp16=self.fp16)
+            else:
+                register_tensorrt_plugins()  # a saved plugin engine needs its plugin creators in this process
             self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.serialized)
             self.context = self.engine.create_execution_context()
         return self.engine

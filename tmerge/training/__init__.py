@@ -39,28 +39,31 @@ Rank 0 shows progress, measures held-out drift and writes checkpoints and the ad
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._io import atomic_paths
+from ..config import MergeConfig
 from ..errors import TmergeError
 from ..merging import MergeMethod, available
 from ..models import backbone_sha256
 from ..models.adapters import save_adapter, training_only_options
 from ..models.forward import forward_with_features
-from ..patch import apply, merge_info
+from ..patch import apply, merge_info, set_schedule, using_merge_form
 from ..profiling.drift import output_drift
-from ..schedule import make_spec, resolve
+from ..schedule import ScheduleSpec
 
 
 def trainable_methods() -> tuple[str, ...]:
@@ -187,12 +190,7 @@ def heldout_drift(model: nn.Module, images: Tensor, reference: Tensor, headless:
 
 def set_constant_r(model: nn.Module, r: int) -> None:
     """Switch a patched model to a constant-r schedule in place (the method keeps its parameters)."""
-    blocks, method = model.blocks, model.tmerge_method
-    blocks.schedule = resolve(make_spec(r=r), len(blocks), blocks.schedule.tokens[0], blocks.num_prefix,
-                              method.max_r)
-    training = method.training
-    method.bind(model)  # re-reads the schedule (DTEM: live tokens); bind follows the model's mode
-    method.train(training)
+    set_schedule(model, ScheduleSpec(r=r))
 
 
 def _sampled_r(r_range: tuple[int, int], seed: int, step: int) -> int:
@@ -255,17 +253,12 @@ def check_training_options(*, lr: float, ib_weight: float = 0.0, batch_size: int
 
 def train_adapter(
     model: nn.Module,
-    method: str,
+    merge: MergeConfig,
     *,
     images: Tensor,
     out: str | Path,
     heldout: Tensor | None = None,
-    r: Any = None,
     r_range: tuple[int, int] | None = None,
-    schedule: Any = None,
-    keep_ratio: float | None = None,
-    prop_attn: bool | None = None,
-    options: dict | None = None,
     steps: int | None = None,
     epochs: int | None = None,
     batch_size: int = 16,
@@ -288,35 +281,41 @@ def train_adapter(
     anneal: dict[str, tuple[float, float]] | None = None,
     balance_images: int = 16,
 ) -> dict:
-    """Train ``method`` (dtem | ltm) on ``model`` (UNMERGED, any timm ViT tmerge supports) by
-    distillation from the unmerged model; write the adapter to ``out``; return a summary dict.
+    """Train ``merge.method`` (dtem | ltm; its schedule, proportional attention and options as
+    ``merge`` says) on ``model`` (UNMERGED, any timm ViT tmerge supports) by distillation from the
+    unmerged model; write the adapter to ``out``; return a summary dict. Training starts from the
+    untrained method: ``merge.adapter`` is not loaded (an adapter file there is an error).
 
     ``model`` is patched in place (it ends merged, method in eval mode, trained parameters loaded).
-    Give ``steps`` or ``epochs`` (default 1 epoch); ``r_range=(lo, hi)`` instead of ``r`` samples a
-    constant r per step (the model ends with r = hi). A checkpoint ``<out>.ckpt.pt`` is written every
+    Give ``steps`` or ``epochs`` (default 1 epoch); ``r_range=(lo, hi)`` instead of a schedule in
+    ``merge`` samples a constant r per step (the model ends with r = hi). A checkpoint ``<out>.ckpt.pt`` is written every
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it. ``max_seconds``
     stops early once the training loop has run that long (the summary says so; not deterministic);
     ``stop_after`` stops after that many steps of the planned ``steps`` (deterministic: it reproduces a
     run that ``max_seconds`` stopped there).
     ``teacher_outputs`` (outputs, pooled features) of the unmerged model on ``images``, when already
     computed (e.g. shared by several trainings on the same images), skip that pass. ``merge_form``
-    (default: :func:`tmerge.apply`'s) fixes the merge ops, hence the float rounding of a reproduction.
+    (default: the eager default, "gather") fixes the merge ops during training, hence the float
+    rounding of a reproduction.
     ``balance_r`` (default: on with ``r_range``) divides each step's loss by ToMe's at that r (on the
     first ``balance_images`` images); ``anneal`` sets training-only method options per step (module docstring).
     """
+    method = merge.method
     if method not in trainable_methods():
         raise TmergeError(f"only learned methods can be trained ({', '.join(trainable_methods())}); got {method!r}")
+    if merge.adapter_path is not None:
+        raise TmergeError(f"training starts from the untrained {method}: drop the adapter {merge.adapter_path}")
     check_training_options(lr=lr, ib_weight=ib_weight, batch_size=batch_size, steps=steps, epochs=epochs,
                            eval_every=eval_every, checkpoint_every=checkpoint_every)
     if len(images) < 1 or (isinstance(images, Tensor) and images.ndim != 4):
         raise TmergeError("training needs at least one image (a (N, 3, H, W) batch)")
     if r_range is not None:
-        if r is not None or schedule is not None or keep_ratio is not None:
+        if merge.schedule is not None:
             raise TmergeError("give r_range or a schedule (r, schedule, keep_ratio), not both")
         r_range = (int(r_range[0]), int(r_range[1]))
         if not 0 < r_range[0] <= r_range[1]:
             raise TmergeError(f"r_range must be 0 < lo <= hi, got {r_range}")
-        r = r_range[1]
+        merge = dataclasses.replace(merge, schedule=ScheduleSpec(r=r_range[1]))
     balance_r = r_range is not None if balance_r is None else bool(balance_r)
     if balance_r and r_range is None:
         raise TmergeError("balance_r needs r_range (it balances the r drawn per step)")
@@ -327,202 +326,202 @@ def train_adapter(
     dist = Dist(device)
     started = time.perf_counter()
     try:
-        torch.manual_seed(seed)
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.to(dist.device)
-        teacher = copy.deepcopy(model).eval()
-        weights_sha = backbone_sha256(model)
-        form = {} if merge_form is None else {"merge_form": merge_form}
-        apply(model, method, r=r, schedule=schedule, keep_ratio=keep_ratio, prop_attn=prop_attn, **form,
-              **(options or {}))
-        merger = model.tmerge_method
-        anneal = {k: (float(v[0]), float(v[1])) for k, v in (anneal or {}).items()}
-        not_training = sorted(set(anneal) - training_only_options(merger))
-        if not_training:
-            raise TmergeError(f"only training-only options of {method} can be annealed "
-                              f"({', '.join(sorted(training_only_options(merger))) or 'none'}); got {', '.join(not_training)}")
-        if any(not (v > 0 and math.isfinite(v)) for pair in anneal.values() for v in pair):
-            raise TmergeError(f"annealed option values must be finite and > 0, got {anneal}")
-        model.eval()
-        merger.train()
-        info = merge_info(model)
-        if not any(info["r"]):
-            raise TmergeError("the schedule merges no tokens: nothing to train (give --r or --schedule)")
-        for layer_module, r_l in zip(merger.trainable_layers(), info["r"]):
-            layer_module.requires_grad_(r_l > 0)
-        params = [p for p in merger.parameters() if p.requires_grad]
-        if not params:
-            raise TmergeError(f"method {method} has no trainable parameters")
-        headless = getattr(model, "num_classes", 0) == 0
+        with contextlib.ExitStack() as scope:  # the merge form, from the patch on
+            torch.manual_seed(seed)
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.to(dist.device)
+            teacher = copy.deepcopy(model).eval()
+            weights_sha = backbone_sha256(model)
+            apply(model, merge)
+            scope.enter_context(using_merge_form(model, merge_form))
+            merger = model.tmerge_method
+            anneal = {k: (float(v[0]), float(v[1])) for k, v in (anneal or {}).items()}
+            not_training = sorted(set(anneal) - training_only_options(merger))
+            if not_training:
+                raise TmergeError(f"only training-only options of {method} can be annealed "
+                                  f"({', '.join(sorted(training_only_options(merger))) or 'none'}); got {', '.join(not_training)}")
+            if any(not (v > 0 and math.isfinite(v)) for pair in anneal.values() for v in pair):
+                raise TmergeError(f"annealed option values must be finite and > 0, got {anneal}")
+            model.eval()
+            merger.train()
+            info = merge_info(model)
+            if not any(info["r"]):
+                raise TmergeError("the schedule merges no tokens: nothing to train (give --r or --schedule)")
+            for layer_module, r_l in zip(merger.trainable_layers(), info["r"]):
+                layer_module.requires_grad_(r_l > 0)
+            params = [p for p in merger.parameters() if p.requires_grad]
+            if not params:
+                raise TmergeError(f"method {method} has no trainable parameters")
+            headless = getattr(model, "num_classes", 0) == 0
 
-        n = len(images)
-        per_epoch = _batches_per_epoch(n, batch_size, dist)
-        total = steps if steps is not None else per_epoch * (epochs or 1)
+            n = len(images)
+            per_epoch = _batches_per_epoch(n, batch_size, dist)
+            total = steps if steps is not None else per_epoch * (epochs or 1)
 
-        if teacher_outputs is not None:
-            t_out, t_feat = (t.float().cpu() for t in teacher_outputs)
-            if len(t_out) != n:
-                raise TmergeError(f"teacher_outputs cover {len(t_out)} images, the training set has {n}")
-        else:
-            t_out, t_feat = _teacher_outputs(teacher, images, batch_size, dist.device)
-        h_out = None
-        if heldout is not None and len(heldout) and dist.main:
-            h_out, _ = _teacher_outputs(teacher, heldout, batch_size, dist.device)
-        del teacher
-        merger.prepare_training(t_out, t_feat, headless=headless, seed=seed, extra_loss_weight=ib_weight)
-        reference = None
-        if balance_r:
-            reference = tome_reference_loss(model, images, t_out, range(r_range[0], r_range[1] + 1), headless,
-                                            balance_images, batch_size, dist.device)
-        configured = dict(merger.config)
+            if teacher_outputs is not None:
+                t_out, t_feat = (t.float().cpu() for t in teacher_outputs)
+                if len(t_out) != n:
+                    raise TmergeError(f"teacher_outputs cover {len(t_out)} images, the training set has {n}")
+            else:
+                t_out, t_feat = _teacher_outputs(teacher, images, batch_size, dist.device)
+            h_out = None
+            if heldout is not None and len(heldout) and dist.main:
+                h_out, _ = _teacher_outputs(teacher, heldout, batch_size, dist.device)
+            del teacher
+            merger.prepare_training(t_out, t_feat, headless=headless, seed=seed, extra_loss_weight=ib_weight)
+            reference = None
+            if balance_r:
+                reference = tome_reference_loss(model, images, t_out, range(r_range[0], r_range[1] + 1), headless,
+                                                balance_images, batch_size, dist.device)
+            configured = dict(merger.config)
 
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        identity = {
-            "method": method, "options": info["options"], "r": info["r"], "r_range": r_range,
-            "prop_attn": info["prop_attn"],
-            "weights_sha256": weights_sha, "n_images": n, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "ib_weight": ib_weight, "world": dist.world, "balance_r": balance_r, "anneal": anneal,
-        }
-        step, history, drift_history = 0, [], []
-        if resume:
-            try:
-                state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            except Exception as e:  # truncated or not a checkpoint: torch raises many kinds
-                raise TmergeError(f"checkpoint {ckpt_path} cannot be read ({type(e).__name__}); "
-                                  "remove it or drop --resume") from e
-            if not isinstance(state, dict) or state.get("identity") != _fingerprint(identity):
-                raise TmergeError(
-                    f"checkpoint {ckpt_path} belongs to a different run (method, schedule, model, data size, "
-                    "batch size, lr, seed or world size differ); remove it or drop --resume"
-                )
-            merger.load_state_dict(state["method"])
-            optimizer.load_state_dict(state["optimizer"])
-            step, history, drift_history = state["step"], state["history"], state["drift"]
-            if step >= total:
-                raise TmergeError(f"checkpoint {ckpt_path} is already at step {step} >= {total}; ask for more steps")
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            identity = {
+                "method": method, "options": info["options"], "r": info["r"], "r_range": r_range,
+                "prop_attn": info["prop_attn"],
+                "weights_sha256": weights_sha, "n_images": n, "batch_size": batch_size, "lr": lr, "seed": seed,
+                "ib_weight": ib_weight, "world": dist.world, "balance_r": balance_r, "anneal": anneal,
+            }
+            step, history, drift_history = 0, [], []
+            if resume:
+                try:
+                    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+                except Exception as e:  # truncated or not a checkpoint: torch raises many kinds
+                    raise TmergeError(f"checkpoint {ckpt_path} cannot be read ({type(e).__name__}); "
+                                      "remove it or drop --resume") from e
+                if not isinstance(state, dict) or state.get("identity") != _fingerprint(identity):
+                    raise TmergeError(
+                        f"checkpoint {ckpt_path} belongs to a different run (method, schedule, model, data size, "
+                        "batch size, lr, seed or world size differ); remove it or drop --resume"
+                    )
+                merger.load_state_dict(state["method"])
+                optimizer.load_state_dict(state["optimizer"])
+                step, history, drift_history = state["step"], state["history"], state["drift"]
+                if step >= total:
+                    raise TmergeError(f"checkpoint {ckpt_path} is already at step {step} >= {total}; ask for more steps")
 
-        student = _Student(model)
-        if dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+            student = _Student(model)
+            if dist.world > 1:
+                from torch.nn.parallel import DistributedDataParallel as DDP
 
-            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-            student = DDP(student, device_ids=device_ids, broadcast_buffers=False)
+                device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+                student = DDP(student, device_ids=device_ids, broadcast_buffers=False)
 
-        def save_checkpoint() -> None:
-            if not dist.main:
-                return
-            with atomic_paths([ckpt_path], mkdir=True) as (tmp,):
-                torch.save({"identity": _fingerprint(identity), "step": step, "method": merger.state_dict(),
-                            "optimizer": optimizer.state_dict(), "history": history, "drift": drift_history}, tmp)
+            def save_checkpoint() -> None:
+                if not dist.main:
+                    return
+                with atomic_paths([ckpt_path], mkdir=True) as (tmp,):
+                    torch.save({"identity": _fingerprint(identity), "step": step, "method": merger.state_dict(),
+                                "optimizer": optimizer.state_dict(), "history": history, "drift": drift_history}, tmp)
 
-        def measure() -> dict | None:
-            if h_out is None:
-                return None
-            if r_range is not None:
-                set_constant_r(model, r_range[1])
-            d = heldout_drift(model, heldout, h_out, headless, batch_size, dist.device)
-            drift_history.append({"step": step, **d})
-            return d
-
-        bar = _Progress(progress and dist.main, total, step)
-        try:
-            if dist.main and h_out is not None and not drift_history:
-                bar.set_drift(measure())
-            order_epoch, order = -1, None
-            loop_start = time.perf_counter()
-            stopped_early = False
-            while step < total:
-                if stop_after is not None and step >= stop_after:
-                    stopped_early = True
-                    break
-                if max_seconds is not None and dist.agree(time.perf_counter() - loop_start > max_seconds):
-                    stopped_early = True
-                    break
-                epoch, index = divmod(step, per_epoch)
-                if epoch != order_epoch:
-                    order, order_epoch = _epoch_order(n, seed, epoch, dist), epoch
-                idx = order[index * batch_size:(index + 1) * batch_size]
-                if len(idx) == 0:  # tiny shards: wrap around
-                    idx = order[:batch_size]
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-                for name, values in anneal.items():
-                    merger.config[name] = _annealed(values, step, total)
-                step_r = None
+            def measure() -> dict | None:
+                if h_out is None:
+                    return None
                 if r_range is not None:
-                    step_r = _sampled_r(r_range, seed, step)
-                    set_constant_r(model, step_r)
-                x = images[idx].to(dist.device)
-                s_out, s_feat = student(x)
-                loss = distill_loss(s_out, t_out[idx].to(dist.device), headless)
-                if reference is not None:
-                    loss = loss / reference[step_r]
-                extra = merger.extra_loss(s_feat, idx)
-                if extra is not None:
-                    loss = loss + extra
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TmergeError(f"training diverged at step {step} (loss {value}); lower --lr")
-                history.append(value)
-                bar.advance(value)
-                if dist.main and eval_every and step % eval_every == 0 and step < total:
-                    bar.set_drift(measure())
-                if checkpoint_every and step % checkpoint_every == 0:
-                    save_checkpoint()
-                if on_step is not None:
-                    on_step(step, value)
-            if r_range is not None:
-                set_constant_r(model, r_range[1])
-            final_drift = measure() if dist.main else None
-            bar.set_drift(final_drift)
-        finally:
-            bar.close()
-        save_checkpoint()
+                    set_constant_r(model, r_range[1])
+                d = heldout_drift(model, heldout, h_out, headless, batch_size, dist.device)
+                drift_history.append({"step": step, **d})
+                return d
 
-        merger.config.update(configured)  # annealed options back to their configured values
-        training_options = {k: merger.config[k] for k in sorted(training_only_options(merger))}
-        merger.eval()
-        window = history[-min(len(history), max(1, per_epoch)):]
-        summary = {
-            "method": method,
-            "model": model_name,
-            "steps": step,
-            "planned_steps": total,
-            "stopped_early": stopped_early,
-            "epochs": round(step / per_epoch, 3),
-            "batch_size": batch_size,
-            "world_size": dist.world,
-            "lr": lr,
-            "seed": seed,
-            "ib_weight": ib_weight,
-            "r_range": list(r_range) if r_range is not None else None,
-            "balance_r": balance_r,
-            "tome_reference_loss": {str(k): v for k, v in reference.items()} if reference else None,
-            "anneal": {k: list(v) for k, v in anneal.items()} or None,
-            "training_options": training_options,
-            "loss": "kl_logits" if not headless else "cosine_features",
-            "initial_loss": history[0] if history else None,
-            "final_loss": sum(window) / len(window) if window else None,
-            "heldout_drift": final_drift,
-            "heldout_drift_at_init": drift_history[0] if drift_history else None,
-            "data": data_summary or {"n_images": n},
-            "train_seconds": round(time.perf_counter() - started, 1),
-            "adapter": str(out),
-        }
-        if dist.main:  # wall-clock and path stay out of the file: the same seed gives the same bytes
-            saved = {k: v for k, v in summary.items() if k not in ("train_seconds", "adapter")}
-            save_adapter(model, out, saved, weights_sha256=weights_sha)
-            ckpt_path.unlink(missing_ok=True)  # the adapter holds the result; the checkpoint was only for resuming
-        dist.barrier()
-        summary["loss_history"] = history
-        summary["drift_history"] = drift_history
-        return summary
+            bar = _Progress(progress and dist.main, total, step)
+            try:
+                if dist.main and h_out is not None and not drift_history:
+                    bar.set_drift(measure())
+                order_epoch, order = -1, None
+                loop_start = time.perf_counter()
+                stopped_early = False
+                while step < total:
+                    if stop_after is not None and step >= stop_after:
+                        stopped_early = True
+                        break
+                    if max_seconds is not None and dist.agree(time.perf_counter() - loop_start > max_seconds):
+                        stopped_early = True
+                        break
+                    epoch, index = divmod(step, per_epoch)
+                    if epoch != order_epoch:
+                        order, order_epoch = _epoch_order(n, seed, epoch, dist), epoch
+                    idx = order[index * batch_size:(index + 1) * batch_size]
+                    if len(idx) == 0:  # tiny shards: wrap around
+                        idx = order[:batch_size]
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                    for name, values in anneal.items():
+                        merger.config[name] = _annealed(values, step, total)
+                    step_r = None
+                    if r_range is not None:
+                        step_r = _sampled_r(r_range, seed, step)
+                        set_constant_r(model, step_r)
+                    x = images[idx].to(dist.device)
+                    s_out, s_feat = student(x)
+                    loss = distill_loss(s_out, t_out[idx].to(dist.device), headless)
+                    if reference is not None:
+                        loss = loss / reference[step_r]
+                    extra = merger.extra_loss(s_feat, idx)
+                    if extra is not None:
+                        loss = loss + extra
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise TmergeError(f"training diverged at step {step} (loss {value}); lower --lr")
+                    history.append(value)
+                    bar.advance(value)
+                    if dist.main and eval_every and step % eval_every == 0 and step < total:
+                        bar.set_drift(measure())
+                    if checkpoint_every and step % checkpoint_every == 0:
+                        save_checkpoint()
+                    if on_step is not None:
+                        on_step(step, value)
+                if r_range is not None:
+                    set_constant_r(model, r_range[1])
+                final_drift = measure() if dist.main else None
+                bar.set_drift(final_drift)
+            finally:
+                bar.close()
+            save_checkpoint()
+
+            merger.config.update(configured)  # annealed options back to their configured values
+            training_options = {k: merger.config[k] for k in sorted(training_only_options(merger))}
+            merger.eval()
+            window = history[-min(len(history), max(1, per_epoch)):]
+            summary = {
+                "method": method,
+                "model": model_name,
+                "steps": step,
+                "planned_steps": total,
+                "stopped_early": stopped_early,
+                "epochs": round(step / per_epoch, 3),
+                "batch_size": batch_size,
+                "world_size": dist.world,
+                "lr": lr,
+                "seed": seed,
+                "ib_weight": ib_weight,
+                "r_range": list(r_range) if r_range is not None else None,
+                "balance_r": balance_r,
+                "tome_reference_loss": {str(k): v for k, v in reference.items()} if reference else None,
+                "anneal": {k: list(v) for k, v in anneal.items()} or None,
+                "training_options": training_options,
+                "loss": "kl_logits" if not headless else "cosine_features",
+                "initial_loss": history[0] if history else None,
+                "final_loss": sum(window) / len(window) if window else None,
+                "heldout_drift": final_drift,
+                "heldout_drift_at_init": drift_history[0] if drift_history else None,
+                "data": data_summary or {"n_images": n},
+                "train_seconds": round(time.perf_counter() - started, 1),
+                "adapter": str(out),
+            }
+            if dist.main:  # wall-clock and path stay out of the file: the same seed gives the same bytes
+                saved = {k: v for k, v in summary.items() if k not in ("train_seconds", "adapter")}
+                save_adapter(model, out, saved, weights_sha256=weights_sha)
+                ckpt_path.unlink(missing_ok=True)  # the adapter holds the result; the checkpoint was only for resuming
+            dist.barrier()
+            summary["loss_history"] = history
+            summary["drift_history"] = drift_history
+            return summary
     finally:
         dist.close()
 

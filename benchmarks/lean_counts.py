@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import tmerge
+from tmerge import MergeConfig
 from tmerge.export import export_onnx
 from tmerge.export.instrument import build_graph
 from tmerge.profiling.counts import merging_layers, onnx_nodes_per_merging_block, ops_per_merging_block
@@ -48,7 +49,7 @@ def build(arch: str, method: str | None, r: int | None):
     else:
         model = timm.create_model(arch, pretrained=False).eval()
     if method:
-        tmerge.apply(model, method, r=r)
+        tmerge.apply(model, MergeConfig.of(method, r=r))
     return model
 
 

@@ -82,6 +82,7 @@ class MergeConfig:
         options = dict(self.options or {})
         check_option_names(self.method, options)
         if self.method == "none":
+            object.__setattr__(self, "prop_attn", None)  # nothing merges: no size to attend with
             if self.schedule is not None:
                 given = [name for name, v in (("r", self.schedule.r), ("schedule", self.schedule.per_layer),
                                               ("keep_ratio", self.schedule.keep_ratio)) if v is not None]

@@ -13,13 +13,14 @@ option of the export (``export(..., merge_form=...)``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from .errors import TmergeError
-from .merging import MergeMethod, registry
+from .merging import MergeMethod, Option, registry
 from .schedule import ScheduleSpec, make_spec
 
 SHIPPED = "shipped"  # the adapter tmerge ships for the model's weights; an error where none ships (tmerge.apply's default)
@@ -89,8 +90,7 @@ class MergeConfig:
                 raise TmergeError(f"method 'none' merges nothing: drop {', '.join(given)}")
         else:
             declared = registry.get(self.method).options
-            # depth-bound limits need the model: MergeMethod checks them again when it is built
-            options = {k: declared[k].parse(k, v, self.method, None) for k, v in options.items()}
+            options = {k: _model_free(declared[k]).parse(k, v, self.method, None) for k, v in options.items()}
         object.__setattr__(self, "options", options)
         if self.schedule is not None and not isinstance(self.schedule, ScheduleSpec):
             raise TmergeError(f"schedule must be a ScheduleSpec (see MergeConfig.of), got {self.schedule!r}")
@@ -225,6 +225,12 @@ def check_option_names(method: str, options: Mapping[str, Any]) -> None:
     if unknown:
         known = ", ".join(sorted(declared)) or "none"
         raise TmergeError(f"unknown option(s) for method {method}: {', '.join(unknown)} (known: {known})")
+
+
+def _model_free(option: Option) -> Option:
+    """``option`` as far as it can be checked without the model: one bounded by the model's depth
+    is checked for its type here and in full (one message with both bounds) when the method is built."""
+    return dataclasses.replace(option, low=None, high=None) if option.high == "depth" else option
 
 
 def upgrade_adapter_keys(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -159,14 +159,13 @@ def test_training_errors(data, tmp_path):
 
 
 def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
-    import tmerge.cli.commands.train as train_command
     import tmerge.models
-    import tmerge.models.merged
+    import tmerge.models.spec
     from tmerge.cli import main
 
     from PIL import Image
 
-    for module in (tmerge.models, tmerge.models.merged, train_command):  # every module that bound the name
+    for module in (tmerge.models, tmerge.models.spec):  # every module that bound the name
         monkeypatch.setattr(module, "load_model", lambda name=None, **kw: tiny_vit("plain"))
     folder = tmp_path / "imgs"
     folder.mkdir()

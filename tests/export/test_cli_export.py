@@ -95,7 +95,7 @@ def test_cli_export_rich_summary(exported, tmp_path, capsys, monkeypatch):
     import tmerge.cli.commands.export as export_command
 
     _, result = exported("plugin", "tome")
-    monkeypatch.setattr(export_command, "export", lambda **kwargs: result)
+    monkeypatch.setattr(export_command, "export", lambda merge, **kwargs: result)
     rc = main(["export", *TINY_ARGS, "--r", "3", "--graph", "plugin", "--out", str(tmp_path / "x.onnx")])
     out = capsys.readouterr().out
     assert rc == 0 and "ONNX parity" in out and "tmerge::BipartiteMerge" in out and "GFLOPs" in out

@@ -60,7 +60,7 @@ class ProfileConfig:
     workdir: str | None = None  # where exported ONNX files go (default: a temp dir, removed)
     precision: str = "fp32"  # torch backends and drift: fp32, or fp16/bf16 autocast
     cuda_graphs: bool = True  # torch backends on CUDA: capture each batch once and replay it
-    merge_form: str | None = None  # the ops exported merged graphs merge with (None: the export's default)
+    merge_form: str | None = None  # merge ops of the merged model and its exports (None: the export default)
 
     @property
     def needs_onnx(self) -> bool:
@@ -267,53 +267,55 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     info = merge_info(merged)
     config = replace(config, merge_form=merge_form_for(info["method"], config.merge_form))
 
-    report: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": KIND,
-        "created": now_iso(),
-        "model": model_name,
-        "model_info": {
-            "input_size": list(input_shape(unmerged)[1:]),
-            "num_prefix_tokens": int(getattr(unmerged, "num_prefix_tokens", 0)),
-            "num_classes": int(getattr(unmerged, "num_classes", 0) or 0),
-            "head": "classifier" if has_classifier(unmerged) else "none (features)",
-            "depth": len(unmerged.blocks),
-            **(model_info or {}),
-        },
-        "method": info["method"],
-        "method_options": info.get("options", {}),
-        **({"adapter": info["adapter"]} if "adapter" in info else {}),
-        "prop_attn": info.get("prop_attn"),
-        "merge_form": config.merge_form,
-        "schedule_spec": info.get("schedule"),
-        "schedule": list(info["r"]),
-        "tokens_per_layer": list(info["tokens"] or [])
-        or [unmerged.patch_embed.num_patches + unmerged.num_prefix_tokens] * (len(unmerged.blocks) + 1),
-        "params": {"merged": count_params(merged), "unmerged": count_params(unmerged)},
-    }
+    # the merged model runs the merge ops its exports use, in every measurement (FLOPs, drift, latency)
+    with using_merge_form(merged, config.merge_form):
+        report: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": KIND,
+            "created": now_iso(),
+            "model": model_name,
+            "model_info": {
+                "input_size": list(input_shape(unmerged)[1:]),
+                "num_prefix_tokens": int(getattr(unmerged, "num_prefix_tokens", 0)),
+                "num_classes": int(getattr(unmerged, "num_classes", 0) or 0),
+                "head": "classifier" if has_classifier(unmerged) else "none (features)",
+                "depth": len(unmerged.blocks),
+                **(model_info or {}),
+            },
+            "method": info["method"],
+            "method_options": info.get("options", {}),
+            **({"adapter": info["adapter"]} if "adapter" in info else {}),
+            "prop_attn": info.get("prop_attn"),
+            "merge_form": config.merge_form,
+            "schedule_spec": info.get("schedule"),
+            "schedule": list(info["r"]),
+            "tokens_per_layer": list(info["tokens"] or [])
+            or [unmerged.patch_embed.num_patches + unmerged.num_prefix_tokens] * (len(unmerged.blocks) + 1),
+            "params": {"merged": count_params(merged), "unmerged": count_params(unmerged)},
+        }
 
-    if config.flops:
-        progress.log("counting FLOPs")
-        report["flops"] = flops_section(merged, unmerged)
+        if config.flops:
+            progress.log("counting FLOPs")
+            report["flops"] = flops_section(merged, unmerged)
 
-    if images is not None:
-        progress.log(f"drift on {len(images)} images")
-        with autocast("cpu", config.precision):
-            drift = drift_between(merged, unmerged, images, labels, class_names)
-        drift = {"source": str(config.data), "seed": config.seed, "precision": config.precision, **drift}
-        report["drift"] = drift
-    else:
-        report["drift"] = None
+        if images is not None:
+            progress.log(f"drift on {len(images)} images")
+            with autocast("cpu", config.precision):
+                drift = drift_between(merged, unmerged, images, labels, class_names)
+            drift = {"source": str(config.data), "seed": config.seed, "precision": config.precision, **drift}
+            report["drift"] = drift
+        else:
+            report["drift"] = None
 
-    report["latency"] = _latency(merged, unmerged, config, images, progress, model_name)
-    ort_threads = config.threads if "onnxruntime" in config.backends else None
-    report["env"] = environment(torch_threads, ort_threads)
-    report["warnings"] = lat.interval_warnings(report["latency"], report["env"]["loadavg"])
-    report["config"] = {"warmup": config.warmup, "iters": config.iters, "batch_sizes": list(config.batch_sizes),
-                        "backends": list(config.backends), "device": config.device, "threads": config.threads,
-                        "precision": config.precision, "cuda_graphs": config.cuda_graphs and config.device == "cuda",
-                        "compile": config.compile, "data": config.data}
-    return report
+        report["latency"] = _latency(merged, unmerged, config, images, progress, model_name)
+        ort_threads = config.threads if "onnxruntime" in config.backends else None
+        report["env"] = environment(torch_threads, ort_threads)
+        report["warnings"] = lat.interval_warnings(report["latency"], report["env"]["loadavg"])
+        report["config"] = {"warmup": config.warmup, "iters": config.iters, "batch_sizes": list(config.batch_sizes),
+                            "backends": list(config.backends), "device": config.device, "threads": config.threads,
+                            "precision": config.precision, "cuda_graphs": config.cuda_graphs and config.device == "cuda",
+                            "compile": config.compile, "data": config.data}
+        return report
 
 
 def _batch(images: torch.Tensor | None, batch_size: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:

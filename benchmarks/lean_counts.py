@@ -147,7 +147,7 @@ import tmerge, timm, torch
 torch.manual_seed(0)
 model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
 if sys.argv[1] != "none":
-    tmerge.apply(model, sys.argv[1], r=16)
+    tmerge.apply(model, tmerge.MergeConfig.of(sys.argv[1], r=16))
 compiled = torch.compile(model, fullgraph=True)
 x = torch.randn(2, 3, 224, 224)
 start = time.perf_counter()

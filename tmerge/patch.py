@@ -80,8 +80,8 @@ class MergingBlocks(nn.Sequential):
     def __init__(self, blocks: nn.Sequential, method: MergeMethod, schedule: ResolvedSchedule,
                  num_prefix: int, prop_attn: bool) -> None:
         super().__init__(*blocks)
-        # Not a submodule of the sequence (nn.Sequential runs every child): the model owns it as
-        # ``model.tmerge_method`` so learned methods' parameters live in the model's state dict.
+        # Not a submodule of the sequence (nn.Sequential runs every child): the model owns it (see
+        # METHOD_ATTR) so learned methods' parameters live in the model's state dict.
         object.__setattr__(self, "method", method)
         self.num_prefix = num_prefix
         self._const_keys: dict[int, tuple] = {}
@@ -226,6 +226,16 @@ class MergingBlocks(nn.Sequential):
         return x
 
 
+# The attribute under which a patched model owns its merge method: a submodule, so a learned
+# method's parameters are in the model's state dict (keys "<METHOD_ATTR>.*"). Read it with merge_method().
+METHOD_ATTR = "tmerge_method"
+
+
+def merge_method(model: nn.Module) -> MergeMethod | None:
+    """The merge method patched into ``model``, else None."""
+    return getattr(model, METHOD_ATTR, None)
+
+
 def merging_blocks(model: nn.Module) -> MergingBlocks | None:
     """``model.blocks`` when the model is patched, else None."""
     blocks = getattr(model, "blocks", None)
@@ -304,7 +314,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         blocks.remove_hooks()
         model.blocks = nn.Sequential(*blocks)
         model.__dict__.pop("pool", None)
-        del model.tmerge_method
+        delattr(model, METHOD_ATTR)
     return model
 
 
@@ -332,7 +342,7 @@ def apply(model: nn.Module, merge: MergeConfig) -> nn.Module:
         prop_attn = merger.prop_attn_default and not _is_mae_style(model)
     original_pool = model.pool
     model.blocks = MergingBlocks(model.blocks, merger, resolved, num_prefix, bool(prop_attn))
-    model.tmerge_method = merger
+    setattr(model, METHOD_ATTR, merger)
     model.pool = _size_weighted_pool(model, original_pool)
     merger.train(model.training)
     merger.bind(model)

@@ -575,7 +575,7 @@ class HostDevice:
 
     STREAM = 0x5EA  # a non-default stream handle
 
-    def check(self) -> None:
+    def check_available(self) -> None:
         pass
 
     def name(self) -> str:

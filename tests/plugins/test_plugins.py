@@ -200,7 +200,7 @@ def test_prepare_onnx_for_trt_sets_aot_on_plugin_nodes():
 
 
 def test_profile_shapes():
-    from tmerge.export.tensorrt import profile_shapes
+    from tmerge.runtime.tensorrt import profile_shapes
 
     assert profile_shapes((2, 3, 224, 224), 8, None) == ((1, 3, 224, 224), (8, 3, 224, 224), (32, 3, 224, 224))
     assert profile_shapes((2, 3, 32, 32), 4, 16)[2] == (16, 3, 32, 32)
@@ -218,7 +218,8 @@ def _has_trt() -> bool:
 
 @pytest.mark.skipif(_has_trt(), reason="TensorRT is installed")
 def test_without_tensorrt_errors_say_what_to_install():
-    from tmerge.export.tensorrt import TRT_MISSING, require_tensorrt
+    from tmerge.plugins.trt import TRT_MISSING
+    from tmerge.runtime.tensorrt import require_tensorrt
 
     for call in (require_tensorrt, trtdefs.register_tensorrt_plugins):
         with pytest.raises(TmergeError) as info:
@@ -233,7 +234,7 @@ def test_without_tensorrt_errors_say_what_to_install():
 @pytest.mark.parametrize("fp16", [False, True])
 def test_trt_engine_end_to_end(tmp_path, method, fp16):  # pragma: no cover - not run on the build machines
     from tmerge.export import export_onnx
-    from tmerge.export.tensorrt import export_engine
+    from tmerge.export.trt_engine import export_engine
 
     model = _model(method, depth=2)
     result = export_onnx(model, tmp_path / "m.onnx", graph="plugin", dynamic_batch=True)

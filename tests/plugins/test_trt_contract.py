@@ -226,7 +226,7 @@ def test_failed_registration_can_be_retried(trt_layer, monkeypatch):
 
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
 def test_engine_build_calls_tensorrt_with_the_right_arguments(trt_layer, plugin_graphs, monkeypatch, fp16):
-    from tmerge.export.tensorrt import build_serialized_engine
+    from tmerge.export.trt_engine import build_serialized_engine
     from tmerge.runtime.tensorrt import TensorRTRunner
 
     trt, _ = trt_layer
@@ -257,7 +257,7 @@ def test_engine_build_calls_tensorrt_with_the_right_arguments(trt_layer, plugin_
 
 def test_unregistered_plugins_fail_the_parse_with_one_line(trt_layer, plugin_graphs, monkeypatch):
     from tmerge.errors import VerificationError
-    from tmerge.export.tensorrt import build_serialized_engine
+    from tmerge.export.trt_engine import build_serialized_engine
 
     trt, _ = trt_layer
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

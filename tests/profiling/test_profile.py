@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from tests.helpers import tiny_vit
-from tmerge import MergeConfig, apply
+from tmerge import MergeConfig, apply, runtime
 from tmerge.cli import main
 from tmerge.errors import TmergeError
 from tmerge.profiling import latency as lat
@@ -40,12 +40,12 @@ def test_interleaving_alternates_and_flips():
 
 def test_backend_checks():
     with pytest.raises(TmergeError, match="unknown backend"):
-        lat.check_backend("tvm", "cpu")
+        runtime.check_backend("tvm", "cpu")
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         with pytest.raises(TmergeError, match=r"tensorrt is not installed: pip install 'tmerge\[trt\]'"):
-            lat.check_backend("tensorrt", "cuda")
+            runtime.check_backend("tensorrt", "cuda")
 
 
 def _pair(method="tome", r=4):

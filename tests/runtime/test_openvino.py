@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif("openvino" not in runtime.available("cpu"), reason="openvino not installed")
+pytestmark = pytest.mark.skipif("openvino" not in runtime.available_backends("cpu"), reason="openvino not installed")
 
 
 @pytest.fixture(scope="module")
 def ir(tmp_path_factory):
     from tmerge.export import export_onnx
-    from tmerge.export.openvino import export_ir
+    from tmerge.export.openvino_ir import export_ir
 
     unmerged = tiny_vit()
     merged = tmerge.apply(copy.deepcopy(unmerged), MergeConfig.of("tome", r=4))

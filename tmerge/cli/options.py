@@ -18,7 +18,7 @@ import typer
 from ..config import MERGE_FLAGS, Flag, MergeConfig
 from ..errors import TmergeError
 from ..models.spec import MODEL_FLAGS, ModelSpec
-from ..runtime import resolve
+from ..runtime import find_backend
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 MergeFormOpt = Annotated[Optional[str], typer.Option(
@@ -66,7 +66,7 @@ def parse_float_list(text: str, what: str) -> list[float]:
 
 def parse_backends(text: str) -> list[str]:
     """Registered backend names (aliases resolved, see :mod:`tmerge.runtime`); empty entries are errors."""
-    return list(dict.fromkeys(resolve(b).name for b in text.split(",")))
+    return list(dict.fromkeys(find_backend(b).name for b in text.split(",")))
 
 
 def _option_group(param: str, flags: tuple[Flag, ...], build: Callable[..., Any], *, skip: tuple[str, ...] = (),

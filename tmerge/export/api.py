@@ -31,7 +31,9 @@ from ..models import check_batch_fits
 from ..models.merged import build_merged_model
 from ..models.spec import ModelSpec
 from ..patch import merge_info, using_merge_form
-from .checks import (
+from ..runtime.tensorrt import require_tensorrt
+from .graph import strip_slots
+from .input_checks import (
     ENGINE_SUFFIXES,
     check_atol,
     check_batch,
@@ -43,11 +45,10 @@ from .checks import (
     merge_form_for,
     require_onnx,
 )
-from .graph import strip_slots
 from .instrument import build_graph
 from .manifest import ExportResult, build_manifest, manifest_bytes, manifest_path
-from .openvino import IR_SUFFIXES, export_ir
-from .tensorrt import export_engine, require_tensorrt
+from .openvino_ir import IR_SUFFIXES, export_ir
+from .trt_engine import export_engine
 from .verify import VERIFIED_RUNTIMES, verify_graph
 
 
@@ -69,7 +70,7 @@ def export_onnx(
     PyTorch, and write ``out_path`` plus the manifest ``<out_path>.json`` atomically.
 
     ``merge_form``: the ops the graph merges with (see :func:`tmerge.merging.ops.merge_tokens` and
-    :func:`~tmerge.export.checks.merge_form_for`; default "gather"); the PyTorch side of the parity
+    :func:`~tmerge.export.input_checks.merge_form_for`; default "gather"); the PyTorch side of the parity
     check merges with the same ops. ``model_name`` labels the model in the manifest; ``source``
     (``model_name``, ``checkpoint``, ``pretrained``, ``model_kwargs``) records how to rebuild it.
     Raises :class:`TmergeError` (bad input, nothing done) or :class:`VerificationError` (the graph
@@ -162,7 +163,7 @@ def export(
         onnx_path = check_out_path(out_path.with_suffix(".onnx"))
         if graph != "portable":
             raise TmergeError("--format openvino converts the portable graph: use --graph portable (the default)")
-        runtime.check("openvino")
+        runtime.check_backend("openvino")
     else:
         out_path = check_out_path(out, ENGINE_SUFFIXES)
         onnx_path = check_out_path(out_path.with_suffix(".onnx"))

@@ -22,9 +22,9 @@ from torch import nn
 from .._io import json_bytes
 from ..config import upgrade_adapter_keys
 from ..errors import TmergeError
-from ..models import backbone_sha256, file_sha256, weights_sha256
 from ..models.flops import count_flops
 from ..models.forward import input_shape
+from ..models.hashing import backbone_sha256, file_sha256, weights_sha256
 from ..patch import merge_info, unmerged
 from ..plugins import spec as plugin_spec
 from .plugin_nodes import describe_plugin_nodes

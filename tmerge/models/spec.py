@@ -9,7 +9,8 @@ from typing import Any, Mapping, Optional
 from torch import nn
 
 from ..config import Flag, flag_value, parse_key_values
-from . import DEFAULT_MODEL, load_model, model_label
+from .default_model import DEFAULT_MODEL
+from .loading import load_model, model_label
 
 # the flags ModelSpec.from_cli takes, in the order commands list them
 MODEL_FLAGS = (

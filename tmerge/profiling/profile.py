@@ -19,16 +19,17 @@ from torch import nn
 
 from .. import runtime
 from ..config import MergeConfig
-from ..data import load_images
+from ..data.sources import load_images
 from ..errors import TmergeError
 from ..export import Manifest, export_onnx, read_manifest
-from ..export.checks import merge_form_for
+from ..export.input_checks import merge_form_for
 from ..export.manifest import check_describes
 from ..export.verify import recheck_file
 from ..merging.ops import check_form
-from ..models import check_batch_fits, weights_sha256
 from ..models.flops import FLOPS_CONVENTION, count_flops
 from ..models.forward import forward_with_features, has_classifier, input_shape
+from ..models.hashing import weights_sha256
+from ..models.memory import check_batch_fits
 from ..models.merged import build_pair
 from ..models.spec import ModelSpec
 from ..patch import merge_info, using_merge_form
@@ -65,11 +66,11 @@ class ProfileConfig:
     @property
     def needs_onnx(self) -> bool:
         """Whether a backend runs exported graphs (ONNX Runtime, OpenVINO, TensorRT)."""
-        return any(runtime.resolve(b).takes == "onnx" for b in self.backends)
+        return any(runtime.find_backend(b).takes == "onnx" for b in self.backends)
 
     def __post_init__(self) -> None:
         """Bad settings fail here, before any model is loaded."""
-        self.backends = [lat.check_backend(backend, self.device) for backend in self.backends]
+        self.backends = [runtime.check_backend(backend, self.device).name for backend in self.backends]
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise TmergeError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
         if len(set(self.batch_sizes)) < len(self.batch_sizes):
@@ -330,9 +331,9 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
     if not config.backends or config.iters == 0:
         return entries
     shape = input_shape(unmerged)[1:]
-    backends = [runtime.resolve(b) for b in config.backends]
+    backends = [runtime.find_backend(b) for b in config.backends]
     if config.compile:  # --compile: the torch backend compiled
-        backends = [runtime.resolve("torch.compile") if b.name == "torch" else b for b in backends]
+        backends = [runtime.find_backend("torch.compile") if b.name == "torch" else b for b in backends]
     artifacts: dict[str, dict] = {}
     tmp = None
     created = None  # the --onnx-dir folder when this run created it: removed again if the run fails

@@ -1,6 +1,6 @@
 """The profile report: a versioned JSON schema, validation and atomic save (the CLI renders it).
 
-Schema version 1 (documented in the README, "Profile report schema"). Top-level keys:
+Schema version 1 (documented in docs/report-schema.md). Top-level keys:
 
     schema_version  1
     kind            "tmerge.profile"

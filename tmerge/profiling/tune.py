@@ -255,7 +255,7 @@ def make_runner(runtime: str, model: nn.Module, x: torch.Tensor, workdir: Path, 
     """One model's prepared forward on ``x`` for timing on ``runtime`` (ONNX runtimes: exported once,
     unverified — the chosen configuration is exported and verified by ``tmerge export``)."""
     source: Any = model
-    if runtimes.resolve(runtime).takes == "onnx":
+    if runtimes.find_backend(runtime).takes == "onnx":
         source = workdir / f"{name}.onnx"
         export_for_runtime(model, source, model_name=None, verify=False)
     return runtimes.create(runtime, source, device=device, threads=threads, timing=True).prepare(x)
@@ -264,7 +264,7 @@ def make_runner(runtime: str, model: nn.Module, x: torch.Tensor, workdir: Path, 
 def check_runtime(runtime: str, device: str) -> None:
     if runtime not in RUNTIMES:
         raise TmergeError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-    lat.check_backend(runtime, device)
+    runtimes.check_backend(runtime, device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from ..errors import TmergeError
 from ..plugins.spec import DOMAIN
 from ..plugins.trt import TRT_MISSING, prepare_onnx_for_trt, register_tensorrt_plugins
-from .base import Runner, artifact_bytes
+from .runner import Runner, artifact_bytes
 
 MIN_TRT = (10, 9)
 NEXT_UNSUPPORTED_TRT = (11, 0)
@@ -35,7 +35,7 @@ def require_tensorrt():
     if version >= NEXT_UNSUPPORTED_TRT:
         raise TmergeError(f"TensorRT {trt.__version__} is not supported yet (TensorRT 11 builds strongly typed "
                           "networks and has no fp16 builder flag); pip install 'tmerge[trt]' (tensorrt<11)")
-    DEVICE.check()
+    DEVICE.check_available()
     return trt
 
 
@@ -44,7 +44,7 @@ class CudaDevice:
     TensorRT's Python samples. The runner touches the device only through :data:`DEVICE` (the tests
     put a host-memory stand-in there to run a stand-in TensorRT on CPU)."""
 
-    def check(self) -> None:
+    def check_available(self) -> None:
         if not torch.cuda.is_available():
             raise TmergeError("TensorRT needs an NVIDIA GPU (torch.cuda.is_available() is False)")
 

@@ -61,7 +61,7 @@ from ..merging import MergeMethod, available
 from ..models import backbone_sha256
 from ..models.adapters import save_adapter, training_only_options
 from ..models.forward import forward_with_features
-from ..patch import apply, merge_info, set_schedule, using_merge_form
+from ..patch import apply, merge_info, merge_method, set_schedule, using_merge_form
 from ..profiling.drift import output_drift
 from ..schedule import ScheduleSpec
 
@@ -177,7 +177,7 @@ def _teacher_outputs(teacher: nn.Module, images, batch_size: int, device) -> tup
 @torch.no_grad()
 def heldout_drift(model: nn.Module, images: Tensor, reference: Tensor, headless: bool, batch_size: int,
                   device) -> dict:
-    method = model.tmerge_method
+    method = merge_method(model)
     was_training = method.training
     method.eval()
     try:
@@ -208,7 +208,7 @@ def _annealed(values: tuple[float, float], step: int, total: int) -> float:
 def tome_reference_loss(model: nn.Module, images, t_out: Tensor, r_values: range, headless: bool, n: int,
                         batch_size: int, device) -> dict[int, float]:
     """Distillation loss of the untrained method (ToMe's merge) at each r on the first ``n`` images."""
-    merger = model.tmerge_method
+    merger = merge_method(model)
     was_training = merger.training
     merger.eval()
     index = torch.arange(min(n, len(images)))
@@ -336,7 +336,7 @@ def train_adapter(
             weights_sha = backbone_sha256(model)
             apply(model, merge)
             scope.enter_context(using_merge_form(model, merge_form))
-            merger = model.tmerge_method
+            merger = merge_method(model)
             anneal = {k: (float(v[0]), float(v[1])) for k, v in (anneal or {}).items()}
             not_training = sorted(set(anneal) - training_only_options(merger))
             if not_training:

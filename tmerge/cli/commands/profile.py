@@ -11,14 +11,14 @@ import typer
 from ..._io import check_distinct, existing_file, writable_file, writable_folder
 from ...config import MergeConfig
 from ...errors import TmergeError
-from ...export.checks import merge_form_for
+from ...export.input_checks import merge_form_for
 from ...export.manifest import manifest_path
 from ...models import model_label, weights_sha256
 from ...models.merged import build_pair
 from ...models.spec import ModelSpec
 from ...profiling.profile import ProfileConfig, pair_from_manifest, profile_pair
 from ...profiling.report import save_report
-from ...runtime import resolve
+from ...runtime import find_backend
 from ..app import app, print_json
 from ..options import (
     BackendsOpt,
@@ -99,7 +99,7 @@ def profile_command(
         merged, unmerged, name, manifest = pair_from_manifest(onnx, model, adapter=merge.adapter_path)
         static = None if manifest.dynamic_batch else manifest.export_batch
         if static is not None and any(b != static for b in config.batch_sizes) and any(
-                resolve(b).takes == "onnx" for b in config.backends):
+                find_backend(b).takes == "onnx" for b in config.backends):
             raise TmergeError(f"{onnx} was exported with a static batch of {static}: use --batch-sizes {static} "
                               "or export with --dynamic-batch")
         config.onnx_merged = str(onnx)

@@ -14,7 +14,7 @@ from ..._io import json_bytes, writable_file, write_files
 from ...config import MergeConfig
 from ...errors import TmergeError, VerificationError
 from ...export import export
-from ...export.checks import ENGINE_SUFFIXES, check_out_path
+from ...export.input_checks import ENGINE_SUFFIXES, check_out_path
 from ...merging import registry
 from ...models.merged import apply
 from ...models.spec import ModelSpec

@@ -17,11 +17,11 @@ releases, attributes encoded as the ONNX parser encodes them), the shape logic, 
 preparation and the reference merge the plugin runs; and this whole flow (build, parity run, files)
 through a stand-in ``tensorrt`` module on CPU, with host memory in place of the CUDA device
 (:data:`tmerge.runtime.tensorrt.DEVICE`). ``import tensorrt`` is lazy; without it the CLI exits 2
-with :data:`TRT_MISSING`.
+with :data:`tmerge.plugins.trt.TRT_MISSING`.
 
 Supported: TensorRT 10.9 - 10.x. TensorRT 11 removed ``BuilderFlag.FP16`` and builds every network
 strongly typed, so ``--fp16`` would need an fp16 graph (casts in the ONNX export) instead of a builder
-flag; until that exists the ``trt`` extra pins ``tensorrt<11`` and :func:`require_tensorrt` refuses 11.
+flag; until that exists the ``trt`` extra pins ``tensorrt<11`` and :func:`tmerge.runtime.tensorrt.require_tensorrt` refuses 11.
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ from .. import runtime
 from .._io import write_files
 from ..errors import TmergeError, VerificationError
 from ..models.forward import input_shape as model_input_shape
-from ..plugins.trt import TRT_MISSING  # noqa: F401  (re-exported)
 from ..runtime import tensorrt as engines
-from ..runtime.tensorrt import MIN_TRT, NEXT_UNSUPPORTED_TRT, build_engine, profile_shapes, require_tensorrt  # noqa: F401  (re-exported)
 from .manifest import ExportResult, manifest_bytes, manifest_path
 from .verify import fixed_inputs
 
@@ -50,8 +48,8 @@ def build_serialized_engine(onnx_proto, input_shape, *, batch: int, max_batch: i
     """Parse the plugin graph and build a serialized engine (bytes, build info) with the one engine
     builder, :func:`tmerge.runtime.tensorrt.build_engine`."""
     try:
-        return build_engine(onnx_proto, input_shape, batch=batch, max_batch=max_batch, fp16=fp16, aot=aot,
-                            workspace_gb=workspace_gb)
+        return engines.build_engine(onnx_proto, input_shape, batch=batch, max_batch=max_batch, fp16=fp16, aot=aot,
+                                    workspace_gb=workspace_gb)
     except TmergeError as e:
         raise VerificationError(str(e)) from e
 

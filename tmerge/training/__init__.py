@@ -295,7 +295,7 @@ def train_adapter(
     run that ``max_seconds`` stopped there).
     ``teacher_outputs`` (outputs, pooled features) of the unmerged model on ``images``, when already
     computed (e.g. shared by several trainings on the same images), skip that pass. ``merge_form``
-    (default: the eager default, "gather") fixes the merge ops during training, hence the float
+    (default: the eager default, "gather") fixes the merge ops while training, hence the float
     rounding of a reproduction.
     ``balance_r`` (default: on with ``r_range``) divides each step's loss by ToMe's at that r (on the
     first ``balance_images`` images); ``anneal`` sets training-only method options per step (module docstring).
@@ -325,204 +325,205 @@ def train_adapter(
         raise TmergeError(f"--resume: there is no checkpoint {ckpt_path} to continue from")
     dist = Dist(device)
     started = time.perf_counter()
+    merge_ops = contextlib.ExitStack()  # the merge form, from the patch to the end
     try:
-        with contextlib.ExitStack() as scope:  # the merge form, from the patch on
-            torch.manual_seed(seed)
-            model.eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.to(dist.device)
-            teacher = copy.deepcopy(model).eval()
-            weights_sha = backbone_sha256(model)
-            apply(model, merge)
-            scope.enter_context(using_merge_form(model, merge_form))
-            merger = merge_method(model)
-            anneal = {k: (float(v[0]), float(v[1])) for k, v in (anneal or {}).items()}
-            not_training = sorted(set(anneal) - training_only_options(merger))
-            if not_training:
-                raise TmergeError(f"only training-only options of {method} can be annealed "
-                                  f"({', '.join(sorted(training_only_options(merger))) or 'none'}); got {', '.join(not_training)}")
-            if any(not (v > 0 and math.isfinite(v)) for pair in anneal.values() for v in pair):
-                raise TmergeError(f"annealed option values must be finite and > 0, got {anneal}")
-            model.eval()
-            merger.train()
-            info = merge_info(model)
-            if not any(info["r"]):
-                raise TmergeError("the schedule merges no tokens: nothing to train (give --r or --schedule)")
-            for layer_module, r_l in zip(merger.trainable_layers(), info["r"]):
-                layer_module.requires_grad_(r_l > 0)
-            params = [p for p in merger.parameters() if p.requires_grad]
-            if not params:
-                raise TmergeError(f"method {method} has no trainable parameters")
-            headless = getattr(model, "num_classes", 0) == 0
+        torch.manual_seed(seed)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.to(dist.device)
+        teacher = copy.deepcopy(model).eval()
+        weights_sha = backbone_sha256(model)
+        apply(model, merge)
+        merge_ops.enter_context(using_merge_form(model, merge_form))
+        merger = merge_method(model)
+        anneal = {k: (float(v[0]), float(v[1])) for k, v in (anneal or {}).items()}
+        not_training = sorted(set(anneal) - training_only_options(merger))
+        if not_training:
+            raise TmergeError(f"only training-only options of {method} can be annealed "
+                              f"({', '.join(sorted(training_only_options(merger))) or 'none'}); got {', '.join(not_training)}")
+        if any(not (v > 0 and math.isfinite(v)) for pair in anneal.values() for v in pair):
+            raise TmergeError(f"annealed option values must be finite and > 0, got {anneal}")
+        model.eval()
+        merger.train()
+        info = merge_info(model)
+        if not any(info["r"]):
+            raise TmergeError("the schedule merges no tokens: nothing to train (give --r or --schedule)")
+        for layer_module, r_l in zip(merger.trainable_layers(), info["r"]):
+            layer_module.requires_grad_(r_l > 0)
+        params = [p for p in merger.parameters() if p.requires_grad]
+        if not params:
+            raise TmergeError(f"method {method} has no trainable parameters")
+        headless = getattr(model, "num_classes", 0) == 0
 
-            n = len(images)
-            per_epoch = _batches_per_epoch(n, batch_size, dist)
-            total = steps if steps is not None else per_epoch * (epochs or 1)
+        n = len(images)
+        per_epoch = _batches_per_epoch(n, batch_size, dist)
+        total = steps if steps is not None else per_epoch * (epochs or 1)
 
-            if teacher_outputs is not None:
-                t_out, t_feat = (t.float().cpu() for t in teacher_outputs)
-                if len(t_out) != n:
-                    raise TmergeError(f"teacher_outputs cover {len(t_out)} images, the training set has {n}")
-            else:
-                t_out, t_feat = _teacher_outputs(teacher, images, batch_size, dist.device)
-            h_out = None
-            if heldout is not None and len(heldout) and dist.main:
-                h_out, _ = _teacher_outputs(teacher, heldout, batch_size, dist.device)
-            del teacher
-            merger.prepare_training(t_out, t_feat, headless=headless, seed=seed, extra_loss_weight=ib_weight)
-            reference = None
-            if balance_r:
-                reference = tome_reference_loss(model, images, t_out, range(r_range[0], r_range[1] + 1), headless,
-                                                balance_images, batch_size, dist.device)
-            configured = dict(merger.config)
+        if teacher_outputs is not None:
+            t_out, t_feat = (t.float().cpu() for t in teacher_outputs)
+            if len(t_out) != n:
+                raise TmergeError(f"teacher_outputs cover {len(t_out)} images, the training set has {n}")
+        else:
+            t_out, t_feat = _teacher_outputs(teacher, images, batch_size, dist.device)
+        h_out = None
+        if heldout is not None and len(heldout) and dist.main:
+            h_out, _ = _teacher_outputs(teacher, heldout, batch_size, dist.device)
+        del teacher
+        merger.prepare_training(t_out, t_feat, headless=headless, seed=seed, extra_loss_weight=ib_weight)
+        reference = None
+        if balance_r:
+            reference = tome_reference_loss(model, images, t_out, range(r_range[0], r_range[1] + 1), headless,
+                                            balance_images, batch_size, dist.device)
+        configured = dict(merger.config)
 
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-            identity = {
-                "method": method, "options": info["options"], "r": info["r"], "r_range": r_range,
-                "prop_attn": info["prop_attn"],
-                "weights_sha256": weights_sha, "n_images": n, "batch_size": batch_size, "lr": lr, "seed": seed,
-                "ib_weight": ib_weight, "world": dist.world, "balance_r": balance_r, "anneal": anneal,
-            }
-            step, history, drift_history = 0, [], []
-            if resume:
-                try:
-                    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-                except Exception as e:  # truncated or not a checkpoint: torch raises many kinds
-                    raise TmergeError(f"checkpoint {ckpt_path} cannot be read ({type(e).__name__}); "
-                                      "remove it or drop --resume") from e
-                if not isinstance(state, dict) or state.get("identity") != _fingerprint(identity):
-                    raise TmergeError(
-                        f"checkpoint {ckpt_path} belongs to a different run (method, schedule, model, data size, "
-                        "batch size, lr, seed or world size differ); remove it or drop --resume"
-                    )
-                merger.load_state_dict(state["method"])
-                optimizer.load_state_dict(state["optimizer"])
-                step, history, drift_history = state["step"], state["history"], state["drift"]
-                if step >= total:
-                    raise TmergeError(f"checkpoint {ckpt_path} is already at step {step} >= {total}; ask for more steps")
-
-            student = _Student(model)
-            if dist.world > 1:
-                from torch.nn.parallel import DistributedDataParallel as DDP
-
-                device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-                student = DDP(student, device_ids=device_ids, broadcast_buffers=False)
-
-            def save_checkpoint() -> None:
-                if not dist.main:
-                    return
-                with atomic_paths([ckpt_path], mkdir=True) as (tmp,):
-                    torch.save({"identity": _fingerprint(identity), "step": step, "method": merger.state_dict(),
-                                "optimizer": optimizer.state_dict(), "history": history, "drift": drift_history}, tmp)
-
-            def measure() -> dict | None:
-                if h_out is None:
-                    return None
-                if r_range is not None:
-                    set_constant_r(model, r_range[1])
-                d = heldout_drift(model, heldout, h_out, headless, batch_size, dist.device)
-                drift_history.append({"step": step, **d})
-                return d
-
-            bar = _Progress(progress and dist.main, total, step)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        identity = {
+            "method": method, "options": info["options"], "r": info["r"], "r_range": r_range,
+            "prop_attn": info["prop_attn"],
+            "weights_sha256": weights_sha, "n_images": n, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "ib_weight": ib_weight, "world": dist.world, "balance_r": balance_r, "anneal": anneal,
+        }
+        step, history, drift_history = 0, [], []
+        if resume:
             try:
-                if dist.main and h_out is not None and not drift_history:
-                    bar.set_drift(measure())
-                order_epoch, order = -1, None
-                loop_start = time.perf_counter()
-                stopped_early = False
-                while step < total:
-                    if stop_after is not None and step >= stop_after:
-                        stopped_early = True
-                        break
-                    if max_seconds is not None and dist.agree(time.perf_counter() - loop_start > max_seconds):
-                        stopped_early = True
-                        break
-                    epoch, index = divmod(step, per_epoch)
-                    if epoch != order_epoch:
-                        order, order_epoch = _epoch_order(n, seed, epoch, dist), epoch
-                    idx = order[index * batch_size:(index + 1) * batch_size]
-                    if len(idx) == 0:  # tiny shards: wrap around
-                        idx = order[:batch_size]
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-                    for name, values in anneal.items():
-                        merger.config[name] = _annealed(values, step, total)
-                    step_r = None
-                    if r_range is not None:
-                        step_r = _sampled_r(r_range, seed, step)
-                        set_constant_r(model, step_r)
-                    x = images[idx].to(dist.device)
-                    s_out, s_feat = student(x)
-                    loss = distill_loss(s_out, t_out[idx].to(dist.device), headless)
-                    if reference is not None:
-                        loss = loss / reference[step_r]
-                    extra = merger.extra_loss(s_feat, idx)
-                    if extra is not None:
-                        loss = loss + extra
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    step += 1
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise TmergeError(f"training diverged at step {step} (loss {value}); lower --lr")
-                    history.append(value)
-                    bar.advance(value)
-                    if dist.main and eval_every and step % eval_every == 0 and step < total:
-                        bar.set_drift(measure())
-                    if checkpoint_every and step % checkpoint_every == 0:
-                        save_checkpoint()
-                    if on_step is not None:
-                        on_step(step, value)
-                if r_range is not None:
-                    set_constant_r(model, r_range[1])
-                final_drift = measure() if dist.main else None
-                bar.set_drift(final_drift)
-            finally:
-                bar.close()
-            save_checkpoint()
+                state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            except Exception as e:  # truncated or not a checkpoint: torch raises many kinds
+                raise TmergeError(f"checkpoint {ckpt_path} cannot be read ({type(e).__name__}); "
+                                  "remove it or drop --resume") from e
+            if not isinstance(state, dict) or state.get("identity") != _fingerprint(identity):
+                raise TmergeError(
+                    f"checkpoint {ckpt_path} belongs to a different run (method, schedule, model, data size, "
+                    "batch size, lr, seed or world size differ); remove it or drop --resume"
+                )
+            merger.load_state_dict(state["method"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, history, drift_history = state["step"], state["history"], state["drift"]
+            if step >= total:
+                raise TmergeError(f"checkpoint {ckpt_path} is already at step {step} >= {total}; ask for more steps")
 
-            merger.config.update(configured)  # annealed options back to their configured values
-            training_options = {k: merger.config[k] for k in sorted(training_only_options(merger))}
-            merger.eval()
-            window = history[-min(len(history), max(1, per_epoch)):]
-            summary = {
-                "method": method,
-                "model": model_name,
-                "steps": step,
-                "planned_steps": total,
-                "stopped_early": stopped_early,
-                "epochs": round(step / per_epoch, 3),
-                "batch_size": batch_size,
-                "world_size": dist.world,
-                "lr": lr,
-                "seed": seed,
-                "ib_weight": ib_weight,
-                "r_range": list(r_range) if r_range is not None else None,
-                "balance_r": balance_r,
-                "tome_reference_loss": {str(k): v for k, v in reference.items()} if reference else None,
-                "anneal": {k: list(v) for k, v in anneal.items()} or None,
-                "training_options": training_options,
-                "loss": "kl_logits" if not headless else "cosine_features",
-                "initial_loss": history[0] if history else None,
-                "final_loss": sum(window) / len(window) if window else None,
-                "heldout_drift": final_drift,
-                "heldout_drift_at_init": drift_history[0] if drift_history else None,
-                "data": data_summary or {"n_images": n},
-                "train_seconds": round(time.perf_counter() - started, 1),
-                "adapter": str(out),
-            }
-            if dist.main:  # wall-clock and path stay out of the file: the same seed gives the same bytes
-                saved = {k: v for k, v in summary.items() if k not in ("train_seconds", "adapter")}
-                save_adapter(model, out, saved, weights_sha256=weights_sha)
-                ckpt_path.unlink(missing_ok=True)  # the adapter holds the result; the checkpoint was only for resuming
-            dist.barrier()
-            summary["loss_history"] = history
-            summary["drift_history"] = drift_history
-            return summary
+        student = _Student(model)
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+            student = DDP(student, device_ids=device_ids, broadcast_buffers=False)
+
+        def save_checkpoint() -> None:
+            if not dist.main:
+                return
+            with atomic_paths([ckpt_path], mkdir=True) as (tmp,):
+                torch.save({"identity": _fingerprint(identity), "step": step, "method": merger.state_dict(),
+                            "optimizer": optimizer.state_dict(), "history": history, "drift": drift_history}, tmp)
+
+        def measure() -> dict | None:
+            if h_out is None:
+                return None
+            if r_range is not None:
+                set_constant_r(model, r_range[1])
+            d = heldout_drift(model, heldout, h_out, headless, batch_size, dist.device)
+            drift_history.append({"step": step, **d})
+            return d
+
+        bar = _Progress(progress and dist.main, total, step)
+        try:
+            if dist.main and h_out is not None and not drift_history:
+                bar.set_drift(measure())
+            order_epoch, order = -1, None
+            loop_start = time.perf_counter()
+            stopped_early = False
+            while step < total:
+                if stop_after is not None and step >= stop_after:
+                    stopped_early = True
+                    break
+                if max_seconds is not None and dist.agree(time.perf_counter() - loop_start > max_seconds):
+                    stopped_early = True
+                    break
+                epoch, index = divmod(step, per_epoch)
+                if epoch != order_epoch:
+                    order, order_epoch = _epoch_order(n, seed, epoch, dist), epoch
+                idx = order[index * batch_size:(index + 1) * batch_size]
+                if len(idx) == 0:  # tiny shards: wrap around
+                    idx = order[:batch_size]
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                for name, values in anneal.items():
+                    merger.config[name] = _annealed(values, step, total)
+                step_r = None
+                if r_range is not None:
+                    step_r = _sampled_r(r_range, seed, step)
+                    set_constant_r(model, step_r)
+                x = images[idx].to(dist.device)
+                s_out, s_feat = student(x)
+                loss = distill_loss(s_out, t_out[idx].to(dist.device), headless)
+                if reference is not None:
+                    loss = loss / reference[step_r]
+                extra = merger.extra_loss(s_feat, idx)
+                if extra is not None:
+                    loss = loss + extra
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TmergeError(f"training diverged at step {step} (loss {value}); lower --lr")
+                history.append(value)
+                bar.advance(value)
+                if dist.main and eval_every and step % eval_every == 0 and step < total:
+                    bar.set_drift(measure())
+                if checkpoint_every and step % checkpoint_every == 0:
+                    save_checkpoint()
+                if on_step is not None:
+                    on_step(step, value)
+            if r_range is not None:
+                set_constant_r(model, r_range[1])
+            final_drift = measure() if dist.main else None
+            bar.set_drift(final_drift)
+        finally:
+            bar.close()
+        save_checkpoint()
+
+        merger.config.update(configured)  # annealed options back to their configured values
+        training_options = {k: merger.config[k] for k in sorted(training_only_options(merger))}
+        merger.eval()
+        window = history[-min(len(history), max(1, per_epoch)):]
+        summary = {
+            "method": method,
+            "model": model_name,
+            "steps": step,
+            "planned_steps": total,
+            "stopped_early": stopped_early,
+            "epochs": round(step / per_epoch, 3),
+            "batch_size": batch_size,
+            "world_size": dist.world,
+            "lr": lr,
+            "seed": seed,
+            "ib_weight": ib_weight,
+            "r_range": list(r_range) if r_range is not None else None,
+            "balance_r": balance_r,
+            "tome_reference_loss": {str(k): v for k, v in reference.items()} if reference else None,
+            "anneal": {k: list(v) for k, v in anneal.items()} or None,
+            "training_options": training_options,
+            "loss": "kl_logits" if not headless else "cosine_features",
+            "initial_loss": history[0] if history else None,
+            "final_loss": sum(window) / len(window) if window else None,
+            "heldout_drift": final_drift,
+            "heldout_drift_at_init": drift_history[0] if drift_history else None,
+            "data": data_summary or {"n_images": n},
+            "train_seconds": round(time.perf_counter() - started, 1),
+            "adapter": str(out),
+        }
+        if dist.main:  # wall-clock and path stay out of the file: the same seed gives the same bytes
+            saved = {k: v for k, v in summary.items() if k not in ("train_seconds", "adapter")}
+            save_adapter(model, out, saved, weights_sha256=weights_sha)
+            ckpt_path.unlink(missing_ok=True)  # the adapter holds the result; the checkpoint was only for resuming
+        dist.barrier()
+        summary["loss_history"] = history
+        summary["drift_history"] = drift_history
+        return summary
     finally:
+        merge_ops.close()
         dist.close()
 
 

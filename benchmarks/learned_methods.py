@@ -35,6 +35,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import tmerge  # noqa: E402
+from tmerge import MergeConfig
 from tmerge.data import FASHION_MNIST_CLASSES, extract_features, fashion_mnist, fit_linear_probe, model_transform, sample_views  # noqa: E402
 from tmerge.models import load_model  # noqa: E402
 from tmerge.models.adapters import SHIPPED_DIR, load_adapter, shipped_adapter_name  # noqa: E402
@@ -59,7 +60,7 @@ def fmnist(model, split, indices):
 
 
 def build(base, method, r):
-    model = tmerge.apply(copy.deepcopy(base), method, r=r)
+    model = tmerge.apply(copy.deepcopy(base), MergeConfig.of(method, r=r))
     if method in ("dtem", "ltm"):
         load_adapter(model, SHIPPED_DIR / shipped_adapter_name(method))
     return model.eval()

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import tmerge
-from tmerge import runtime
+from tmerge import MergeConfig, runtime
 from tmerge.export import export_onnx
 from tmerge.models import load_model
 from tmerge.models.flops import count_flops
@@ -131,7 +131,7 @@ def main() -> None:
         u_path = workdir / f"{model_label}-unmerged.onnx"
         export_onnx(unmerged, u_path, batch_size=2, dynamic_batch=True, verify=False)
         for method_label, (method, kwargs) in METHODS.items():
-            merged = tmerge.apply(copy.deepcopy(unmerged), method, **kwargs)
+            merged = tmerge.apply(copy.deepcopy(unmerged), MergeConfig.of(method, **kwargs))
             flops_ratio = count_flops(merged, shape)["per_image"] / flops_unmerged
             m_path = workdir / f"{model_label}-{method}.onnx"
             export_onnx(merged, m_path, batch_size=2, dynamic_batch=True, verify=False)

@@ -7,6 +7,7 @@ import dataclasses
 import math
 
 import tmerge
+from tmerge import MergeConfig
 from tmerge.errors import TmergeError
 from tmerge.patch import eager_merge_step
 from tmerge.plugins import spec
@@ -24,7 +25,7 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=48, num_heads=3)
 def _model(method: str, depth: int = 4, arch: str = "vit_tiny_patch16_224", **kw):
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, depth=depth, **TINY, **kw).eval()
-    return tmerge.apply(model, method, r=3)
+    return tmerge.apply(model, MergeConfig.of(method, r=3))
 
 
 def _block_inputs(model):

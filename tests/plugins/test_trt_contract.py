@@ -33,9 +33,10 @@ def plugin_graphs(tmp_path_factory):
 
     out = {}
     for method in ("tome", "pitome"):
-        model = tmerge.apply(tiny_vit("plain"), method, r=3, merge_form="scatter").eval()  # as --format trt
+        model = tmerge.apply(tiny_vit("plain"), tmerge.MergeConfig.of(method, r=3)).eval()
         path = tmp_path_factory.mktemp("graphs") / f"{method}.onnx"
-        out[method] = (model, export_onnx(model, path, graph="plugin", verify=False).model_proto)
+        result = export_onnx(model, path, graph="plugin", verify=False, merge_form="scatter")  # as --format trt
+        out[method] = (model, result.model_proto)
     return out
 
 

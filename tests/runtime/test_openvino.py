@@ -7,7 +7,7 @@ import json
 
 import tmerge
 from tests.helpers import tiny_vit
-from tmerge import runtime
+from tmerge import MergeConfig, runtime
 
 import numpy as np
 import pytest
@@ -22,7 +22,7 @@ def ir(tmp_path_factory):
     from tmerge.export.openvino_ir import export_ir
 
     unmerged = tiny_vit()
-    merged = tmerge.apply(copy.deepcopy(unmerged), "tome", r=4)
+    merged = tmerge.apply(copy.deepcopy(unmerged), MergeConfig.of("tome", r=4))
     out = tmp_path_factory.mktemp("ir") / "m.xml"
     onnx_result = export_onnx(merged, out.with_suffix(".onnx"), batch_size=2, dynamic_batch=True, model_name="tiny")
     return merged, unmerged, export_ir(onnx_result, merged, out)

@@ -6,7 +6,7 @@ import json
 
 import tmerge
 from tests.helpers import tiny_vit
-from tmerge import runtime
+from tmerge import MergeConfig, runtime
 from tmerge.errors import TmergeError
 
 import numpy as np
@@ -30,7 +30,7 @@ def test_registry_resolves_names_and_aliases():
 def merged_graph(tmp_path_factory):
     from tmerge.export import export_onnx
 
-    model = tmerge.apply(tiny_vit(), "tome", r=4)
+    model = tmerge.apply(tiny_vit(), MergeConfig.of("tome", r=4))
     path = tmp_path_factory.mktemp("graph") / "tome.onnx"
     return model, export_onnx(model, path, batch_size=2, dynamic_batch=True)
 

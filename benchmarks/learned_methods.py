@@ -43,6 +43,7 @@ from tmerge.models.flops import count_flops  # noqa: E402
 from tmerge.profiling import latency as lat  # noqa: E402
 from tmerge.profiling.drift import output_drift  # noqa: E402
 from tmerge.profiling.profile import export_for_runtime  # noqa: E402
+from tmerge.runtime import create  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -57,6 +58,11 @@ def fmnist(model, split, indices):
     pixels, labels = fashion_mnist(split)
     transform = model_transform(model)
     return torch.stack([transform(Image.fromarray(pixels[i])) for i in indices]), torch.from_numpy(labels[indices])
+
+
+def ort_forward(path, x, threads):
+    """One timed ONNX Runtime forward on ``x``, staged once (the profiler's timing options)."""
+    return create("onnxruntime", path, threads=threads, timing=True).prepare(x)
 
 
 def build(base, method, r):
@@ -149,7 +155,7 @@ def main() -> int:
     unmerged_runner = None
     if not args.no_latency:
         u = export_for_runtime(base, Path(tmp.name) / "unmerged.onnx", model_name="dinov2-s14")
-        unmerged_runner = lat.ort_runner(u["path"], x, "cpu", args.threads)
+        unmerged_runner = ort_forward(u["path"], x, args.threads)
     adapters = {}
     rows: list[dict] = []
     for r in args.r:
@@ -175,11 +181,11 @@ def main() -> int:
                 parity = e["parity"] or {}
                 row["export_max_abs_diff"] = parity.get("max_abs_diff") if isinstance(parity, dict) else None
                 row["onnx_nodes"] = len(onnx.load(e["path"]).graph.node)
-                runners[method] = lat.ort_runner(e["path"], x, "cpu", args.threads)
+                runners[method] = ort_forward(e["path"], x, args.threads)
             rows.append(row)
             log(json.dumps(row))
         if runners:
-            times = lat.time_interleaved({"unmerged": unmerged_runner.run, **{m: rn.run for m, rn in runners.items()}},
+            times = lat.time_interleaved({"unmerged": unmerged_runner, **runners},
                                          warmup=args.warmup, iters=args.iters)
             p50 = {name: lat.summarize(t, args.batch)["p50_ms"] for name, t in times.items()}
             for row in rows:

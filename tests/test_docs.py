@@ -160,7 +160,8 @@ def test_readme_install_and_test_commands_are_what_ci_runs():
 
 def tmerge_invocations(page: Path) -> list[list[str]]:
     """Every `tmerge COMMAND ...` in the page's shell blocks and inline code, as argument lists."""
-    prose, blocks = split_code(page.read_text())
+    text = re.sub(r"^```python\n.*?^```", "", page.read_text(), flags=re.M | re.S)  # `from tmerge import ...`
+    prose, blocks = split_code(text)
     lines = [line for block in blocks for line in shell_commands(block)]
     lines += [m.group(2) for line in prose for m in INLINE_CODE.finditer(line)]
     out = []

@@ -160,7 +160,8 @@ def test_readme_install_and_test_commands_are_what_ci_runs():
 
 def tmerge_invocations(page: Path) -> list[list[str]]:
     """Every `tmerge COMMAND ...` in the page's shell blocks and inline code, as argument lists."""
-    prose, blocks = split_code(page.read_text())
+    text = re.sub(r"^```python\n.*?^```", "", page.read_text(), flags=re.M | re.S)  # `from tmerge import ...`
+    prose, blocks = split_code(text)
     lines = [line for block in blocks for line in shell_commands(block)]
     lines += [m.group(2) for line in prose for m in INLINE_CODE.finditer(line)]
     out = []
@@ -194,3 +195,26 @@ def test_documented_commands_and_options_exist(page):
             if re.fullmatch(r"--?[A-Za-z][\w-]*", flag) and flag not in known:
                 problems.append(f"tmerge {command}: no option {flag}")
     assert not problems, f"{page.relative_to(ROOT)}:\n" + "\n".join(sorted(set(problems)))
+
+
+def python_blocks(path: Path) -> list[str]:
+    """The page's fenced Python code blocks, as source text."""
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.M | re.S)
+
+
+@pytest.mark.slow  # exports and verifies the default model (~1 min on a quiet 2-core CPU)
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's Python example runs as written, offline, on the embedded default model: it
+    writes the verified ONNX file and its manifest, and prints the token counts its comment shows."""
+    blocks = python_blocks(README)
+    assert len(blocks) == 1, f"README.md has {len(blocks)} Python examples; this test runs the one"
+    source = blocks[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(source, str(README), "exec"), {"__name__": "readme_example"})
+    assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.onnx.json").is_file()
+    shown = re.search(r"print\(tmerge\.tokens_per_layer\(model\)\)\s*#\s*\[(\d+),.*?(\d+)\]", source)
+    assert shown, "the example no longer prints tokens_per_layer with the counts in a comment"
+    lists = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert lists, "the example printed no token counts"
+    printed = [int(v) for v in re.findall(r"\d+", lists[0])]
+    assert (printed[0], printed[-1]) == (int(shown.group(1)), int(shown.group(2))), printed

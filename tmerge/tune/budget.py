@@ -87,6 +87,7 @@ class Clock:
 
 
 def feasible(e: Entry, mode: str, config: TuneConfig, split: str = "calibration") -> bool:
+    """Whether ``e`` meets the budget of ``mode``: its drift on ``split``, or its measured p50 latency."""
     if mode == "max_drift":
         value = e.drift.get(split) if split != "calibration" else e.calibration_drift
         return value is not None and value <= config.max_drift

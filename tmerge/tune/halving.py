@@ -12,8 +12,9 @@ from .evaluate import Entry, make_runner
 
 
 def time_rungs(pool, reference, mode, config, ev, unmerged_runner, x, workdir, clock, progress, rounds,
-                runners) -> list[dict]:
-    """Successive halving: time the pool with the unmerged model, keep the better half, double rounds."""
+               runners) -> tuple[list[dict], list[Entry]]:
+    """Successive halving: time the pool with the unmerged model, keep the better half, double rounds.
+    Returns (the rungs as recorded in the result, the candidates timed in the last rung)."""
     rungs: list[dict] = []
     alive = list(pool)
     last: list[Entry] = []

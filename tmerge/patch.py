@@ -351,6 +351,7 @@ def patch_model(model: nn.Module, merge: MergeConfig) -> nn.Module:
 
 apply = patch_model  # the older name, still imported by tmerge.training
 
+
 def set_schedule(model: nn.Module, spec: ScheduleSpec) -> None:
     """Resolve ``spec`` against a patched model and merge with it from now on, in place: the method
     (and what it learned) stays, bound again to the new schedule in its current mode."""

@@ -31,7 +31,7 @@ from tmerge.data import extract_features
 from tmerge.data.corpus import corpus_entries, corpus_views
 from tmerge.models import load_model
 from tmerge.models.adapters import SHIPPED_DIR, load_adapter, shipped_adapter_name
-from tmerge.patch import apply
+from tmerge.patch import patch_model
 
 import numpy as np
 import torch
@@ -94,7 +94,7 @@ def main() -> int:
         runs = [("tome", "tome", None)] + [(f"{m}:{label}", m, Path(folder) / shipped_adapter_name(m))
                                             for label, folder in adapter_dirs.items() for m in LEARNED]
         for name, method, adapter in runs:
-            model = apply(copy.deepcopy(base), MergeConfig.of(method, r=r))
+            model = patch_model(copy.deepcopy(base), MergeConfig.of(method, r=r))
             if adapter is not None:
                 load_adapter(model, adapter)
             drifts.setdefault(name, {})[r] = drift(reference, extract_features(model.eval(), images, args.batch))

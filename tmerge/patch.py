@@ -308,7 +308,7 @@ def _check_supported(model: nn.Module) -> None:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply`: the original ``nn.Sequential`` of the same blocks and timm's own pool."""
+    """Undo :func:`patch_model`: the original ``nn.Sequential`` of the same blocks and timm's own pool."""
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, MergingBlocks):
         blocks.remove_hooks()
@@ -318,7 +318,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply(model: nn.Module, merge: MergeConfig) -> nn.Module:
+def patch_model(model: nn.Module, merge: MergeConfig) -> nn.Module:
     """Patch a timm VisionTransformer in place to merge tokens as ``merge`` says; returns the same model.
 
     Method, schedule, proportional attention (None: the method's default, always off for MAE-style
@@ -347,6 +347,9 @@ def apply(model: nn.Module, merge: MergeConfig) -> nn.Module:
     merger.train(model.training)
     merger.bind(model)
     return model
+
+
+apply = patch_model  # the older name, still imported by tmerge.training
 
 
 def set_schedule(model: nn.Module, spec: ScheduleSpec) -> None:

@@ -109,7 +109,7 @@ def argument_lists(command: str):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A folder with the inputs the argument lists name: a valid report, garbage, a read-only folder."""
-    from tests.profiling.test_check import synthetic_report
+    from tests.profiling.test_gate import synthetic_report
 
     root = tmp_path_factory.mktemp("contract")
     (root / "report.json").write_text(json.dumps(synthetic_report()))

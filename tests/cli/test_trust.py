@@ -13,13 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from tests.profiling.test_check import synthetic_report
+from tests.profiling.test_gate import synthetic_report
 from tmerge import MergeConfig
 from tmerge._io import write_files
 from tmerge.cli import main
 from tmerge.errors import TmergeError
 from tmerge.profiling import latency as lat
-from tmerge.profiling.check import compare
+from tmerge.profiling.gate import compare
 from tmerge.profiling.report import DRIFT_RANGES, STAT_RANGES, save_report, validate_report
 
 import numpy as np
@@ -235,7 +235,8 @@ def test_check_gates_on_the_interval_not_the_point():
 
 
 def test_tune_prefers_less_drift_when_the_speed_gain_is_noise():
-    from tmerge.profiling.tune import Candidate, Entry, TuneConfig, _least_drift_among_ties
+    from tmerge.tune import Candidate, Entry, TuneConfig
+    from tmerge.tune.search import _least_drift_among_ties
 
     rng = np.random.default_rng(1)
     unmerged = list(1.0 + rng.normal(0, 0.05, 16))

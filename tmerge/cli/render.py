@@ -12,8 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..export import ExportResult
-from ..profiling.check import CheckResult
-from ..profiling.profile import Progress as ProfileProgress
+from ..profiling.gate import GateResult
+from ..profiling.profile import ProgressReporter
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -99,7 +99,7 @@ def render_report(report: dict, console=None) -> None:
         console.print(table)
 
 
-def render_check(result: CheckResult, console=None) -> None:
+def render_gate(result: GateResult, console=None) -> None:
     """The CI gate's comparison as a rich table."""
     console = console or wide_console()
     table = Table(title="tmerge check: report vs baseline (larger is worse)")
@@ -179,7 +179,7 @@ def render_export(result: ExportResult) -> None:
     Console().print(table)
 
 
-class RichProgress(ProfileProgress):
+class RichProgress(ProgressReporter):
     """Progress on stderr with rich: a bar per timed (backend, batch) step, a line per phase."""
 
     def __init__(self, enabled: bool = True):

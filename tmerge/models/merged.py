@@ -9,13 +9,13 @@ from torch import nn
 
 from ..config import SHIPPED, SHIPPED_IF_ANY, MergeConfig
 from ..errors import TmergeError
-from ..patch import apply as patch_model
+from ..patch import patch_model
 from .adapters import load_adapter, shipped_adapter
 from .spec import ModelSpec
 
 
 def apply(model: nn.Module, merge: MergeConfig) -> nn.Module:
-    """Patch ``model`` in place as ``merge`` says (:func:`tmerge.patch.apply`), then load the learned
+    """Patch ``model`` in place as ``merge`` says (:func:`tmerge.patch.patch_model`), then load the learned
     parameters of a learned method (DTEM, LTM) from ``merge.adapter``: a trained adapter file;
     ``"shipped"`` (the default of :meth:`MergeConfig.of`) the adapter tmerge ships for the model's
     weights (the embedded default model), an error when there is none; ``"shipped-if-any"`` that

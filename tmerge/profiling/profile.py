@@ -97,7 +97,7 @@ class ProfileConfig:
                               "--backends, or drop --onnx-dir")
 
 
-class Progress:
+class ProgressReporter:
     """What the profiler reports as it goes; the CLI renders it with rich on stderr."""
 
     def step(self, description: str, total: int | None = None) -> Callable[[int], None]:
@@ -243,14 +243,14 @@ def export_for_runtime(model: nn.Module, path: Path, *, model_name: str | None, 
 
 
 def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, *, model_name: str,
-                 model_info: dict | None = None, progress: Progress | None = None,
+                 model_info: dict | None = None, progress: ProgressReporter | None = None,
                  drift_images: Any = None) -> dict:
     """Measure a merged model against its unmerged twin; the report dict (schema version 1).
 
     ``drift_images``: an already loaded ImageSet (images, labels, class_names) to reuse (sweeps);
     else ``config.data`` is loaded.
     """
-    progress = progress or Progress()
+    progress = progress or ProgressReporter()
     for bs in config.batch_sizes:
         check_batch_fits(unmerged, bs, "--batch-sizes")
     torch_threads = lat.set_torch_threads(config.threads)
@@ -326,7 +326,7 @@ def _batch(images: torch.Tensor | None, batch_size: int, shape: tuple[int, ...],
     return images.repeat(reps, 1, 1, 1)[:batch_size].contiguous()
 
 
-def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress, model_name: str) -> list[dict]:
+def _latency(merged, unmerged, config: ProfileConfig, images, progress: ProgressReporter, model_name: str) -> list[dict]:
     entries: list[dict] = []
     if not config.backends or config.iters == 0:
         return entries

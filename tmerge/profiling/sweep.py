@@ -25,7 +25,7 @@ from ..errors import TmergeError
 from ..merging import registry
 from ..models.merged import apply
 from ..schedule import ScheduleSpec
-from .profile import ProfileConfig, Progress, export_for_runtime, profile_pair
+from .profile import ProfileConfig, ProgressReporter, export_for_runtime, profile_pair
 from .report import validate_report
 
 DRIFT_METRICS = ("cosine_distance_mean", "kl_mean", "disagreement_top1", "knn_disagreement")
@@ -111,7 +111,7 @@ def _sweep_point(point: MergeConfig) -> dict:
 def run_sweep(unmerged: nn.Module, points: list[MergeConfig], config: ProfileConfig, *, model_name: str,
               out_dir: str | Path, model_info: dict | None = None, drift_metric: str = "cosine_distance_mean",
               on_point: Callable[[int, MergeConfig | None], None] | None = None,
-              progress: Progress | None = None) -> dict:
+              progress: ProgressReporter | None = None) -> dict:
     """Profile every point (a merge configuration, e.g. from :func:`grid`); write
     ``points/<slug>.json``, ``sweep.json`` and ``pareto.png`` into ``out_dir``. Returns the sweep
     summary (also in sweep.json). ``config.merge_form`` applies to the merged points' exports.
@@ -128,7 +128,7 @@ def run_sweep(unmerged: nn.Module, points: list[MergeConfig], config: ProfileCon
     for point in points:  # bad points fail here, before any work
         apply(scratch, point)
     del scratch
-    progress = progress or Progress()
+    progress = progress or ProgressReporter()
     unmerged.eval()
     images = None
     if config.data is not None:

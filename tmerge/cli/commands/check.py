@@ -10,11 +10,11 @@ import typer
 
 from ..._io import writable_file
 from ...errors import TmergeError, VerificationError
-from ...profiling.check import compare, parse_threshold
+from ...profiling.gate import compare, parse_threshold
 from ...profiling.report import load_report, save_report
 from ..app import app, print_json
 from ..options import JsonOpt
-from ..render import render_check
+from ..render import render_gate
 
 
 @app.command("check")
@@ -45,7 +45,7 @@ def check_command(
             try:
                 result = compare(new, load_report(baseline, "--baseline"), **thresholds)
                 if not as_json:
-                    render_check(result)
+                    render_gate(result)
             except TmergeError as e:  # an unreadable or incomparable old baseline is simply replaced
                 sys.stderr.write(f"note: previous baseline not compared ({e})\n")
         save_report(new, baseline)
@@ -61,7 +61,7 @@ def check_command(
     if as_json:
         print_json(result.as_dict())
     else:
-        render_check(result)
+        render_gate(result)
     if not result.passed:
         for row in result.regressions:
             change = "" if row.change is None else f" ({row.change * 100:+.1f}%)"

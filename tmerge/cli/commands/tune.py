@@ -18,7 +18,7 @@ from ...export.input_checks import ENGINE_SUFFIXES, check_out_path
 from ...merging import registry
 from ...models.merged import apply
 from ...models.spec import ModelSpec
-from ...profiling.tune import TuneConfig, adapter_candidate, parse_duration, plot_tune, tune
+from ...tune import TuneConfig, adapter_candidate, parse_duration, plot_tune, tune
 from ..app import app, print_json
 from ..options import DataOpt, JsonOpt, NumImagesOpt, ThreadsOpt, model_options
 from ..render import RichProgress, calibration_drift, render_tune

@@ -13,7 +13,7 @@ from ...config import MergeConfig
 from ...errors import TmergeError
 from ...models.merged import build_merged_model
 from ...models.spec import ModelSpec
-from ...profiling.visualize import visualize
+from ...visualize import visualize
 from ..app import app, print_json
 from ..options import JsonOpt, merge_options, model_options
 

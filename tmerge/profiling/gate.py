@@ -86,7 +86,7 @@ class Row:
 
 
 @dataclass
-class CheckResult:
+class GateResult:
     rows: list[Row]
     warnings: list[str] = field(default_factory=list)
 
@@ -297,7 +297,7 @@ def _drift_badness(drift: dict | None) -> dict[str, float | None]:
 
 
 def compare(report: dict, baseline: dict, *, latency: str | float = DEFAULTS["latency"],
-            flops: str | float = DEFAULTS["flops"], drift: str | float = DEFAULTS["drift"]) -> CheckResult:
+            flops: str | float = DEFAULTS["flops"], drift: str | float = DEFAULTS["drift"]) -> GateResult:
     """Compare ``report`` with ``baseline`` (both validated report dicts)."""
     t_lat = parse_threshold(latency, "--max-latency-regression")
     t_flops = parse_threshold(flops, "--max-flops-regression")
@@ -325,4 +325,4 @@ def compare(report: dict, baseline: dict, *, latency: str | float = DEFAULTS["la
     warnings = [f"{row.metric}: interval {row.interval[0]:.4g}–{row.interval[1]:.4g} straddles the limit "
                 f"{row.limit:.4g}; too noisy to call (rerun on a quieter machine or with more --iters)"
                 for row in rows if row.status == "uncertain"]
-    return CheckResult(rows, warnings + sample_warnings(report, baseline, t_lat))
+    return GateResult(rows, warnings + sample_warnings(report, baseline, t_lat))

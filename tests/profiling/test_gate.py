@@ -7,7 +7,7 @@ import json
 
 from tmerge.cli import main
 from tmerge.errors import TmergeError
-from tmerge.profiling.check import compare, parse_threshold
+from tmerge.profiling.gate import compare, parse_threshold
 from tmerge.profiling.report import SCHEMA_VERSION, load_report, save_report, validate_report
 
 import pytest

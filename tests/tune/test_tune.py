@@ -9,7 +9,7 @@ import time
 from tests.helpers import tiny_vit
 from tmerge import MergeConfig, TmergeError, apply, merge_info
 from tmerge.cli import main
-from tmerge.profiling.tune import Candidate, Entry, TuneConfig, adapter_candidate, pareto_front, parse_duration, search_space, split_images, tune
+from tmerge.tune import Candidate, Entry, TuneConfig, adapter_candidate, pareto_front, parse_duration, search_space, split_images, tune
 
 import pytest
 import torch
@@ -178,7 +178,7 @@ def test_adapter_candidate(tmp_path):
 
 @pytest.mark.parametrize("ours, kept", [(0.5, True), (1.0, False), (2.0, False)])
 def test_an_adapter_stays_only_where_it_drifts_less_than_tome(ours, kept):
-    from tmerge.profiling.tune import _drop_learned_worse_than_tome
+    from tmerge.tune.search import _drop_learned_worse_than_tome
 
     dtem = MergeConfig.of("dtem", schedule=(2, 2, 2), prop_attn=True, adapter="a.safetensors")
     learned = Entry(Candidate(dtem, "adapter", 6.0), 0.8, [17, 11])

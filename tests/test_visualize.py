@@ -5,7 +5,7 @@ from __future__ import annotations
 from tests.helpers import TINY_VARIANTS, tiny_vit
 from tmerge import MergeConfig, apply
 from tmerge.cli import main
-from tmerge.profiling.visualize import patch_groups, render_groups
+from tmerge.visualize import patch_groups, render_groups
 
 import numpy as np
 import pytest

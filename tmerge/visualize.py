@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import existing_file, writable_file, write_files
-from .._optional import pyplot, require
-from ..data.folders import open_image
-from ..data.preprocess import data_config, model_transform
-from ..data.samples import SAMPLE_PHOTOS, sample_images
-from ..errors import TmergeError
-from ..patch import merge_info, merging_blocks
+from ._io import existing_file, writable_file, write_files
+from ._optional import pyplot, require
+from .data.folders import open_image
+from .data.preprocess import data_config, model_transform
+from .data.samples import SAMPLE_PHOTOS, sample_images
+from .errors import TmergeError
+from .patch import merge_info, merging_blocks
 
 
 @torch.no_grad()

@@ -37,11 +37,11 @@ from pathlib import Path  # noqa: E402
 import tmerge  # noqa: E402
 from tmerge import MergeConfig
 from tmerge.data import FASHION_MNIST_CLASSES, extract_features, fashion_mnist, fit_linear_probe, model_transform, sample_views  # noqa: E402
+from tmerge.metrics import output_drift  # noqa: E402
 from tmerge.models import load_model  # noqa: E402
 from tmerge.models.adapters import SHIPPED_DIR, load_adapter, shipped_adapter_name  # noqa: E402
 from tmerge.models.flops import count_flops  # noqa: E402
 from tmerge.profiling import latency as lat  # noqa: E402
-from tmerge.profiling.drift import output_drift  # noqa: E402
 from tmerge.profiling.profile import export_for_runtime  # noqa: E402
 from tmerge.runtime import create  # noqa: E402
 

@@ -54,6 +54,7 @@ import tmerge  # noqa: E402
 from tmerge import runtime  # noqa: E402
 from tmerge.data import SAMPLE_PHOTOS, cached_linear_probe, extract_features, load_images  # noqa: E402
 from tmerge.errors import TmergeError  # noqa: E402
+from tmerge.metrics import output_drift  # noqa: E402
 from tmerge.models import load_model, weights_sha256  # noqa: E402
 from tmerge.models.adapters import (
     load_adapter,  # noqa: E402
@@ -62,7 +63,6 @@ from tmerge.models.adapters import (
 from tmerge.models.flops import FLOPS_CONVENTION, count_flops  # noqa: E402
 from tmerge.patch import using_merge_form  # noqa: E402
 from tmerge.profiling import latency as lat  # noqa: E402
-from tmerge.profiling.drift import output_drift  # noqa: E402
 from tmerge.profiling.profile import export_for_runtime  # noqa: E402
 from tmerge.profiling.report import environment, now_iso  # noqa: E402
 from tmerge.profiling.sweep import plot_pareto  # noqa: E402

@@ -37,7 +37,7 @@ from tmerge import MergeConfig
 from tmerge.data.corpus import corpus_entries, corpus_views
 from tmerge.models import load_model
 from tmerge.models.adapters import SHIPPED_DIR, shipped_adapter_name
-from tmerge.training import _teacher_outputs, train_adapter
+from tmerge.training import teacher_outputs, train_adapter
 
 import torch
 
@@ -80,7 +80,7 @@ def main() -> int:
     images = corpus_views(entries, base, views_per_photo=args.views, seed=args.seed)
     sources = sorted({e["source"] for e in entries})
     log(f"{len(images)} training views of {len(entries)} photos from {len(sources)} sources")
-    teacher = _teacher_outputs(base.eval(), images, 16, "cpu")
+    teacher = teacher_outputs(base.eval(), images, 16, "cpu")
     log("teacher outputs cached")
     data = {"corpus_split": "train", "sources": sources, "photos": len(entries), "views": len(images),
             "photos_sha256": hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest(),

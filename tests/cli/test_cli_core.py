@@ -77,3 +77,28 @@ def test_method_option_values_are_typed(capsys):
     assert main(["schedule", *TINY, "--method", "pitome", "-o", "margin=0.5", "-o", "bsm_layers=3", "--json"]) == 0
     options = json.loads(capsys.readouterr().out)["options"]
     assert options == {"margin": 0.5, "bsm_layers": 3, "alpha": 1.0}
+
+
+def test_learned_method_without_adapter_warns_once(tmp_path, capsys, monkeypatch):
+    """export / profile of DTEM or LTM on a model with no shipped adapter and no --adapter say (one
+    stderr line, once per method) that the method runs untrained; an explicit adapter=None does not."""
+    import copy
+
+    import tmerge
+    from tmerge.models import merged
+
+    monkeypatch.setattr(merged, "_warned_untrained", set())
+    tiny = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,depth=2", "--r", "2"]
+    assert main(["export", *tiny, "--method", "dtem", "--out", str(tmp_path / "m.onnx")]) == 0
+    warning = ("warning: dtem: no trained adapter for this model, running untrained (merges like ToMe); "
+               "train one with `tmerge train --method dtem` and pass it with --adapter\n")
+    assert capsys.readouterr().err == warning
+    assert main(["profile", *tiny, "--method", "ltm", "--iters", "1", "--warmup", "0", "--num-images", "2",
+                 "--json"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: ltm: no trained adapter for this model, running untrained") == 1, err
+    assert "dtem" not in err
+    model = tmerge.models.load_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    monkeypatch.setattr(merged, "_warned_untrained", set())
+    tmerge.apply(copy.deepcopy(model), tmerge.MergeConfig.of("dtem", r=2, adapter=None))
+    assert "warning" not in capsys.readouterr().err

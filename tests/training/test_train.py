@@ -317,6 +317,16 @@ def test_resume_needs_a_readable_checkpoint(data, tmp_path):
     (["--ib-weight", "nan"], "--ib-weight must be a finite number >= 0"),
     (["--resume"], "--resume: there is no checkpoint"),
     (["--num-images", "0"], "--num-images must be at least 1"),
+    (["--stop-after", "0"], "--stop-after must be at least 1, got 0"),
+    (["--stop-after", "2"], "--stop-after 2 is past the planned --steps 1"),
+    (["--max-minutes", "0"], "--max-minutes must be a finite number > 0"),
+    (["--anneal", "tau2"], "--anneal takes OPTION=START:END (e.g. tau2=1:0.01), got 'tau2'"),
+    (["--anneal", "tau2=1:x"], "--anneal takes OPTION=START:END"),
+    (["--anneal", "tau2=0:0.01"], "--anneal tau2: values must be START:END, finite and > 0"),
+    (["--anneal", "tau2=1:0.1", "--anneal", "tau2=1:0.2"], "--anneal tau2 given twice"),
+    (["--balance-r"], "--balance-r needs --r-range"),
+    (["--r-range", "2:4"], "give --r-range or a schedule (--r, --schedule, --keep-ratio), not both"),
+    (["--merge-form", "bogus"], "--merge-form must be one of gather, scatter, onehot, got 'bogus'"),
 ])
 def test_train_cli_refuses_before_work(tmp_path, capsys, args, message):
     from tmerge.cli import main
@@ -346,7 +356,7 @@ def test_balanced_r_and_annealed_relaxation(data, tmp_path):
         _train(copy.deepcopy(base), path, data, anneal={"feat_dim": (8, 16)})
     stopped = _train(copy.deepcopy(base), tmp_path / "s.safetensors", data, steps=4, stop_after=2, checkpoint_every=0)
     assert stopped["steps"] == 2 and stopped["planned_steps"] == 4 and stopped["stopped_early"]
-    with pytest.raises(tmerge.TmergeError, match="balance_r needs r_range"):
+    with pytest.raises(tmerge.TmergeError, match="balance-r needs --r-range"):
         _train(copy.deepcopy(base), path, data, balance_r=True)
 
 
@@ -361,3 +371,52 @@ def test_apply_needs_an_adapter_for_a_learned_method(data, tmp_path):
     assert tmerge.merge_info(model)["adapter"]["path"] == str(path)
     with pytest.raises(tmerge.TmergeError, match="takes no adapter"):
         tmerge.apply(copy.deepcopy(base), MergeConfig.of("tome", r=2, adapter=path))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--r-range", "4:2"], "--r-range must be LO:HI with 0 < LO <= HI, got 4:2"),
+    (["--r-range", "0:2"], "--r-range must be LO:HI with 0 < LO <= HI, got 0:2"),
+    (["--r-range", "a:b"], "--r-range takes LO:HI (e.g. 4:16), got 'a:b'"),
+])
+def test_train_cli_refuses_bad_r_range(tmp_path, capsys, args, message):
+    from tmerge.cli import main
+
+    argv = ["train", "--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,depth=2",
+            "--out", str(tmp_path / "a.safetensors"), "--steps", "1", "--no-progress", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_cli_trains_as_the_default_adapters_script(tmp_path, capsys, monkeypatch):
+    """The flags of the shipped adapters' training (balanced r over a range, DTEM's soft relaxation
+    with tau2 annealed, a deterministic stop, the summing merge form) give the same adapter as the
+    Python call the script makes on the same images."""
+    import json
+
+    from tmerge.cli import main
+    from tmerge.data import load_images
+
+    for module in (tmerge.models, tmerge.models.spec):
+        monkeypatch.setattr(module, "load_model", lambda name=None, **kw: tiny_vit("plain", num_classes=0))
+    out = tmp_path / "cli.safetensors"
+    argv = ["train", "--method", "dtem", "-o", "relaxed=1", "--r-range", "1:3", "--anneal", "tau2=1:0.05",
+            "--steps", "6", "--stop-after", "3", "--merge-form", "scatter", "--num-images", "8", "--heldout", "0",
+            "--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "0", "--eval-every", "0",
+            "--out", str(out), "--no-progress", "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 3 and summary["planned_steps"] == 6 and summary["stopped_early"]
+    assert summary["balance_r"] and summary["r_range"] == [1, 3] and summary["anneal"] == {"tau2": [1.0, 0.05]}
+    assert summary["training_options"]["relaxed"] == 1
+    model = tiny_vit("plain", num_classes=0)
+    images = load_images("samples", model, n=8, seed=0).images
+    again = train_adapter(model, MergeConfig("dtem", options={"relaxed": 1}), images=images,
+                          out=tmp_path / "api.safetensors", r_range=(1, 3), steps=6, stop_after=3, batch_size=4,
+                          lr=1e-3, seed=0, checkpoint_every=0, eval_every=0, progress=False, merge_form="scatter",
+                          anneal={"tau2": (1.0, 0.05)}, model_name=summary["model"], data_summary=summary["data"])
+    assert again["final_loss"] == summary["final_loss"]
+    assert (tmp_path / "api.safetensors").read_bytes() == out.read_bytes()
+    assert main(argv[:-4] + ["--no-balance-r", "--out", str(tmp_path / "plain.safetensors"), "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["balance_r"] is False

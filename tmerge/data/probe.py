@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from .._io import atomic_paths
 from ..errors import TmergeError
+from ..metrics import model_outputs
 from ..models.cache import cache_dir
-from ..models.forward import forward_with_features
 from ..models.hashing import weights_sha256
 from .sources import is_named_source, load_images
 
@@ -25,8 +25,7 @@ from .sources import is_named_source, load_images
 def extract_features(model: nn.Module, images: Tensor, batch_size: int = 64) -> Tensor:
     """Pooled pre-logits features (N, D): what a classifier head (or a probe) reads."""
     model.eval()
-    chunks = [forward_with_features(model, batch)[1] for batch in images.split(batch_size)]
-    return torch.cat(chunks).float()
+    return model_outputs(model, images, batch_size)[1]
 
 
 @dataclass

@@ -4,6 +4,7 @@ the loaders the commands share (:func:`build_merged_model`, :func:`build_pair`).
 from __future__ import annotations
 
 import copy
+import sys
 
 from torch import nn
 
@@ -34,9 +35,24 @@ def apply(model: nn.Module, merge: MergeConfig) -> nn.Module:
             raise TmergeError(f"{merge.method} is a learned method and tmerge ships no adapter for this model's "
                               "weights: train one (tmerge train) and pass adapter=PATH, or pass adapter=None to "
                               "run it untrained (it then merges like ToMe)")
+        if adapter is None:
+            warn_untrained(merge.method)
     if adapter is not None:
         load_adapter(model, adapter)
     return model
+
+
+_warned_untrained: set[str] = set()
+
+
+def warn_untrained(method: str) -> None:
+    """One line on stderr (once per method and process): ``method`` runs untrained, as no adapter was
+    given and none is shipped for the model's weights (the CLI without ``--adapter``)."""
+    if method in _warned_untrained:
+        return
+    _warned_untrained.add(method)
+    print(f"warning: {method}: no trained adapter for this model, running untrained (merges like ToMe); "
+          f"train one with `tmerge train --method {method}` and pass it with --adapter", file=sys.stderr)
 
 
 def build_merged_model(model: ModelSpec, merge: MergeConfig, *, seed: int | None = 0) -> nn.Module:

@@ -26,8 +26,9 @@ from ..export.input_checks import merge_form_for
 from ..export.manifest import check_describes
 from ..export.verify import recheck_file
 from ..merging.ops import check_form
+from ..metrics import drift_between, model_outputs  # noqa: F401  (model_outputs: tune imports it from here)
 from ..models.flops import FLOPS_CONVENTION, count_flops
-from ..models.forward import forward_with_features, has_classifier, input_shape
+from ..models.forward import has_classifier, input_shape
 from ..models.hashing import weights_sha256
 from ..models.memory import check_batch_fits
 from ..models.merged import build_pair
@@ -35,7 +36,6 @@ from ..models.spec import ModelSpec
 from ..patch import merge_info, using_merge_form
 from ..runtime.torch_eager import autocast, check_precision
 from . import latency as lat
-from .drift import knn_agreement, output_drift
 from .report import KIND, SCHEMA_VERSION, environment, now_iso
 
 MAX_THREADS = 4 * (os.cpu_count() or 1) + 64  # beyond this a thread count is a typo, not a setting
@@ -183,46 +183,6 @@ def flops_section(merged: nn.Module, unmerged: nn.Module) -> dict:
     ]
     return {"merged": fm["per_image"], "unmerged": fu["per_image"], "ratio": fm["per_image"] / fu["per_image"],
             "per_image": True, "convention": FLOPS_CONVENTION, "per_layer": per_layer}
-
-
-@torch.no_grad()
-def model_outputs(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(outputs, pre-logits features) for ``images``; outputs = logits, or the features when headless."""
-    pairs = [forward_with_features(model, batch) for batch in images.split(batch_size)]
-    return torch.cat([o.float() for o, _ in pairs]), torch.cat([f.float() for _, f in pairs])
-
-
-def drift_between(merged: nn.Module, unmerged: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
-                  class_names: list[str] | None = None, *,
-                  reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """Drift of the merged model from the unmerged one on ``images`` (metrics that do not apply: None).
-
-    ``reference``: the unmerged model's :func:`model_outputs` on ``images``, when already computed."""
-    logits = has_classifier(unmerged)
-    ref_out, ref_feat = reference if reference is not None else model_outputs(unmerged, images)
-    mer_out, mer_feat = model_outputs(merged, images)
-    use_labels = (labels is not None and logits and class_names is not None
-                  and len(class_names) == int(unmerged.num_classes))
-    d = output_drift(ref_out, mer_out, labels if use_labels else None, logits=logits)
-    feat = output_drift(ref_feat, mer_feat, logits=False)
-    out = {
-        "outputs": "logits" if logits else "features",
-        "n": d["n"],
-        "agreement_top1": d.get("agreement_top1"),
-        "kl_mean": d.get("kl_mean"),
-        "cosine_mean": d["cosine_mean"],
-        "cosine_min": d["cosine_min"],
-        "cosine_distance_mean": d["cosine_distance_mean"],
-        "max_abs_diff": d["max_abs_diff"],
-        "feature_cosine_mean": feat["cosine_mean"],
-        "knn_agreement": knn_agreement(ref_feat, mer_feat),
-        "accuracy_top1_reference": d.get("accuracy_top1_reference"),
-        "accuracy_top1_merged": d.get("accuracy_top1_merged"),
-        "accuracy_top1_delta": d.get("accuracy_top1_delta"),
-        "labels": "used" if use_labels else ("ignored: classes differ from the model's head" if labels is not None
-                                             else None),
-    }
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

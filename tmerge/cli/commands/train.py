@@ -12,8 +12,9 @@ from ..._io import writable_file
 from ...config import MergeConfig
 from ...data import load_images
 from ...errors import TmergeError
+from ...merging.ops import MERGE_FORMS
 from ...models.spec import ModelSpec
-from ...training import check_training_options, checkpoint_path, train_adapter, trainable_methods
+from ...training import check_training_options, checkpoint_path, parse_anneal, parse_r_range, train_adapter, trainable_methods
 from ..app import app, print_json
 from ..options import DataOpt, JsonOpt, NumImagesOpt, merge_options, model_options
 from ..render import RichProgress
@@ -26,6 +27,8 @@ def train_command(
     merge: MergeConfig,
     model: ModelSpec,
     r_range: Annotated[Optional[str], typer.Option("--r-range", help="LO:HI: draw a constant r from LO..HI every step, so one adapter serves that range (instead of --r/--schedule)")] = None,
+    balance_r: Annotated[Optional[bool], typer.Option("--balance-r/--no-balance-r", help="with --r-range: divide each step's loss by ToMe's at that step's r, so small r weigh as much as large r (default: on with --r-range)")] = None,
+    anneal: Annotated[Optional[list[str]], typer.Option("--anneal", help="OPTION=START:END: set a training-only method option per step, geometric from START to END over the planned steps (e.g. DTEM's soft relaxation: -o relaxed=1 --anneal tau2=1:0.01); repeatable")] = None,
     data: DataOpt = "samples",
     num_images: NumImagesOpt = None,
     heldout: Annotated[int, typer.Option("--heldout", help="images held out (from the same source unless --heldout-data) for the periodic drift; 0 = none")] = 32,
@@ -39,6 +42,9 @@ def train_command(
     eval_every: Annotated[int, typer.Option("--eval-every", help="held-out drift every N steps (0: only at start and end)")] = 25,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="write <out>.ckpt.pt every N steps")] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="continue from <out>.ckpt.pt")] = False,
+    stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="stop after N of the planned steps (the learning rate and annealing still follow the planned --steps/--epochs)")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="stop once the training loop has run this long (where it stops depends on the machine; --stop-after reproduces it)")] = None,
+    merge_form: Annotated[Optional[str], typer.Option("--merge-form", help="merge ops while training: gather (default), scatter or onehot; fixes the float rounding of a reproduction")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")] = "auto",
     out: Annotated[str, typer.Option("--out", "-O", help="adapter file to write (.safetensors)")] = "adapter.safetensors",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
@@ -58,19 +64,18 @@ def train_command(
         raise TmergeError("--heldout must be >= 0")
     if num_images is not None and num_images < 1:
         raise TmergeError(f"--num-images must be at least 1, got {num_images}")
+    r_bounds = parse_r_range(r_range) if r_range is not None else None
+    annealed = parse_anneal(anneal)
+    max_seconds = None if max_minutes is None else 60 * max_minutes
     check_training_options(lr=lr, ib_weight=ib_weight, batch_size=batch_size, steps=steps, epochs=epochs,
-                           eval_every=eval_every, checkpoint_every=checkpoint_every)
+                           eval_every=eval_every, checkpoint_every=checkpoint_every, r_range=r_bounds,
+                           balance_r=balance_r, anneal=annealed, stop_after=stop_after, max_seconds=max_seconds)
+    if r_bounds is not None and merge.schedule is not None:
+        raise TmergeError("give --r-range or a schedule (--r, --schedule, --keep-ratio), not both")
+    if merge_form is not None and merge_form not in MERGE_FORMS:
+        raise TmergeError(f"--merge-form must be one of {', '.join(MERGE_FORMS)}, got {merge_form!r}")
     if resume and not checkpoint_path(out).is_file():
         raise TmergeError(f"--resume: there is no checkpoint {checkpoint_path(out)} to continue from")
-    r_bounds = None
-    if r_range is not None:
-        lo, sep, hi = r_range.partition(":")
-        try:
-            r_bounds = (int(lo), int(hi)) if sep else None
-        except ValueError:
-            r_bounds = None
-        if r_bounds is None:
-            raise TmergeError(f"--r-range takes LO:HI (e.g. 4:16), got {r_range!r}")
     net = model.load()
     n_train = num_images if num_images is not None else (256 if data == "samples" else None)
     if n_train is not None:
@@ -97,7 +102,8 @@ def train_command(
         net, merge, images=images, heldout=held, out=out, r_range=r_bounds,
         steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, ib_weight=ib_weight,
         eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume, progress=not no_progress,
-        model_name=model.label, data_summary=data_summary, device=device,
+        model_name=model.label, data_summary=data_summary, device=device, balance_r=balance_r, anneal=annealed,
+        stop_after=stop_after, max_seconds=max_seconds, merge_form=merge_form,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return

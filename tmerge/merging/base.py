@@ -254,6 +254,13 @@ def bipartite_constants(num_tokens: int, r: int, num_prefix: int, device=None, d
     ``b_route`` (n_b', M): row j is the one-hot output slot of B' token j. ``keep_fixed`` (M, 1): the kept
     tokens that do not depend on the input (prefix and B'), zeros where the unmerged A' go."""
     first_a, first_b = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
+    return alternating_constants(num_tokens, r, num_prefix, first_a, first_b, device=device, dtype=dtype)
+
+
+def alternating_constants(num_tokens: int, r: int, num_prefix: int, first_a: int, first_b: int, device=None,
+                          dtype=torch.float32) -> dict[str, Tensor]:
+    """:func:`bipartite_constants` with A' = positions ``first_a``, ``first_a + 2``, ... and B' =
+    ``first_b``, ``first_b + 2``, ... (both past the prefix)."""
     kw = {"device": device}
     a_tok = torch.arange(first_a, num_tokens, 2, **kw)
     b_tok = torch.arange(first_b, num_tokens, 2, **kw)
@@ -316,7 +323,7 @@ def take_rows(t: Tensor, index: Tensor) -> Tensor:
     by element). (``take_along_dim`` would broadcast too, and makes torch.export fix the batch size.)"""
     if torch.compiler.is_exporting():
         return torch.ops.tmerge.take_rows(t, index)
-    return t.gather(1, index.expand(-1, -1, t.shape[-1]))
+    return t.gather(1, index if t.shape[-1] == 1 else index.expand(-1, -1, t.shape[-1]))
 
 
 @torch.library.custom_op("tmerge::take_rows", mutates_args=())

@@ -85,7 +85,7 @@ def node_categories(path: Path) -> dict[str, str]:
     """ONNX node name (and output names) -> merge / prop_attn / other, from the export stack traces.
 
     Nodes the exporter's optimiser rebuilt carry no trace (e.g. the Split of a folded ``split``): they
-    take the category of their producers (see :func:`propagate`)."""
+    take the category their producers agree on."""
     import onnx
 
     graph = onnx.load(str(path)).graph
@@ -94,8 +94,10 @@ def node_categories(path: Path) -> dict[str, str]:
         trace = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.stack_trace", "")
         if trace:
             known[node.name] = "merge" if "merge_step(" in trace else "prop_attn" if "size.log()" in trace else "other"
-    cats = propagate(_onnx_edges(graph), known)
+    edges = _onnx_edges(graph)
+    cats = propagate({name: (producers, []) for name, (producers, _) in edges.items()}, known)
     for node in graph.node:
+        cats.setdefault(node.name, "other")
         for name in node.output:
             cats[name] = cats[node.name]
     return cats

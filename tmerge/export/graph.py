@@ -63,6 +63,13 @@ def _take_rows_translation(rows, index):
     return op.GatherND(rows, index, batch_dims=1)
 
 
+def _l2_normalize_translation(t):
+    """``tmerge::l2_normalize`` (the key metric's normalisation) as one LpNormalization node."""
+    from onnxscript import opset18 as op
+
+    return op.LpNormalization(t, axis=-1, p=2)
+
+
 def _elu_translation(self, alpha=1.0, scale=1.0, input_scale=1.0):
     """aten.elu (PiToMe's energy) as one Elu node: the default translation multiplies by ``scale`` and
     ``input_scale`` around it even when they are 1 (two nodes that change no bit)."""
@@ -86,7 +93,8 @@ def torch_onnx_export(module: nn.Module, args: tuple, *, dynamic_batch: bool, op
     if not dynamic_batch:
         dynamic_shapes = None
     table = {torch.ops.aten.sort.stable: _sort_translation, torch.ops.tmerge.take_rows.default: _take_rows_translation,
-             torch.ops.aten.elu.default: _elu_translation, **(custom_table or {})}
+             torch.ops.tmerge.l2_normalize.default: _l2_normalize_translation, torch.ops.aten.elu.default: _elu_translation,
+             **(custom_table or {})}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:

@@ -7,9 +7,13 @@
   the embedded default model (DINOv2 ViT-S/14). Every op is a kernel launch on a GPU.
 * ``onnx``: nodes the merging adds per merging block to the portable ONNX graph (ViT-S/16, r=16).
 * ``share``: the merge step's share of the merged model's run time in ONNX Runtime (node profiler) and
-  OpenVINO (per-node performance counters), ViT-S/16 ToMe r=16, batch 1 and 8, 2 threads. A node is
-  "merge" when its export stack trace comes from the merge step, "prop_attn" for the log-size bias;
-  nodes a runtime fused under another name count as "other", so the shares are lower bounds.
+  OpenVINO (per-node performance counters), ViT-S/16 ToMe and PiToMe (``--share-methods``) r=16, batch 1
+  and 8, 2 threads. A node is "merge" when its export stack trace comes from the merge step,
+  "prop_attn" for the log-size bias. Nodes are categorised on the graph each runtime really runs (ORT's
+  optimised model, OpenVINO's runtime model): a fused or created node keeps the category of the outputs
+  it carries, or of its neighbours when they all agree, else counts as "other". Reported: the share of
+  the summed node times and of the summed per-node medians (less moved by load spikes), and the merge
+  time per op type.
 * ``compile``: torch.compile (inductor, CPU) time of the merged vs the unmerged ViT-S/16, each in a fresh
   process with an empty inductor cache, interleaved over ``--compile-rounds``.
 Random-init weights throughout (counts and shares do not depend on the weights' values).
@@ -79,65 +83,157 @@ def onnx_part() -> list[dict]:
 
 
 def node_categories(path: Path) -> dict[str, str]:
-    """ONNX node name (and output names) -> merge / prop_attn / other, from the export stack traces."""
+    """ONNX node name (and output names) -> merge / prop_attn / other, from the export stack traces.
+
+    Nodes the exporter's optimiser rebuilt carry no trace (e.g. the Split of a folded ``split``): they
+    take the category their producers agree on."""
     import onnx
 
-    cats = {}
-    for node in onnx.load(str(path)).graph.node:
+    graph = onnx.load(str(path)).graph
+    known = {}
+    for node in graph.node:
         trace = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.stack_trace", "")
-        cat = "merge" if "merge_step(" in trace else "prop_attn" if "size.log()" in trace else "other"
-        for name in (node.name, *node.output):
-            cats[name] = cat
+        if trace:
+            known[node.name] = "merge" if "merge_step(" in trace else "prop_attn" if "size.log()" in trace else "other"
+    edges = _onnx_edges(graph)
+    cats = propagate({name: (producers, []) for name, (producers, _) in edges.items()}, known)
+    for node in graph.node:
+        cats.setdefault(node.name, "other")
+        for name in node.output:
+            cats[name] = cats[node.name]
     return cats
 
 
+def _onnx_edges(graph) -> dict[str, tuple[list[str], list[str]]]:
+    """node name -> (producer node names, consumer node names), constants left out."""
+    producer = {out: n.name for n in graph.node if n.op_type != "Constant" for out in n.output}
+    consumers: dict[str, list[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            if i in producer:
+                consumers.setdefault(producer[i], []).append(n.name)
+    return {n.name: ([producer[i] for i in n.input if i in producer], consumers.get(n.name, []))
+            for n in graph.node if n.op_type != "Constant"}
+
+
+def propagate(edges: dict[str, tuple[list[str], list[str]]], known: dict[str, str]) -> dict[str, str]:
+    """Categories for every node of ``edges``: ``known`` ones as given; a node a runtime (or the
+    exporter) created or renamed takes the category of its neighbours when all of them, producers and
+    consumers, have one and agree (a LayerNorm fed by a merge and feeding an MLP stays "other");
+    anything left is "other"."""
+    cats = dict(known)
+    changed = True
+    while changed:
+        changed = False
+        for name, (producers, consumers) in edges.items():
+            neighbours = producers + consumers
+            if name in cats or not neighbours or not all(n in cats for n in neighbours):
+                continue
+            seen = {cats[n] for n in neighbours}
+            if len(seen) == 1:
+                cats[name] = seen.pop()
+                changed = True
+    return {name: cats.get(name, "other") for name in edges} | cats
+
+
+def _shares(durations: dict[str, list[float]], cats: dict[str, str], types: dict[str, str]) -> dict:
+    """Shares of the profiled time per category (sum over runs; and sum of per-node medians, which
+    a load spike moves less), and the merge time per op type as a share of the total."""
+    totals: dict[str, float] = {}
+    medians: dict[str, float] = {}
+    merge_ops: dict[str, float] = {}
+    for name, times in durations.items():
+        cat = cats.get(name, "other")
+        totals[cat] = totals.get(cat, 0.0) + float(np.sum(times))
+        medians[cat] = medians.get(cat, 0.0) + float(np.median(times))
+        if cat == "merge":
+            merge_ops[types.get(name, "?")] = merge_ops.get(types.get(name, "?"), 0.0) + float(np.sum(times))
+    total, total_med = sum(totals.values()), sum(medians.values())
+    return {"share": {k: v / total for k, v in totals.items()},
+            "share_of_medians": {k: v / total_med for k, v in medians.items()},
+            "merge_by_op": {k: v / total for k, v in sorted(merge_ops.items(), key=lambda kv: -kv[1])}}
+
+
 def ort_share(path: Path, images: np.ndarray, threads: int, runs: int, tmpdir: str) -> dict:
+    """ONNX Runtime's node profiler, nodes categorised on the graph ORT actually runs (its optimised
+    model: fused nodes such as FusedMatMul carry the outputs, or sit between the nodes, they replace)."""
     from tmerge.runtime.ort import session
+
+    import onnx
+    import onnxruntime as ort
+
+    optimized = os.path.join(tmpdir, path.stem + ".ort.onnx")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = optimized
+    ort.InferenceSession(str(path), options)  # writes the optimised graph
+    graph = onnx.load(optimized).graph
+    source = node_categories(path)
+    known = {}
+    for node in graph.node:
+        cat = source.get(node.name) or next((source[o] for o in node.output if o in source), None)
+        if cat:
+            known[node.name] = cat
+    cats = propagate(_onnx_edges(graph), known)
+    types = {node.name: node.op_type for node in graph.node}
 
     sess = session(path, threads=threads, spinning=False, profile_prefix=os.path.join(tmpdir, path.stem))
     for _ in range(runs):
         sess.run(None, {"images": images})
-    events = json.load(open(sess.end_profiling()))
-    cats, totals = node_categories(path), {}
-    for ev in events:
+    durations: dict[str, list[float]] = {}
+    for ev in json.load(open(sess.end_profiling())):
         if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-            cat = cats.get(ev["name"][: -len("_kernel_time")], "other")
-            totals[cat] = totals.get(cat, 0.0) + ev["dur"]
-    total = sum(totals.values())
-    return {k: v / total for k, v in totals.items()}
+            durations.setdefault(ev["name"][: -len("_kernel_time")], []).append(ev["dur"])
+    return _shares(durations, cats, types)
 
 
 def openvino_share(path: Path, images: np.ndarray, threads: int, runs: int) -> dict:
+    """OpenVINO's per-node performance counters, nodes categorised on its runtime graph (nodes it
+    created, e.g. the TopK an ArgMax becomes, take their neighbours' category)."""
     import openvino as ov
 
     core = ov.Core()
     compiled = core.compile_model(core.read_model(str(path)), "CPU",
                                   {"PERF_COUNT": "YES", "INFERENCE_NUM_THREADS": threads})
+    source = node_categories(path)
+    edges, types = {}, {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        name = op.get_friendly_name()
+        types[name] = str(op.get_rt_info()["layerType"].astype(str)) if "layerType" in op.get_rt_info() else op.get_type_name()
+        if types[name] == "Const":
+            continue
+        producers = [i.get_source_output().get_node() for i in op.inputs()]
+        consumers = [t.get_node() for o in op.outputs() for t in o.get_target_inputs()]
+        edges[name] = ([p.get_friendly_name() for p in producers if p.get_type_name() != "Constant"
+                        and str(p.get_rt_info()["layerType"].astype(str) if "layerType" in p.get_rt_info() else "") != "Const"],
+                       [c.get_friendly_name() for c in consumers])
+    cats = propagate(edges, {name: source[name] for name in edges if name in source})
     request = compiled.create_infer_request()
-    cats, totals = node_categories(path), {}
+    durations: dict[str, list[float]] = {}
     for _ in range(runs):
         request.infer({0: images})
         for info in request.get_profiling_info():
-            cat = cats.get(info.node_name, "other")
-            totals[cat] = totals.get(cat, 0.0) + info.real_time.total_seconds()
-    total = sum(totals.values())
-    return {k: v / total for k, v in totals.items()}
+            durations.setdefault(info.node_name, []).append(info.real_time.total_seconds() * 1e6)
+    return _shares(durations, cats, types)
 
 
-def share_part(threads: int, runs: int) -> list[dict]:
+def share_part(threads: int, runs: int, methods: list[str]) -> list[dict]:
     rows = []
     tmpdir = tempfile.mkdtemp(prefix="tmerge-share-")
-    model = build("vit_small_patch16_224", "tome", 16)
-    for batch in (1, 8):
-        path = Path(tmpdir) / f"tome16_b{batch}.onnx"
+    for method, batch in [(m, b) for m in methods for b in (1, 8)]:
+        model = build("vit_small_patch16_224", method, 16)
+        path = Path(tmpdir) / f"{method}16_b{batch}.onnx"
         export_onnx(model, path, batch_size=batch, dynamic_batch=False, model_name="vit_small_patch16_224")
         images = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
         for runtime_name, share in (("onnxruntime", lambda: ort_share(path, images, threads, runs, tmpdir)),
                                     ("openvino", lambda: openvino_share(path, images, threads, runs))):
             s = share()
-            rows.append({"runtime": runtime_name, "batch": batch, "threads": threads, "runs": runs, "share": s})
-            print(f"share {runtime_name:<12} batch {batch}: merge {100 * s.get('merge', 0):.2f} %, prop-attn "
-                  f"{100 * s.get('prop_attn', 0):.2f} %", flush=True)
+            rows.append({"method": method, "runtime": runtime_name, "batch": batch, "threads": threads, "runs": runs,
+                         "load_average": os.getloadavg(), **s})
+            print(f"share {method:<7}{runtime_name:<12} batch {batch}: merge {100 * s['share'].get('merge', 0):.2f} % "
+                  f"(of medians {100 * s['share_of_medians'].get('merge', 0):.2f} %), prop-attn "
+                  f"{100 * s['share'].get('prop_attn', 0):.2f} %; merge by op "
+                  + ", ".join(f"{k} {100 * v:.2f}" for k, v in list(s["merge_by_op"].items())[:6]), flush=True)
     return rows
 
 
@@ -180,6 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--part", default="ops,onnx,share,compile")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--share-runs", type=int, default=20)
+    ap.add_argument("--share-methods", default="tome,pitome")
     ap.add_argument("--compile-rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -191,7 +288,7 @@ def main(argv=None) -> int:
     if "onnx" in parts:
         results["onnx_nodes_per_merging_block"] = onnx_part()
     if "share" in parts:
-        results["merge_share"] = share_part(args.threads, args.share_runs)
+        results["merge_share"] = share_part(args.threads, args.share_runs, args.share_methods.split(","))
     if "compile" in parts:
         results["compile"] = compile_part(args.compile_rounds)
         print("compile ratio to unmerged:", results["compile"]["ratio_to_unmerged"], flush=True)

@@ -63,6 +63,24 @@ def _take_rows_translation(rows, index):
     return op.GatherND(rows, index, batch_dims=1)
 
 
+def _l2_normalize_translation(t):
+    """``tmerge::l2_normalize`` (the key metric's normalisation) as one LpNormalization node."""
+    from onnxscript import opset18 as op
+
+    return op.LpNormalization(t, axis=-1, p=2)
+
+
+def _elu_translation(self, alpha=1.0, scale=1.0, input_scale=1.0):
+    """aten.elu (PiToMe's energy) as one Elu node: the default translation multiplies by ``scale`` and
+    ``input_scale`` around it even when they are 1 (two nodes that change no bit)."""
+    from onnxscript import opset18 as op
+
+    if input_scale != 1.0:
+        self = op.Mul(self, op.CastLike(input_scale, self))
+    out = op.Elu(self, alpha=float(alpha))
+    return out if scale == 1.0 else op.Mul(out, op.CastLike(scale, out))
+
+
 def torch_onnx_export(module: nn.Module, args: tuple, *, dynamic_batch: bool, opset: int,
                       input_names: list[str], output_names: list[str], custom_table: dict | None = None,
                       dynamic_shapes=None):
@@ -75,6 +93,7 @@ def torch_onnx_export(module: nn.Module, args: tuple, *, dynamic_batch: bool, op
     if not dynamic_batch:
         dynamic_shapes = None
     table = {torch.ops.aten.sort.stable: _sort_translation, torch.ops.tmerge.take_rows.default: _take_rows_translation,
+             torch.ops.tmerge.l2_normalize.default: _l2_normalize_translation, torch.ops.aten.elu.default: _elu_translation,
              **(custom_table or {})}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")

@@ -207,8 +207,26 @@ class MergeMethod(nn.Module):
 
 def key_metric(keys: Tensor) -> Tensor:
     """ToMe's similarity metric: keys averaged over heads, L2-normalised. (B, N, head_dim)."""
-    metric = keys.mean(1)
-    return metric / metric.norm(dim=-1, keepdim=True)
+    return l2_normalize(keys.mean(1))
+
+
+def l2_normalize(t: Tensor) -> Tensor:
+    """``t / ||t||`` over the last dimension. Exported, one LpNormalization node (``tmerge::l2_normalize``)
+    instead of ReduceL2 and Div. (A zero row is the one input where they differ: PyTorch divides 0 by 0,
+    ONNX Runtime's LpNormalization returns zeros; the mean of a token's keys is never exactly zero.)"""
+    if torch.compiler.is_exporting():
+        return torch.ops.tmerge.l2_normalize(t)
+    return t / t.norm(dim=-1, keepdim=True)
+
+
+@torch.library.custom_op("tmerge::l2_normalize", mutates_args=())
+def _l2_normalize_op(t: Tensor) -> Tensor:
+    return t / t.norm(dim=-1, keepdim=True)
+
+
+@_l2_normalize_op.register_fake
+def _(t):
+    return torch.empty_like(t)
 
 
 @dataclass
@@ -254,6 +272,13 @@ def bipartite_constants(num_tokens: int, r: int, num_prefix: int, device=None, d
     ``b_route`` (n_b', M): row j is the one-hot output slot of B' token j. ``keep_fixed`` (M, 1): the kept
     tokens that do not depend on the input (prefix and B'), zeros where the unmerged A' go."""
     first_a, first_b = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
+    return alternating_constants(num_tokens, r, num_prefix, first_a, first_b, device=device, dtype=dtype)
+
+
+def alternating_constants(num_tokens: int, r: int, num_prefix: int, first_a: int, first_b: int, device=None,
+                          dtype=torch.float32) -> dict[str, Tensor]:
+    """:func:`bipartite_constants` with A' = positions ``first_a``, ``first_a + 2``, ... and B' =
+    ``first_b``, ``first_b + 2``, ... (both past the prefix)."""
     kw = {"device": device}
     a_tok = torch.arange(first_a, num_tokens, 2, **kw)
     b_tok = torch.arange(first_b, num_tokens, 2, **kw)
@@ -313,10 +338,11 @@ def take_rows(t: Tensor, index: Tensor) -> Tensor:
 
     Exported, it is one GatherND over the batch (``tmerge::take_rows``), not GatherElements with an
     index broadcast to every channel (an index as large as the output, which runtimes read element
-    by element). (``take_along_dim`` would broadcast too, and makes torch.export fix the batch size.)"""
+    by element). (Exported, ``take_along_dim`` would broadcast too, and makes torch.export fix the
+    batch size.)"""
     if torch.compiler.is_exporting():
         return torch.ops.tmerge.take_rows(t, index)
-    return t.gather(1, index.expand(-1, -1, t.shape[-1]))
+    return torch.take_along_dim(t, index, dim=1)  # eager: one op (gather with the index broadcast)
 
 
 @torch.library.custom_op("tmerge::take_rows", mutates_args=())

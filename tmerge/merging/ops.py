@@ -7,10 +7,9 @@ slot::
 
     x'_j = sum_{i -> j} s_i x_i / sum_{i -> j} s_i,     s'_j = sum_{i -> j} s_i
 
-computed as sums of ``s * x`` and of ``s`` (carried together: the size is an extra channel, so one
-gather moves a token and its size) followed by one division. It never uses a "mean" reduction: ONNX
-has no mean scatter, and the dynamo exporter silently turns ``scatter_reduce(..., "mean")`` into an
-overwrite.
+computed as sums of ``s * x`` and of ``s`` followed by one division. It never uses a "mean"
+reduction: ONNX has no mean scatter, and the dynamo exporter silently turns
+``scatter_reduce(..., "mean")`` into an overwrite.
 """
 
 from __future__ import annotations
@@ -40,12 +39,16 @@ def merge_tokens(x: Tensor, size: Tensor | None, plan: MergePlan, form: str = DE
     All forms compute the same sums; they differ in the ops eager PyTorch and traced graphs (ONNX,
     torch.compile) run:
 
-    - ``"gather"`` (default): GatherElements of the kept and the added rows, then one small batched
-      product ``route^T @ added`` (M x E, E = r for a hard merge) added to the kept rows. No scatter,
-      no atomics: exact and bit-identical run to run on every runtime and thread count.
+    - ``"gather"`` (default): the kept and the added rows of ``s * x`` are gathered, then one small
+      batched product ``route^T @ added`` (M x E, E = r for a hard merge) is added to the kept rows;
+      the sizes take the same two steps on their own (B, N, 1) tensor. No scatter, no atomics: exact
+      and bit-identical run to run on every runtime and thread count. Tokens and sizes are not joined
+      into one (B, N, C + 1) tensor: joining and splitting them again were two more full passes over
+      the tokens, the largest part of the step's cost at batch 8.
     - ``"scatter"``: the added rows are summed with ScatterElements(add), the form TensorRT parses
       (through NVIDIA's plugin). Soft plans use the product.
     - ``"onehot"``: no gather either: (M x N) one-hot matrices and two products (O(N^2 C) work).
+    The scatter and one-hot forms carry the size as an extra channel of the tokens.
 
     The merge runs outside autocast: under fp16/bf16 autocast the residual stream stays in its own
     precision instead of being rounded by a half-precision product.
@@ -59,9 +62,11 @@ def merge_tokens(x: Tensor, size: Tensor | None, plan: MergePlan, form: str = DE
 
 
 def _merge(x: Tensor, size: Tensor | None, plan: MergePlan, form: str) -> tuple[Tensor, Tensor]:
+    route = plan.route if plan.route.dtype == x.dtype else plan.route.to(x.dtype)
+    if form == "gather":
+        return _gather_merge(x, size, plan, route.mT)
     channels = x.shape[-1]
     rows = F.pad(x, (0, 1), value=1.0) if size is None else torch.cat([x * size, size], dim=-1)
-    route = plan.route if plan.route.dtype == rows.dtype else plan.route.to(rows.dtype)
     if form == "onehot":
         tokens = torch.arange(x.shape[1], device=x.device)
         take_kept = (plan.keep == tokens).to(rows.dtype)  # (B, M, N)
@@ -74,11 +79,30 @@ def _merge(x: Tensor, size: Tensor | None, plan: MergePlan, form: str) -> tuple[
         if plan.keep_weight is not None:
             out = out * plan.keep_weight
         added = take_rows(rows, plan.src)
-        if form == "scatter" and plan.hard:
+        if plan.hard:
             out = out.scatter_add(1, route.argmax(-1, keepdim=True).expand_as(added), added)
         else:
             out = torch.baddbmm(out, route.mT, added)
     total_x, total = out.split([channels, 1], dim=-1)
+    return total_x / total, total
+
+
+def _gather_merge(x: Tensor, size: Tensor | None, plan: MergePlan, to_slot: Tensor) -> tuple[Tensor, Tensor]:
+    """The gather form: sums of ``s * x`` and of ``s`` into each slot (``to_slot`` = route^T, (B, M, E)),
+    then one division. Before the first merge (``size`` None: all ones) ``s * x`` is ``x`` and a
+    slot's size is its kept share plus the route's row sum."""
+    if size is None:
+        kept_x, kept_s = take_rows(x, plan.keep), plan.keep_weight
+        total_x = torch.baddbmm(kept_x if kept_s is None else kept_x * kept_s, to_slot, take_rows(x, plan.src))
+        added_s = to_slot.sum(-1, keepdim=True)
+        total = added_s + 1.0 if kept_s is None else kept_s + added_s
+        return total_x / total, total
+    weighted = x * size
+    kept_x, kept_s = take_rows(weighted, plan.keep), take_rows(size, plan.keep)
+    if plan.keep_weight is not None:
+        kept_x, kept_s = kept_x * plan.keep_weight, kept_s * plan.keep_weight
+    total_x = torch.baddbmm(kept_x, to_slot, take_rows(weighted, plan.src))
+    total = torch.baddbmm(kept_s, to_slot, take_rows(size, plan.src))
     return total_x / total, total
 
 

@@ -22,7 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..base import BlockInput, MergeMethod, MergePlan, Option, bipartite_choice, block_constants, key_metric, lookup, prefixed, take_rows
+from ..base import (
+    BlockInput,
+    MergeMethod,
+    MergePlan,
+    Option,
+    alternating_constants,
+    bipartite_choice,
+    block_constants,
+    key_metric,
+    lookup,
+    take_rows,
+    tome_plan,
+)
 
 
 class PiToMe(MergeMethod):
@@ -56,37 +68,46 @@ class PiToMe(MergeMethod):
 
     def constants(self, layer: int, num_tokens: int, r: int, num_prefix: int, *, device=None,
                   dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        """The prefix tokens and the one-hot slots of the B tokens: after [prefix, unmerged A] (bsm) or
-        [prefix, protected] (default step)."""
-        t = num_tokens - num_prefix
-        first_b = num_prefix + ((t + 1) // 2 - r if self.uses_bsm(layer) else t - 2 * r)
+        """Positions in the energy ranking (prefix first, so position = token index for the prefix).
+
+        ``bsm``: ToMe's constants with A = positions p, p + 2, ... and B = p + 1, p + 3, ...
+        Default step: ``cand`` (2r,) the candidates' positions, A's then B's; ``keep`` (M,) the output
+        slots' positions [prefix, protected, B]; ``b_route`` the one-hot slots of the B tokens."""
+        p = num_prefix
+        if self.uses_bsm(layer):
+            return alternating_constants(num_tokens, r, p, p, p + 1, device=device, dtype=dtype)
+        kw = {"device": device}
+        a_pos, b_pos = torch.arange(p, p + 2 * r, 2, **kw), torch.arange(p + 1, p + 1 + 2 * r, 2, **kw)
         return {
-            "prefix": torch.arange(num_prefix, device=device).view(-1, 1),
-            "b_route": torch.eye(num_tokens - r, dtype=dtype, device=device)[first_b:],
+            "cand": torch.cat([a_pos, b_pos]),
+            "keep": torch.cat([torch.arange(p, **kw), torch.arange(p + 2 * r, num_tokens, **kw), b_pos]),
+            "b_route": torch.eye(num_tokens - r, dtype=dtype, **kw)[num_tokens - 2 * r:],
         }
 
     def plan(self, block: BlockInput) -> MergePlan:
         consts = block_constants(self, block)
-        p, r, bsz = block.num_prefix, block.r, block.x.shape[0]
+        p, r, n = block.num_prefix, block.r, block.x.shape[1]
         metric = key_metric(block.keys)
-        metric = metric[:, p:] if p else metric  # non-prefix tokens only
-        sim = metric @ metric.mT
-        energy = F.elu(sim - self.margin(block.layer), alpha=float(self.config["alpha"])).mean(-1)
-        order = energy.argsort(dim=-1, descending=True, stable=True)  # (B, T): tokens by energy rank
-        tok = order + p if p else order
-        if self.uses_bsm(block.layer):  # ToMe's matching on the sequence in energy order
-            ranked = take_rows(metric, order.unsqueeze(-1))
-            choice = bipartite_choice(ranked[:, ::2], ranked[:, 1::2], r)
-            a_tok, b_tok = tok[:, ::2], tok[:, 1::2]
-            kept, src, dest = a_tok.gather(1, choice.kept), a_tok.gather(1, choice.merged), choice.match
-        else:  # the 2r highest-energy tokens alternate into A and B; each A joins its best B
-            rank_a, rank_b = order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2]
-            cross = take_rows(sim, rank_a.unsqueeze(-1)).gather(2, rank_b.unsqueeze(1).expand(-1, r, -1))  # (B, r, r)
-            dest = cross.argmax(dim=-1) if r else rank_a
-            kept, b_tok, src = tok[:, 2 * r:], tok[:, 1 : 2 * r : 2], tok[:, : 2 * r : 2]
-        keep = prefixed(consts, [kept.unsqueeze(-1), b_tok.unsqueeze(-1)], bsz)
-        return MergePlan(keep=keep, src=src.unsqueeze(-1), route=lookup(consts["b_route"], dest),
-                         num_tokens=block.x.shape[1])
+        tokens = metric[:, p:] if p else metric  # the energy is over the non-prefix tokens only
+        energy = F.elu(tokens @ tokens.mT - self.margin(block.layer), alpha=float(self.config["alpha"]))
+        energy = energy.mean(-1, keepdim=True)  # (B, T, 1)
+        if p:  # the prefix ranks first (it never merges), so a position below p is its own token
+            energy = F.pad(energy, (0, 0, p, 0), value=math.inf)
+        order = energy.argsort(dim=1, descending=True, stable=True)  # (B, N, 1): tokens by energy rank
+        if self.uses_bsm(block.layer):  # ToMe's step on the sequence in energy order
+            ranked = take_rows(metric, order)
+            ranked_plan = tome_plan(consts, bipartite_choice(ranked[:, p::2], ranked[:, p + 1::2], r), n)
+            return MergePlan(keep=take_rows(order, ranked_plan.keep), src=take_rows(order, ranked_plan.src),
+                             route=ranked_plan.route, num_tokens=n)
+        # the 2r highest-energy tokens alternate into A and B; each A joins its best B
+        cand = order.index_select(1, consts["cand"])  # (B, 2r, 1): A's, then B's
+        if r:
+            a_rows, b_rows = take_rows(metric, cand).split(r, dim=1)
+            dest = (a_rows @ b_rows.mT).argmax(dim=-1)
+        else:
+            dest = cand[..., 0]
+        return MergePlan(keep=order.index_select(1, consts["keep"]), src=cand[:, :r],
+                         route=lookup(consts["b_route"], dest), num_tokens=n)
 
 
 class _NodePiToMe(PiToMe):

@@ -349,7 +349,6 @@ def patch_model(model: nn.Module, merge: MergeConfig) -> nn.Module:
     return model
 
 
-apply = patch_model  # the older name, still imported by tmerge.training
 
 
 def set_schedule(model: nn.Module, spec: ScheduleSpec) -> None:

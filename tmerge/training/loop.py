@@ -56,7 +56,7 @@ from ..metrics import merged_drift
 from ..models import backbone_sha256
 from ..models.adapters import save_adapter, training_only_options
 from ..models.forward import forward_with_features
-from ..patch import apply, merge_info, merge_method, using_merge_form
+from ..patch import merge_info, merge_method, patch_model, using_merge_form
 from ..schedule import ScheduleSpec
 from . import targets
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
@@ -160,7 +160,7 @@ def train_adapter(
         model.to(dist.device)
         teacher = copy.deepcopy(model).eval()
         weights_sha = backbone_sha256(model)
-        apply(model, merge)
+        patch_model(model, merge)
         merge_ops.enter_context(using_merge_form(model, merge_form))
         merger = merge_method(model)
         not_training = sorted(set(anneal) - training_only_options(merger))

@@ -26,7 +26,7 @@ from ..export.input_checks import merge_form_for
 from ..export.manifest import check_describes
 from ..export.verify import recheck_file
 from ..merging.ops import check_form
-from ..metrics import drift_between, model_outputs  # noqa: F401  (model_outputs: tune imports it from here)
+from ..metrics import drift_between
 from ..models.flops import FLOPS_CONVENTION, count_flops
 from ..models.forward import has_classifier, input_shape
 from ..models.hashing import weights_sha256

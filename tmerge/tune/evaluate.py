@@ -14,12 +14,13 @@ from torch import nn
 
 from .. import runtime as runtimes
 from ..errors import TmergeError
+from ..metrics import drift_between, model_outputs
 from ..models.flops import count_flops, token_cost_model
 from ..models.forward import input_shape
 from ..models.merged import apply
 from ..patch import tokens_per_layer
 from ..profiling import latency as lat
-from ..profiling.profile import drift_between, export_for_runtime, model_outputs
+from ..profiling.profile import export_for_runtime
 from ..profiling.sweep import drift_value
 from .space import Candidate
 

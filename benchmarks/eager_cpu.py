@@ -14,6 +14,7 @@ import statistics
 import time
 
 import tmerge  # noqa: F401  (before timm)
+from tmerge import MergeConfig
 from tmerge.models.flops import count_flops
 
 import timm
@@ -55,7 +56,7 @@ def main() -> None:
         base_flops = count_flops(base, (1, *shape[1:]), per_layer=False)["total"]
         merged = [timm.create_model(name, pretrained=False).eval() for _ in CONFIGS]
         for net, (method, kw) in zip(merged, CONFIGS):
-            tmerge.apply(net, method, **kw)
+            tmerge.apply(net, MergeConfig.of(method, **kw))
         medians = interleaved_medians([base, *merged], x, args.warmup, args.iters)
         for net, (method, kw), ms in zip(merged, CONFIGS, medians[1:]):
             ratio = count_flops(net, (1, *shape[1:]), per_layer=False)["total"] / base_flops

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import tmerge
-from tmerge import runtime
+from tmerge import MergeConfig, runtime
 from tmerge.profiling.latency import ratio_interval
 
 import numpy as np
@@ -53,7 +53,7 @@ def build(arch: str, state: dict | None):
 def variants(arch: str, reference: bool) -> dict:
     base = build(arch, None)
     state = base.state_dict()
-    out = {"unmerged": base, "tmerge": tmerge.apply(build(arch, state), "tome", r=R.get(arch, 16))}
+    out = {"unmerged": base, "tmerge": tmerge.apply(build(arch, state), MergeConfig.of("tome", r=R.get(arch, 16)))}
     if reference:
         import tome
 

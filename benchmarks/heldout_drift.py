@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from tmerge import MergeConfig
 from tmerge.data import extract_features
 from tmerge.data.corpus import corpus_entries, corpus_views
 from tmerge.models import load_model
@@ -93,7 +94,7 @@ def main() -> int:
         runs = [("tome", "tome", None)] + [(f"{m}:{label}", m, Path(folder) / shipped_adapter_name(m))
                                             for label, folder in adapter_dirs.items() for m in LEARNED]
         for name, method, adapter in runs:
-            model = apply(copy.deepcopy(base), method, r=r)
+            model = apply(copy.deepcopy(base), MergeConfig.of(method, r=r))
             if adapter is not None:
                 load_adapter(model, adapter)
             drifts.setdefault(name, {})[r] = drift(reference, extract_features(model.eval(), images, args.batch))

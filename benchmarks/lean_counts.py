@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import tmerge
+from tmerge import MergeConfig
 from tmerge.export import export_onnx
 from tmerge.export.instrument import build_graph
 from tmerge.profiling.counts import merging_layers, onnx_nodes_per_merging_block, ops_per_merging_block
@@ -52,7 +53,7 @@ def build(arch: str, method: str | None, r: int | None):
     else:
         model = timm.create_model(arch, pretrained=False).eval()
     if method:
-        tmerge.apply(model, method, r=r)
+        tmerge.apply(model, MergeConfig.of(method, r=r))
     return model
 
 
@@ -242,7 +243,7 @@ import tmerge, timm, torch
 torch.manual_seed(0)
 model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
 if sys.argv[1] != "none":
-    tmerge.apply(model, sys.argv[1], r=16)
+    tmerge.apply(model, tmerge.MergeConfig.of(sys.argv[1], r=16))
 compiled = torch.compile(model, fullgraph=True)
 x = torch.randn(2, 3, 224, 224)
 start = time.perf_counter()

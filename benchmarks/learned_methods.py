@@ -35,6 +35,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import tmerge  # noqa: E402
+from tmerge import MergeConfig
 from tmerge.data import FASHION_MNIST_CLASSES, extract_features, fashion_mnist, fit_linear_probe, model_transform, sample_views  # noqa: E402
 from tmerge.models import load_model  # noqa: E402
 from tmerge.models.adapters import SHIPPED_DIR, load_adapter, shipped_adapter_name  # noqa: E402
@@ -42,6 +43,7 @@ from tmerge.models.flops import count_flops  # noqa: E402
 from tmerge.profiling import latency as lat  # noqa: E402
 from tmerge.profiling.drift import output_drift  # noqa: E402
 from tmerge.profiling.profile import export_for_runtime  # noqa: E402
+from tmerge.runtime import create  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -58,15 +60,20 @@ def fmnist(model, split, indices):
     return torch.stack([transform(Image.fromarray(pixels[i])) for i in indices]), torch.from_numpy(labels[indices])
 
 
+def ort_forward(path, x, threads):
+    """One timed ONNX Runtime forward on ``x``, staged once (the profiler's timing options)."""
+    return create("onnxruntime", path, threads=threads, timing=True).prepare(x)
+
+
 def build(base, method, r):
-    model = tmerge.apply(copy.deepcopy(base), method, r=r)
+    model = tmerge.apply(copy.deepcopy(base), MergeConfig.of(method, r=r))
     if method in ("dtem", "ltm"):
         load_adapter(model, SHIPPED_DIR / shipped_adapter_name(method))
     return model.eval()
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, checked row by row against ToMe at the same r."""
+    """The learned methods' targets, checked row by row against ToMe at the same r."""
     tome = {row["r"]: row for row in rows if row["method"] == "tome"}
     checks = []
     for row in rows:
@@ -92,7 +99,7 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    """The README table: every row against ToMe at the same r (ratios in brackets)."""
+    """The benchmarks table: every row against ToMe at the same r (ratios in brackets)."""
     tome = {row["r"]: row for row in result["rows"] if row["method"] == "tome"}
     lines = ["| method | r | held-out photos cos. dist. (× ToMe) | Fashion-MNIST cos. dist. (× ToMe) | probe agreement "
              "| probe top-1 | FLOPs ratio | ORT latency ratio p50 (− ToMe) | ONNX nodes |",
@@ -148,7 +155,7 @@ def main() -> int:
     unmerged_runner = None
     if not args.no_latency:
         u = export_for_runtime(base, Path(tmp.name) / "unmerged.onnx", model_name="dinov2-s14")
-        unmerged_runner = lat.ort_runner(u["path"], x, "cpu", args.threads)
+        unmerged_runner = ort_forward(u["path"], x, args.threads)
     adapters = {}
     rows: list[dict] = []
     for r in args.r:
@@ -174,11 +181,11 @@ def main() -> int:
                 parity = e["parity"] or {}
                 row["export_max_abs_diff"] = parity.get("max_abs_diff") if isinstance(parity, dict) else None
                 row["onnx_nodes"] = len(onnx.load(e["path"]).graph.node)
-                runners[method] = lat.ort_runner(e["path"], x, "cpu", args.threads)
+                runners[method] = ort_forward(e["path"], x, args.threads)
             rows.append(row)
             log(json.dumps(row))
         if runners:
-            times = lat.time_interleaved({"unmerged": unmerged_runner.run, **{m: rn.run for m, rn in runners.items()}},
+            times = lat.time_interleaved({"unmerged": unmerged_runner, **runners},
                                          warmup=args.warmup, iters=args.iters)
             p50 = {name: lat.summarize(t, args.batch)["p50_ms"] for name, t in times.items()}
             for row in rows:

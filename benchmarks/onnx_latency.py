@@ -40,9 +40,10 @@ def export_model(arch: str, method: str, r: int | None, out: Path, batch: int, f
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False).eval()
     if method != "none":
-        tmerge.apply(model, method, r=r, merge_form=form)
+        tmerge.apply(model, tmerge.MergeConfig.of(method, r=r))
     t0, c0 = time.perf_counter(), time.process_time()
-    result = export_onnx(model, out, batch_size=batch, dynamic_batch=False, graph="portable", model_name=arch)
+    result = export_onnx(model, out, batch_size=batch, dynamic_batch=False, graph="portable", model_name=arch,
+                         merge_form=form if method != "none" else None)
     return {"path": out, "manifest": result.manifest, "export_wall_s": time.perf_counter() - t0,
             "export_cpu_s": time.process_time() - c0}
 

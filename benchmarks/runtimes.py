@@ -14,7 +14,7 @@ ratios of interleaved runs are meaningful.
 Also measured: the share of each merged ONNX model's time spent in the merge steps (every node that
 the exporter attributes to ``MergingBlocks`` outside the timm blocks: matching + merge + the
 proportional-attention bias), from ONNX Runtime's node profiler and OpenVINO's per-node counters;
-and the issue's acceptance check: the default export (ToMe r=16) run 40 times at batch 8 on one
+and a determinism check: the default export (ToMe r=16) run 40 times at batch 8 on one
 session with 2 threads in ONNX Runtime and OpenVINO, bit-identical and within 1e-4 of PyTorch.
 """
 
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import tmerge
-from tmerge import runtime
+from tmerge import MergeConfig, runtime
 from tmerge.export import export_onnx
 from tmerge.models import load_model
 from tmerge.models.flops import count_flops
@@ -131,7 +131,7 @@ def main() -> None:
         u_path = workdir / f"{model_label}-unmerged.onnx"
         export_onnx(unmerged, u_path, batch_size=2, dynamic_batch=True, verify=False)
         for method_label, (method, kwargs) in METHODS.items():
-            merged = tmerge.apply(copy.deepcopy(unmerged), method, **kwargs)
+            merged = tmerge.apply(copy.deepcopy(unmerged), MergeConfig.of(method, **kwargs))
             flops_ratio = count_flops(merged, shape)["per_image"] / flops_unmerged
             m_path = workdir / f"{model_label}-{method}.onnx"
             export_onnx(merged, m_path, batch_size=2, dynamic_batch=True, verify=False)
@@ -140,7 +140,7 @@ def main() -> None:
                 row = {"model": model_label, "method": method_label, "batch": batch, "flops_ratio": flops_ratio,
                        "load": os.getloadavg()[0]}
                 for rt in RUNTIMES:
-                    onnx_based = runtime.resolve(rt).takes == "onnx"
+                    onnx_based = runtime.find_backend(rt).takes == "onnx"
                     m = runtime.create(rt, m_path if onnx_based else merged, threads=THREADS, timing=True)
                     u = runtime.create(rt, u_path if onnx_based else unmerged, threads=THREADS, timing=True)
                     r = measure_pair(m.prepare(x), u.prepare(x), batch, device="cpu", backend=rt,

@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from tmerge import MergeConfig
 from tmerge.data.corpus import corpus_entries, corpus_views
 from tmerge.models import load_model
 from tmerge.models.adapters import SHIPPED_DIR, shipped_adapter_name
@@ -85,8 +86,9 @@ def main() -> int:
             "photos_sha256": hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest(),
             "seed": args.seed}
     lrs = {"dtem": args.lr_dtem, "ltm": args.lr_ltm}
-    extra = {"dtem": {} if args.dtem_straight_through else
-             {"options": {"relaxed": 1}, "anneal": {"tau2": (args.tau2_start, args.tau2_end)}}, "ltm": {}}
+    options = {"dtem": {} if args.dtem_straight_through else {"relaxed": 1}, "ltm": {}}
+    extra = {"dtem": {} if args.dtem_straight_through else {"anneal": {"tau2": (args.tau2_start, args.tau2_end)}},
+             "ltm": {}}
     report = {"args": vars(args), "adapters": {}}
     out_dir = Path(args.out)
     for method in args.methods:
@@ -94,7 +96,7 @@ def main() -> int:
         out = out_dir / shipped_adapter_name(method)
         model = load_model(None)
         summary = train_adapter(
-            model, method, images=images, teacher_outputs=teacher, out=out,
+            model, MergeConfig(method, options=options[method]), images=images, teacher_outputs=teacher, out=out,
             r_range=(args.r_min, args.r_max), steps=args.steps, batch_size=args.batch_size,
             lr=lrs[method], seed=args.seed, checkpoint_every=0, progress=False, eval_every=0,
             model_name="dinov2-s14", data_summary=data, merge_form="scatter",

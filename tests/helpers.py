@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tmerge  # (before timm)
+from tmerge import MergeConfig
 
 import numpy as np
 import timm
@@ -39,7 +40,7 @@ EXPORT_MODEL_KWARGS = ",".join(f"{k}={v}" for k, v in TINY_EXPORT.items())
 def tiny_export_model(variant: str = "plain", method: str = "tome", seed: int = 0, **apply_kwargs) -> torch.nn.Module:
     model = tiny_vit(variant, seed=seed, depth=2, num_classes=1000)
     if method != "none":
-        tmerge.apply(model, method, **({"r": 3} | apply_kwargs))
+        tmerge.apply(model, MergeConfig.of(method, **({"r": 3} | apply_kwargs)))
     return model
 
 
@@ -48,3 +49,22 @@ def run_ort(path, images: torch.Tensor) -> np.ndarray:
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return sess.run(None, {"images": images.numpy()})[0]
+
+
+def parse_merge_flags(flags: list[str]) -> tmerge.MergeConfig:
+    """``flags`` through the command line's own parser and merge option group: the MergeConfig a
+    command receives."""
+    from tmerge.cli.options import merge_options
+
+    import typer
+
+    app = typer.Typer()
+    seen = {}
+
+    @app.command()
+    @merge_options()
+    def command(merge: tmerge.MergeConfig) -> None:
+        seen["merge"] = merge
+
+    typer.main.get_command(app).main(list(flags), standalone_mode=False)
+    return seen["merge"]

@@ -2,8 +2,9 @@
 
 import tmerge
 from tests.helpers import TINY_VARIANTS, tiny_vit
+from tmerge import MergeConfig
 from tmerge.errors import TmergeError
-from tmerge.patch import MergingBlocks, merge_info
+from tmerge.patch import MergingBlocks, merge_info, using_merge_form
 
 import pytest
 import timm
@@ -18,11 +19,11 @@ def test_none_and_r0_are_bit_identical(variant, tiny_images):
     with torch.no_grad():
         ref = model(tiny_images)
         for method in ("tome", "pitome"):
-            tmerge.apply(model, method, adapter=None, r=0)
+            tmerge.apply(model, MergeConfig.of(method, adapter=None, r=0))
             assert torch.equal(model(tiny_images), ref)
-        tmerge.apply(model, "tome", r=4)
+        tmerge.apply(model, MergeConfig.of("tome", r=4))
         assert not torch.equal(model(tiny_images), ref)
-        tmerge.apply(model, "none")
+        tmerge.apply(model, MergeConfig.of("none"))
         assert torch.equal(model(tiny_images), ref)
     assert type(model.blocks) is torch.nn.Sequential and not hasattr(model, "tmerge_method")
 
@@ -31,7 +32,7 @@ def test_none_and_r0_are_bit_identical(variant, tiny_images):
 @pytest.mark.parametrize("method", ["tome", "pitome"])
 def test_token_counts_and_protected_prefix(variant, method, tiny_images):
     model = tiny_vit(variant)
-    tmerge.apply(model, method, adapter=None, r=3)
+    tmerge.apply(model, MergeConfig.of(method, adapter=None, r=3))
     with torch.no_grad(), model.blocks.recording_slots():
         model(tiny_images)
     p = model.num_prefix_tokens
@@ -45,7 +46,7 @@ def test_token_counts_and_protected_prefix(variant, method, tiny_images):
 def test_state_dict_keys_unchanged():
     model = tiny_vit("layerscale")
     keys = list(model.state_dict())
-    tmerge.apply(model, "tome", r=2)
+    tmerge.apply(model, MergeConfig.of("tome", r=2))
     assert list(model.state_dict()) == keys
 
 
@@ -63,15 +64,15 @@ def test_layerscale_and_qk_norm_are_kept():
         return seen[0]
 
     plain = input_of_last_block()
-    tmerge.apply(model, "tome", schedule=[0, 0, 2])
+    tmerge.apply(model, MergeConfig.of("tome", schedule=[0, 0, 2]))
     assert torch.equal(input_of_last_block(), plain)
-    tmerge.apply(model, "tome", schedule=[2, 0, 0])
+    tmerge.apply(model, MergeConfig.of("tome", schedule=[2, 0, 0]))
     assert input_of_last_block().shape[1] == 15
 
 
 def test_proportional_attention_mask_is_log_size():
     model = tiny_vit("plain")
-    tmerge.apply(model, "tome", r=4, prop_attn=True)
+    tmerge.apply(model, MergeConfig.of("tome", r=4, prop_attn=True))
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -90,13 +91,13 @@ def test_proportional_attention_mask_is_log_size():
     size = model.blocks.final_size
     assert torch.allclose(size.sum(1), torch.full((2, 1), 17.0))
     assert merge_info(model)["prop_attn"] is True
-    tmerge.apply(model, "pitome", r=4)
+    tmerge.apply(model, MergeConfig.of("pitome", r=4))
     assert merge_info(model)["prop_attn"] is False  # PiToMe's reference default
 
 
 def test_avg_pool_is_size_weighted():
     model = tiny_vit("avgpool")
-    tmerge.apply(model, "tome", r=4)
+    tmerge.apply(model, MergeConfig.of("tome", r=4))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = model.forward_features(x)
@@ -113,15 +114,15 @@ def test_any_schedule_runs_and_forms_agree(variant, method, schedule, form):
     model = tiny_vit(variant)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     try:
-        tmerge.apply(model, method, adapter=None, schedule=schedule)
+        tmerge.apply(model, MergeConfig.of(method, adapter=None, schedule=schedule))
     except TmergeError as e:  # an explicit entry the model cannot do is refused, never silently capped
         assert "is impossible at block" in str(e)
         return
     with torch.no_grad():
         out = model(x)
         info = merge_info(model)
-        tmerge.apply(model, method, adapter=None, schedule=schedule, merge_form=form)
-        out_form = model(x)
+        with using_merge_form(model, form):
+            out_form = model(x)
     assert torch.allclose(out, out_form, atol=1e-5)
     assert tmerge.tokens_per_layer(model) == info["tokens"]
     assert all(info["tokens"][i] - info["r"][i] == info["tokens"][i + 1] for i in range(3))
@@ -130,18 +131,18 @@ def test_any_schedule_runs_and_forms_agree(variant, method, schedule, form):
 def test_errors():
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=2)
     with pytest.raises(TmergeError, match="^tmerge supports timm VisionTransformer models .* got ResNet$"):
-        tmerge.apply(resnet, "tome", r=2)
+        tmerge.apply(resnet, MergeConfig.of("tome", r=2))
     model = tiny_vit("plain")
     with pytest.raises(TmergeError, match="^unknown method 'fast'; available: none, (.*, )?pitome, tome"):
-        tmerge.apply(model, "fast", r=2)
+        tmerge.apply(model, MergeConfig.of("fast", r=2))
     with pytest.raises(TmergeError, match=r"^unknown option\(s\) for method tome: margin \(known: none\)$"):
-        tmerge.apply(model, "tome", r=2, margin=0.5)
+        tmerge.apply(model, MergeConfig.of("tome", r=2, margin=0.5))
     with pytest.raises(TmergeError, match="^r must be >= 0, got -3$"):
-        tmerge.apply(model, "tome", r=-3)
+        tmerge.apply(model, MergeConfig.of("tome", r=-3))
     with pytest.raises(TmergeError, match="attention-pool heads"):
-        tmerge.apply(tiny_vit("plain", global_pool="map"), "tome", r=2)
+        tmerge.apply(tiny_vit("plain", global_pool="map"), MergeConfig.of("tome", r=2))
     assert not isinstance(model.blocks, MergingBlocks)  # failed applies leave the model untouched
-    dynamic = tmerge.apply(tiny_vit("plain", dynamic_img_size=True), "tome", r=2)
+    dynamic = tmerge.apply(tiny_vit("plain", dynamic_img_size=True), MergeConfig.of("tome", r=2))
     with pytest.raises(TmergeError, match="resolved for 17 tokens but the input has 65"):
         dynamic(torch.randn(1, 3, 64, 64))
 
@@ -149,7 +150,7 @@ def test_errors():
 def test_merge_step_strategy_is_scoped(tiny_images):
     from tmerge.patch import ReplayStep, eager_merge_step
 
-    model = tmerge.apply(tiny_vit("plain"), "tome", r=3)
+    model = tmerge.apply(tiny_vit("plain"), MergeConfig.of("tome", r=3))
     with torch.no_grad(), model.blocks.recording_slots():
         reference = model(tiny_images)
         slots = list(model.blocks.last_slots)

@@ -21,7 +21,6 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "openvino": ("openvino", "onnx"),
     "tensorrt": ("tensorrt", "trt"),
     "matplotlib": ("matplotlib", "report"),
-    "triton": ("triton", "gpu"),
     "skimage": ("scikit-image", "data"),
     "sklearn": ("scikit-learn", "data"),
     "PIL": ("pillow", "data"),

@@ -10,7 +10,9 @@ own attention.
 The merge step itself is a *strategy* held by :class:`MergingBlocks` (``blocks.merge_step``):
 :func:`eager_merge_step` (the method chooses, the shared primitive merges) unless a caller swaps it
 for the duration of a ``with blocks.using(step):`` block — the exporter's instrumented step, or
-:class:`ReplayStep`, which merges with given per-layer slots instead of choosing.
+:class:`ReplayStep`, which merges with given per-layer slots instead of choosing. The ops of the
+merge (the merge form, :data:`tmerge.merging.ops.MERGE_FORMS`) are an export's choice, not the
+model's: the default form unless an export runs the model ``with using_merge_form(model, form):``.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import types
-from typing import Any, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from .config import MergeConfig
 from .errors import TmergeError
 from .merging import BlockInput, MergeMethod, MergePlan, merge_slots, merge_tokens, opaque, registry
-from .merging.ops import MERGE_FORMS
-from .schedule import ResolvedSchedule, make_spec, resolve
+from .merging.ops import DEFAULT_FORM
+from .schedule import ResolvedSchedule, ScheduleSpec, resolve
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "")
 
@@ -38,7 +41,7 @@ class MergeStep(Protocol):
     def __call__(self, method: MergeMethod, block: BlockInput, form: str) -> tuple[Tensor, Tensor, MergePlan | Tensor]: ...
 
 
-def eager_merge_step(method: MergeMethod, block: BlockInput, form: str = "gather"
+def eager_merge_step(method: MergeMethod, block: BlockInput, form: str = DEFAULT_FORM
                      ) -> tuple[Tensor, Tensor, MergePlan]:
     """The default step: the method chooses, the shared primitive merges. Returns (x, size, plan)."""
     plan = method.plan(block)
@@ -75,10 +78,10 @@ class MergingBlocks(nn.Sequential):
     """Drop-in replacement for ``model.blocks`` that merges ``schedule.r[l]`` tokens in block l."""
 
     def __init__(self, blocks: nn.Sequential, method: MergeMethod, schedule: ResolvedSchedule,
-                 num_prefix: int, prop_attn: bool, merge_form: str = "gather") -> None:
+                 num_prefix: int, prop_attn: bool) -> None:
         super().__init__(*blocks)
-        # Not a submodule of the sequence (nn.Sequential runs every child): the model owns it as
-        # ``model.tmerge_method`` so learned methods' parameters live in the model's state dict.
+        # Not a submodule of the sequence (nn.Sequential runs every child): the model owns it (see
+        # METHOD_ATTR) so learned methods' parameters live in the model's state dict.
         object.__setattr__(self, "method", method)
         self.num_prefix = num_prefix
         self._const_keys: dict[int, tuple] = {}
@@ -86,7 +89,7 @@ class MergingBlocks(nn.Sequential):
         self._opaque_args = opaque.opaque_args(method)
         self.schedule = schedule
         self.prop_attn = prop_attn
-        self.merge_form = merge_form
+        self.merge_form = DEFAULT_FORM  # an export's choice, set only for its duration (using_merge_form)
         self.merge_step: MergeStep = eager_merge_step
         self.record_slots = False
         self.last_tokens: list[int] = []
@@ -157,6 +160,15 @@ class MergingBlocks(nn.Sequential):
             self._keys.clear()  # a failed forward may leave captured keys behind
 
     @contextlib.contextmanager
+    def using_merge_form(self, form: str) -> Iterator[MergingBlocks]:
+        """Merge with ``form``'s ops (an export's merge form) inside the ``with`` block."""
+        saved, self.merge_form = self.merge_form, form
+        try:
+            yield self
+        finally:
+            self.merge_form = saved
+
+    @contextlib.contextmanager
     def recording_slots(self) -> Iterator[MergingBlocks]:
         """Keep every merging block's slots in ``last_slots`` during the ``with`` block."""
         saved, self.record_slots = self.record_slots, True
@@ -214,6 +226,16 @@ class MergingBlocks(nn.Sequential):
         return x
 
 
+# The attribute under which a patched model owns its merge method: a submodule, so a learned
+# method's parameters are in the model's state dict (keys "<METHOD_ATTR>.*"). Read it with merge_method().
+METHOD_ATTR = "tmerge_method"
+
+
+def merge_method(model: nn.Module) -> MergeMethod | None:
+    """The merge method patched into ``model``, else None."""
+    return getattr(model, METHOD_ATTR, None)
+
+
 def merging_blocks(model: nn.Module) -> MergingBlocks | None:
     """``model.blocks`` when the model is patched, else None."""
     blocks = getattr(model, "blocks", None)
@@ -228,6 +250,18 @@ def unmerged(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     with blocks.unmerged():
+        yield model
+
+
+@contextlib.contextmanager
+def using_merge_form(model: nn.Module, form: str | None) -> Iterator[nn.Module]:
+    """Run a patched model's merges with ``form``'s ops inside the ``with`` block (what an export
+    traces, and what its parity checks compare with); None, or an unpatched model: as it is."""
+    blocks = merging_blocks(model)
+    if blocks is None or form is None:
+        yield model
+        return
+    with blocks.using_merge_form(form):
         yield model
 
 
@@ -280,66 +314,52 @@ def unpatch(model: nn.Module) -> nn.Module:
         blocks.remove_hooks()
         model.blocks = nn.Sequential(*blocks)
         model.__dict__.pop("pool", None)
-        del model.tmerge_method
+        delattr(model, METHOD_ATTR)
     return model
 
 
-def apply(
-    model: nn.Module,
-    method: str | MergeMethod,
-    *,
-    r: Any = None,
-    schedule: Any = None,
-    keep_ratio: float | None = None,
-    prop_attn: bool | None = None,
-    merge_form: str = "gather",
-    **method_options: Any,
-) -> nn.Module:
-    """Patch a timm VisionTransformer in place to merge tokens; returns the same model.
+def apply(model: nn.Module, merge: MergeConfig) -> nn.Module:
+    """Patch a timm VisionTransformer in place to merge tokens as ``merge`` says; returns the same model.
 
-    ``method`` is a registered name (``tmerge.merging.available()``), ``"none"``, or a constructed
-    :class:`MergeMethod`. Exactly one of ``r`` (int, ``(r, inflection)`` or a list), ``schedule``
-    (list or "8,8,4") or ``keep_ratio`` sets the reduction schedule. ``prop_attn=None`` uses the
-    method's default (on for ToMe, off for PiToMe, always off by default for MAE-style weights).
-    ``merge_form`` picks the ops an exported graph merges with (see
-    :func:`tmerge.merging.ops.merge_tokens`): ``"gather"`` (default: exact and deterministic on every runtime),
-    ``"scatter"`` (ScatterElements, what TensorRT parses) or ``"onehot"`` (no scatter).
-    ``method="none"`` restores the unmodified model.
+    Method, schedule, proportional attention (None: the method's default, always off for MAE-style
+    weights) and options come from ``merge``; its adapter is not loaded here (see
+    :func:`tmerge.apply`: learned methods stay untrained). Method ``"none"`` restores the
+    unmodified model.
     """
     unpatch(model)
-    schedule_given = [n for n, v in (("r", r), ("schedule", schedule), ("keep_ratio", keep_ratio)) if v is not None]
-    if method == "none":
-        if method_options:
-            raise TmergeError(f"method 'none' takes no options (got {', '.join(sorted(method_options))})")
-        if schedule_given:
-            raise TmergeError(f"method 'none' merges nothing: drop {', '.join(schedule_given)}")
+    if merge.method == "none":
         return model
-    if not schedule_given:
-        name = method.name if isinstance(method, MergeMethod) else method
-        raise TmergeError(f"method {name!r} needs a schedule: give r, schedule or keep_ratio (r=0 merges nothing)")
+    if merge.schedule is None:
+        raise TmergeError(f"method {merge.method!r} needs a schedule: give r, schedule or keep_ratio (r=0 merges nothing)")
     _check_supported(model)
-    if merge_form not in MERGE_FORMS:
-        raise TmergeError(f"merge_form must be one of {', '.join(MERGE_FORMS)}, got {merge_form!r}")
-    requested = make_spec(r=r, schedule=schedule, keep_ratio=keep_ratio)
     depth = len(model.blocks)
-    if isinstance(method, MergeMethod):
-        if method_options:
-            raise TmergeError("pass options to the method's constructor when giving a MergeMethod instance")
-        merger = method
-    else:
-        merger = registry.get(method)(depth, **method_options)
+    merger = registry.get(merge.method)(depth, **merge.options)
     num_prefix = model.num_prefix_tokens
     num_tokens = model.patch_embed.num_patches + num_prefix
-    resolved = resolve(requested, depth, num_tokens, num_prefix, merger.max_r)
+    resolved = resolve(merge.schedule, depth, num_tokens, num_prefix, merger.max_r)
+    prop_attn = merge.prop_attn
     if prop_attn is None:
         prop_attn = merger.prop_attn_default and not _is_mae_style(model)
     original_pool = model.pool
-    model.blocks = MergingBlocks(model.blocks, merger, resolved, num_prefix, bool(prop_attn), merge_form)
-    model.tmerge_method = merger
+    model.blocks = MergingBlocks(model.blocks, merger, resolved, num_prefix, bool(prop_attn))
+    setattr(model, METHOD_ATTR, merger)
     model.pool = _size_weighted_pool(model, original_pool)
     merger.train(model.training)
     merger.bind(model)
     return model
+
+
+def set_schedule(model: nn.Module, spec: ScheduleSpec) -> None:
+    """Resolve ``spec`` against a patched model and merge with it from now on, in place: the method
+    (and what it learned) stays, bound again to the new schedule in its current mode."""
+    blocks = merging_blocks(model)
+    if blocks is None:
+        raise TmergeError("set_schedule needs a merged model (tmerge.apply first)")
+    method = blocks.method
+    blocks.schedule = resolve(spec, len(blocks), blocks.schedule.tokens[0], blocks.num_prefix, method.max_r)
+    training = method.training
+    method.bind(model)  # re-reads the schedule (DTEM: live tokens); bind follows the model's mode
+    method.train(training)
 
 
 def merge_info(model: nn.Module) -> dict:
@@ -352,7 +372,6 @@ def merge_info(model: nn.Module) -> dict:
     return {
         **blocks.method.describe(),
         "prop_attn": blocks.prop_attn,
-        "merge_form": blocks.merge_form,
         "schedule": blocks.schedule.spec.describe(),
         "r": list(blocks.schedule.r),
         "tokens": list(blocks.schedule.tokens),

@@ -15,7 +15,8 @@ from .errors import TmergeError
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    """What the user asked for; exactly one of the fields is set.
+    """What the user asked for; exactly one of ``r``, ``per_layer`` and ``keep_ratio`` is set, and
+    every value is checked when the spec is made (a one-line TmergeError).
 
     - ``r``: a constant number of tokens per block;
     - ``r`` with ``inflection``: ToMe's linear ramp around ``r`` (inflection 0 = constant);
@@ -27,6 +28,36 @@ class ScheduleSpec:
     inflection: float | None = None
     keep_ratio: float | None = None
     per_layer: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.inflection is not None and self.r is None:
+            raise TmergeError("--inflection needs --r")
+        given = [name for name, v in (("r", self.r), ("schedule", self.per_layer), ("keep_ratio", self.keep_ratio))
+                 if v is not None]
+        if len(given) > 1:
+            raise TmergeError(f"give only one of r, schedule, keep_ratio (got {', '.join(given)})")
+        if not given:
+            raise TmergeError("a schedule needs one of r, schedule or keep_ratio")
+        if self.keep_ratio is not None:
+            k = self.keep_ratio
+            if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+                raise TmergeError(f"keep_ratio must be in (0, 1], got {k!r}")
+            object.__setattr__(self, "keep_ratio", float(k))
+        if self.per_layer is not None:
+            values = tuple(self.per_layer)
+            if not values:
+                raise TmergeError("schedule is empty; give one r per block, e.g. 8,8,4")
+            for v in values:
+                _check_r(v, "schedule entries")
+            object.__setattr__(self, "per_layer", tuple(int(v) for v in values))
+        if self.r is not None:
+            _check_r(self.r, "r")
+            object.__setattr__(self, "r", int(self.r))
+        if self.inflection is not None:
+            i = self.inflection
+            if isinstance(i, bool) or not isinstance(i, (int, float)) or not -1 <= i <= 1:
+                raise TmergeError(f"inflection must be in [-1, 1], got {i!r}")
+            object.__setattr__(self, "inflection", float(i))
 
     def describe(self) -> str:
         if self.per_layer is not None:
@@ -60,44 +91,27 @@ class ResolvedSchedule:
 
 
 def make_spec(
-    r: int | Sequence[int] | tuple[int, float] | None = None,
+    r: int | None = None,
+    inflection: float | None = None,
     schedule: Sequence[int] | str | None = None,
     keep_ratio: float | None = None,
-) -> ScheduleSpec:
-    """Validate the user's choice (at most one of r / schedule / keep_ratio) into a ScheduleSpec.
+) -> ScheduleSpec | None:
+    """The user's loose choice (at most one of r / schedule / keep_ratio; ``inflection`` with ``r``)
+    as a checked ScheduleSpec; None when nothing is given.
 
-    ``r`` may be an int, an ``(r, inflection)`` pair, or a list (same as ``schedule``); ``schedule`` may
-    be a list of ints or a comma-separated string. Nothing given means r = 0.
+    ``schedule`` may be a list of ints or a comma-separated string ("8,8,4").
     """
-    given = [name for name, v in (("r", r), ("schedule", schedule), ("keep_ratio", keep_ratio)) if v is not None]
-    if len(given) > 1:
-        raise TmergeError(f"give only one of r, schedule, keep_ratio (got {', '.join(given)})")
-    if keep_ratio is not None:
-        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
-            raise TmergeError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-        return ScheduleSpec(keep_ratio=float(keep_ratio))
-    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
-        _check_r(r[0], "r")
-        if not -1 <= r[1] <= 1:
-            raise TmergeError(f"inflection must be in [-1, 1], got {r[1]!r}")
-        return ScheduleSpec(r=int(r[0]), inflection=float(r[1]))
-    if isinstance(r, (list, tuple)):
-        schedule, r = r, None
-    if schedule is not None:
-        if isinstance(schedule, str):
-            try:
-                schedule = [int(v) for v in schedule.replace(" ", "").split(",")]
-            except ValueError:
-                raise TmergeError(f"schedule must be a comma-separated list of integers, got {schedule!r}") from None
-        values = tuple(schedule)
-        if not values:
-            raise TmergeError("schedule is empty; give one r per block, e.g. 8,8,4")
-        for v in values:
-            _check_r(v, "schedule entries")
-        return ScheduleSpec(per_layer=values)
-    r = 0 if r is None else r
-    _check_r(r, "r")
-    return ScheduleSpec(r=int(r))
+    if inflection is not None and r is None:
+        raise TmergeError("--inflection needs --r")
+    if isinstance(schedule, str) and r is None and keep_ratio is None:
+        try:
+            schedule = [int(v) for v in schedule.replace(" ", "").split(",")]
+        except ValueError:
+            raise TmergeError(f"schedule must be a comma-separated list of integers, got {schedule!r}") from None
+    if r is None and schedule is None and keep_ratio is None:
+        return None
+    return ScheduleSpec(r=r, inflection=inflection, keep_ratio=keep_ratio,
+                        per_layer=None if schedule is None else tuple(schedule))
 
 
 def _check_r(value, what: str) -> None:

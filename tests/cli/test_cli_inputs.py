@@ -153,10 +153,10 @@ def test_export_defaults_line_up_with_profile_and_record_absolute_paths(tmp_path
 
 def test_offline_pretrained_fails_fast(capsys, monkeypatch):
     """Finding 10: without a reachable hub, --pretrained fails at once in one line (no retries)."""
-    import tmerge.models as models
+    from tmerge.models import hub
 
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
-    monkeypatch.setattr(models, "_in_hub_cache", lambda name: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "in_hub_cache", lambda name: False)
     start = time.perf_counter()
     refused(capsys, ["profile", "--model", "vit_tiny_patch16_224", "--pretrained", "--r", "2", *FAST_PROFILE],
             "is unreachable; offline, pass --checkpoint")

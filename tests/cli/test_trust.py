@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tests.profiling.test_check import synthetic_report
+from tmerge import MergeConfig
 from tmerge._io import write_files
 from tmerge.cli import main
 from tmerge.errors import TmergeError
@@ -240,7 +241,7 @@ def test_tune_prefers_less_drift_when_the_speed_gain_is_noise():
     unmerged = list(1.0 + rng.normal(0, 0.05, 16))
 
     def entry(label, ratio, held_out):
-        e = Entry(Candidate("tome", "r", 1.0, True, r=int(label)), flops_ratio=ratio)
+        e = Entry(Candidate(MergeConfig.of("tome", r=int(label), prop_attn=True), "r", 1.0), flops_ratio=ratio)
         e.times = [u * ratio * (1 + rng.normal(0, 0.05)) for u in unmerged]
         e.reference_times = list(unmerged)
         e.drift = {"calibration": held_out, "held_out": held_out}

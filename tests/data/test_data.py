@@ -149,7 +149,7 @@ def test_fashion_mnist_raw_arrays():
 
 
 def test_fashion_mnist_missing_names_the_apt_package(tmp_path, monkeypatch, model):
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr(data.mnist, "FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(TmergeError, match="apt-get install -y dataset-fashion-mnist"):
         data.load_images("fashion-mnist", model, n=5)
 

@@ -13,6 +13,7 @@ from tests.helpers import EXPORT_ARCH as ARCH
 from tests.helpers import EXPORT_MODEL_KWARGS as MODEL_KWARGS
 from tests.helpers import TINY_EXPORT, run_ort
 from tests.helpers import tiny_export_model as tiny
+from tmerge import MergeConfig, ModelSpec
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def test_cli_export_avg_pool_static_batch_with_checkpoint(checkpoint, tmp_path, 
     reductions = [a.s for n in proto.graph.node if n.op_type == "ScatterElements" for a in n.attribute
                   if a.name == "reduction"]
     assert b"add" not in reductions  # the merge itself is a matmul, no ScatterElements(add)
-    tmerge.apply(reference, "tome", r=2)
+    tmerge.apply(reference, MergeConfig.of("tome", r=2))
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert np.abs(run_ort(out, images) - reference(images).numpy()).max() <= 1e-4
@@ -94,7 +95,7 @@ def test_cli_export_rich_summary(exported, tmp_path, capsys, monkeypatch):
     import tmerge.cli.commands.export as export_command
 
     _, result = exported("plugin", "tome")
-    monkeypatch.setattr(export_command, "export", lambda **kwargs: result)
+    monkeypatch.setattr(export_command, "export", lambda merge, **kwargs: result)
     rc = main(["export", *TINY_ARGS, "--r", "3", "--graph", "plugin", "--out", str(tmp_path / "x.onnx")])
     out = capsys.readouterr().out
     assert rc == 0 and "ONNX parity" in out and "tmerge::BipartiteMerge" in out and "GFLOPs" in out
@@ -196,5 +197,10 @@ def test_python_api_errors(tmp_path):
     with pytest.raises(TmergeError, match="batch"):
         export_onnx(model, tmp_path / "a.onnx", batch_size=0)
     with pytest.raises(TmergeError, match="unknown method"):
-        export(model_name=ARCH, model_kwargs=TINY_EXPORT, method="nope", r=2, out=tmp_path / "a.onnx")
+        export(MergeConfig.of("nope", r=2), model=ModelSpec(ARCH, TINY_EXPORT), out=tmp_path / "a.onnx")
+    with pytest.raises(TmergeError, match="^merge_form must be one of gather, scatter, onehot, got 'bogus'$"):
+        export(MergeConfig.of("tome", r=2), model=ModelSpec(ARCH, TINY_EXPORT), out=tmp_path / "a.onnx",
+               merge_form="bogus")
+    with pytest.raises(TmergeError, match="^--merge-form applies to merged models"):
+        export_onnx(tiny("plain", "none"), tmp_path / "a.onnx", merge_form="onehot")
     assert list(tmp_path.iterdir()) == []

@@ -140,7 +140,7 @@ def test_r_at_its_cap_exports_without_zero_size_tensors(method, tmp_path):
 import tmerge, onnx
 from tests.helpers import tiny_vit
 from tmerge.export import export_onnx
-model = tmerge.apply(tiny_vit("plain"), "{method}", r=8)  # 17 tokens: 8 is the cap of block 0
+model = tmerge.apply(tiny_vit("plain"), tmerge.MergeConfig.of("{method}", r=8))  # 17 tokens: 8 is the cap of block 0
 result = export_onnx(model, r"{tmp_path / 'capped.onnx'}", batch_size=2, dynamic_batch=False)
 graph = onnx.shape_inference.infer_shapes(onnx.load(str(result.path)))
 dims = [d.dim_value for v in graph.graph.value_info for d in v.type.tensor_type.shape.dim if d.HasField("dim_value")]

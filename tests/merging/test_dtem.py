@@ -6,7 +6,10 @@ import copy
 
 import tmerge
 from tests.helpers import tiny_vit
+from tmerge import MergeConfig
 from tmerge.merging.methods.dtem import DTEM, soft_top_r
+from tmerge.patch import set_schedule
+from tmerge.schedule import ScheduleSpec
 
 import pytest
 import torch
@@ -21,8 +24,8 @@ def _run(model, x):
 @pytest.mark.parametrize("variant", ["plain", "distilled", "registers", "avgpool"])
 def test_untrained_dtem_equals_tome(variant, tiny_images):
     base = tiny_vit(variant)
-    tome = tmerge.apply(copy.deepcopy(base), "tome", r=3)
-    dtem = tmerge.apply(copy.deepcopy(base), "dtem", adapter=None, r=3)
+    tome = tmerge.apply(copy.deepcopy(base), MergeConfig.of("tome", r=3))
+    dtem = tmerge.apply(copy.deepcopy(base), MergeConfig.of("dtem", adapter=None, r=3))
     assert not dtem.tmerge_method.training  # follows the eval-mode model
     out_t, plans_t = _run(tome, tiny_images)
     out_d, plans_d = _run(dtem, tiny_images)
@@ -35,8 +38,8 @@ def test_untrained_dtem_equals_tome(variant, tiny_images):
 def test_wide_embedding_equals_tome(tiny_images):
     base = tiny_vit("plain")
     head_dim = base.blocks[0].attn.head_dim
-    tome = tmerge.apply(copy.deepcopy(base), "tome", r=3)
-    dtem = tmerge.apply(copy.deepcopy(base), "dtem", adapter=None, r=3, feat_dim=2 * head_dim)
+    tome = tmerge.apply(copy.deepcopy(base), MergeConfig.of("tome", r=3))
+    dtem = tmerge.apply(copy.deepcopy(base), MergeConfig.of("dtem", adapter=None, r=3, feat_dim=2 * head_dim))
     assert dtem.tmerge_method.embed[0].out_features == 2 * head_dim
     _, plans_t = _run(tome, tiny_images)
     _, plans_d = _run(dtem, tiny_images)
@@ -44,27 +47,27 @@ def test_wide_embedding_equals_tome(tiny_images):
 
 
 def test_qk_norm_is_documented_as_inexact():
-    model = tmerge.apply(tiny_vit("layerscale"), "dtem", adapter=None, r=2)
+    model = tmerge.apply(tiny_vit("layerscale"), MergeConfig.of("dtem", adapter=None, r=2))
     assert not model.tmerge_method.exact_init
 
 
 def test_parameters_in_state_dict_and_rebind_keeps_them():
-    model = tmerge.apply(tiny_vit("plain"), "dtem", adapter=None, r=2)
+    model = tmerge.apply(tiny_vit("plain"), MergeConfig.of("dtem", adapter=None, r=2))
     keys = [k for k in model.state_dict() if k.startswith("tmerge_method.")]
     assert keys and all(".embed." in k for k in keys)
     method = model.tmerge_method
     with torch.no_grad():
         method.embed[0].weight.add_(1.0)
     saved = method.embed[0].weight.clone()
-    tmerge.apply(model, method, adapter=None, r=2)  # re-applying a trained instance keeps what it learned
-    assert torch.equal(model.tmerge_method.embed[0].weight, saved)
+    set_schedule(model, ScheduleSpec(r=2))  # binding a trained instance again keeps what it learned
+    assert model.tmerge_method is method and torch.equal(model.tmerge_method.embed[0].weight, saved)
     with pytest.raises(tmerge.TmergeError, match="feat_dim"):
-        tmerge.apply(tiny_vit("plain"), "dtem", adapter=None, r=2, feat_dim=4)
+        tmerge.apply(tiny_vit("plain"), MergeConfig.of("dtem", adapter=None, r=2, feat_dim=4))
 
 
 @pytest.mark.parametrize("variant", ["plain", "distilled", "avgpool"])
 def test_soft_training_merge_keeps_all_tokens(variant, tiny_images):
-    model = tmerge.apply(tiny_vit(variant), "dtem", adapter=None, r=3, relaxed=1)
+    model = tmerge.apply(tiny_vit(variant), MergeConfig.of("dtem", adapter=None, r=3, relaxed=1))
     for p in model.parameters():
         p.requires_grad_(False)
     method = model.tmerge_method
@@ -86,7 +89,7 @@ def test_soft_training_merge_keeps_all_tokens(variant, tiny_images):
 @pytest.mark.parametrize("variant", ["plain", "distilled", "registers", "avgpool"])
 def test_straight_through_training_forward_is_the_hard_merge(variant, tiny_images):
     """Default training merge: ToMe's forward on the learned metric, gradients from the relaxation."""
-    model = tmerge.apply(tiny_vit(variant), "dtem", adapter=None, r=3)
+    model = tmerge.apply(tiny_vit(variant), MergeConfig.of("dtem", adapter=None, r=3))
     model.requires_grad_(False)
     method = model.tmerge_method
     method.requires_grad_(True)
@@ -128,7 +131,7 @@ def test_export_both_forms(form, tmp_path):
 
     if form == "plugin" and "dtem" not in spec.OP_TYPES:
         pytest.skip("the plugin spec does not map dtem to tmerge::BipartiteMerge yet")
-    model = tmerge.apply(tiny_vit("plain"), "dtem", adapter=None, r=3).eval()
+    model = tmerge.apply(tiny_vit("plain"), MergeConfig.of("dtem", adapter=None, r=3)).eval()
     torch.manual_seed(3)
     with torch.no_grad():  # a "trained" embedding: not the key projection any more
         for lin in model.tmerge_method.embed:

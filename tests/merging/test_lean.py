@@ -7,6 +7,7 @@ import copy
 
 import tmerge
 from tests.helpers import tiny_vit
+from tmerge import MergeConfig
 from tmerge.profiling.counts import merging_layers, onnx_nodes_per_merging_block, ops_per_merging_block, top_level_ops
 
 import pytest
@@ -24,7 +25,7 @@ NODES_PER_BLOCK = {"tome": 40, "pitome": 48}  # portable ONNX graph
 @pytest.mark.parametrize("variant", ["plain", "registers", "distilled"])
 @pytest.mark.parametrize("method", ["tome", "pitome"])
 def test_top_level_ops_per_merging_block(method, variant):
-    model = tmerge.apply(tiny_vit(variant, **VIT_B_TOKENS), method, r=16)
+    model = tmerge.apply(tiny_vit(variant, **VIT_B_TOKENS), MergeConfig.of(method, r=16))
     counts = ops_per_merging_block(model, torch.randn(2, 3, 224, 224))
     assert counts["blocks"] == 3
     assert counts["per_block"] <= OPS_PER_BLOCK[method], counts["added"]
@@ -33,7 +34,7 @@ def test_top_level_ops_per_merging_block(method, variant):
 def test_the_forward_creates_no_index_tensor_and_reads_nothing_back():
     """Index constants come from buffers built once per schedule (a sort's own internal index range
     is not ours: only top-level ops count)."""
-    model = tmerge.apply(tiny_vit("registers", **VIT_B_TOKENS), "pitome", r=16, prop_attn=True)
+    model = tmerge.apply(tiny_vit("registers", **VIT_B_TOKENS), MergeConfig.of("pitome", r=16, prop_attn=True))
     ops = top_level_ops(model, torch.randn(2, 3, 224, 224))
     created = set(ops) & {"aten::arange", "aten::eye", "aten::lift_fresh", "aten::scalar_tensor", "aten::item",
                           "aten::_local_scalar_dense", "aten::nonzero", "aten::zeros", "aten::ones", "aten::full",
@@ -45,7 +46,7 @@ def test_the_forward_creates_no_index_tensor_and_reads_nothing_back():
 @pytest.mark.parametrize("variant", ["plain", "registers", "distilled", "avgpool"])
 def test_merged_forward_runs_on_the_meta_device(method, variant):
     """No value is read back on the host: the whole forward runs without data."""
-    model = tmerge.apply(tiny_vit(variant), method, r=3, **UNTRAINED).to("meta")
+    model = tmerge.apply(tiny_vit(variant), MergeConfig.of(method, r=3, **UNTRAINED)).to("meta")
     with torch.no_grad():
         out = model(torch.randn(2, 3, 32, 32, device="meta"))
     assert out.shape == (2, 10) and out.device.type == "meta"
@@ -56,7 +57,7 @@ def test_merged_forward_runs_on_the_meta_device(method, variant):
 def test_no_host_sync_on_cuda(method):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    model = tmerge.apply(tiny_vit("registers"), method, r=3, **UNTRAINED).cuda()
+    model = tmerge.apply(tiny_vit("registers"), MergeConfig.of(method, r=3, **UNTRAINED)).cuda()
     x = torch.randn(2, 3, 32, 32, device="cuda")
     with torch.no_grad():
         model(x)  # lazy initialisation outside the check
@@ -70,7 +71,7 @@ def test_no_host_sync_on_cuda(method):
 def test_index_constants_are_buffers_built_once_outside_the_state_dict():
     base = tiny_vit("registers")
     keys = set(base.state_dict())
-    model = tmerge.apply(copy.deepcopy(base), "tome", r=3)
+    model = tmerge.apply(copy.deepcopy(base), MergeConfig.of("tome", r=3))
     assert set(model.state_dict()) == keys
     blocks = model.blocks
     assert sorted(blocks.constants(0)) == ["a_tok", "b_route", "b_tok", "keep_fixed", "prefix"]
@@ -90,7 +91,7 @@ def test_portable_onnx_nodes_per_merging_block(method):
     from tmerge.export.instrument import build_graph
 
     base = tiny_vit("plain", depth=4)
-    model = tmerge.apply(copy.deepcopy(base), method, r=2)
+    model = tmerge.apply(copy.deepcopy(base), MergeConfig.of(method, r=2))
     merged, _ = build_graph(model, with_slots=False)
     unmerged, _ = build_graph(base, with_slots=False)
     counts = onnx_nodes_per_merging_block(merged, unmerged, len(merging_layers(model)))
@@ -99,7 +100,7 @@ def test_portable_onnx_nodes_per_merging_block(method):
 
 @pytest.mark.parametrize("method", ["tome", "pitome", "dtem"])
 def test_torch_compile_sees_each_merge_as_one_opaque_op(method):
-    model = tmerge.apply(tiny_vit("plain"), method, r=3, **UNTRAINED).eval()
+    model = tmerge.apply(tiny_vit("plain"), MergeConfig.of(method, r=3, **UNTRAINED)).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         explained = torch._dynamo.explain(model)(x)

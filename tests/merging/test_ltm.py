@@ -6,6 +6,7 @@ import copy
 
 import tmerge
 from tests.helpers import tiny_vit
+from tmerge import MergeConfig
 from tmerge.merging.methods.ltm import cluster_assign, ib_loss, kmeans
 
 import pytest
@@ -26,8 +27,8 @@ def _perturb(model, seed=3):
 @pytest.mark.parametrize("variant", ["plain", "distilled", "registers", "avgpool", "layerscale"])
 def test_untrained_ltm_equals_tome(variant, tiny_images):
     base = tiny_vit(variant)
-    tome = tmerge.apply(copy.deepcopy(base), "tome", r=3)
-    ltm = tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=3)
+    tome = tmerge.apply(copy.deepcopy(base), MergeConfig.of("tome", r=3))
+    ltm = tmerge.apply(copy.deepcopy(base), MergeConfig.of("ltm", adapter=None, r=3))
     with torch.no_grad():
         torch.testing.assert_close(ltm(tiny_images), tome(tiny_images), rtol=0, atol=1e-6)
     assert ltm.blocks.last_tokens == tome.blocks.last_tokens
@@ -35,8 +36,8 @@ def test_untrained_ltm_equals_tome(variant, tiny_images):
 
 def test_learned_mask_spreads_and_conserves_size(tiny_images):
     base = tiny_vit("plain")
-    tome = tmerge.apply(copy.deepcopy(base), "tome", r=3)
-    ltm = _perturb(tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=3, topk=3))
+    tome = tmerge.apply(copy.deepcopy(base), MergeConfig.of("tome", r=3))
+    ltm = _perturb(tmerge.apply(copy.deepcopy(base), MergeConfig.of("ltm", adapter=None, r=3, topk=3)))
     with torch.no_grad(), ltm.blocks.recording_slots(), tome.blocks.recording_slots():
         out = ltm(tiny_images)
         ref = tome(tiny_images)
@@ -49,7 +50,7 @@ def test_learned_mask_spreads_and_conserves_size(tiny_images):
 
 
 def test_gradients_reach_the_mask_even_with_closed_gates(tiny_images):
-    model = tmerge.apply(tiny_vit("plain", num_classes=0, global_pool="avg"), "ltm", adapter=None, r=3)
+    model = tmerge.apply(tiny_vit("plain", num_classes=0, global_pool="avg"), MergeConfig.of("ltm", adapter=None, r=3))
     model.tmerge_method.train()
     model(tiny_images).square().sum().backward()
     mask = model.tmerge_method.masks[0]
@@ -61,7 +62,7 @@ def test_onnx_runtime_parity(tmp_path, tiny_images):
     ort = pytest.importorskip("onnxruntime")
     from tmerge.export import export_onnx
 
-    model = _perturb(tmerge.apply(tiny_vit("distilled"), "ltm", adapter=None, r=3)).eval()
+    model = _perturb(tmerge.apply(tiny_vit("distilled"), MergeConfig.of("ltm", adapter=None, r=3))).eval()
     result = export_onnx(model, tmp_path / "ltm.onnx", graph="portable", batch_size=2)
     assert result.parity["max_abs_diff"] <= 1e-4
     sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])

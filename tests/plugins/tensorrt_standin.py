@@ -124,16 +124,6 @@ class QuickPluginCreationRequest(enum.IntEnum):
     STRICT_AOT = 4
 
 
-class PluginArgType(enum.IntEnum):
-    INT = 0
-
-
-class PluginArgDataType(enum.IntEnum):
-    INT8 = 0
-    INT16 = 1
-    INT32 = 2
-
-
 class DimensionOperation(enum.IntEnum):
     SUM = 0
     PROD = 1
@@ -215,7 +205,7 @@ class ITensor(_Interface):
     pass
 
 
-class ISymExpr(_Interface):
+class ISymExpr(_Interface):  # the plugin layer subclasses it at import (its symbolic kernel arguments)
     pass
 
 
@@ -235,7 +225,7 @@ class IPluginV3QuickRuntime(_Interface):
     pass
 
 
-class IPluginV3QuickAOTBuild(_Interface):
+class IPluginV3QuickAOTBuild(_Interface):  # the plugin layer's AOT plugin class is defined on it at import
     pass
 
 
@@ -325,7 +315,7 @@ class INetworkDefinition:
         self.flags = flags
         self.inputs: list[_Tensor] = []
         self.outputs: list[_Tensor] = []
-        self.plugin_layers: list[tuple[str, dict]] = []
+        self.plugin_layers: list[tuple[str, object]] = []  # (op type, the plugin TensorRT created)
         self.onnx = b""
 
     @property
@@ -336,10 +326,51 @@ class INetworkDefinition:
         return self.inputs[index]
 
 
+def _plugin_field(name: str, attribute) -> PluginField:
+    """A node attribute as the parser hands it to a plugin creator (onnx-tensorrt loadFields /
+    copyField): INT -> int32[1], FLOAT -> float32[1], STRING -> its bytes + NUL."""
+    from onnx import AttributeProto
+
+    if attribute.type == AttributeProto.INT:
+        return PluginField(name, np.array([attribute.i], np.int32), PluginFieldType.INT32)
+    if attribute.type == AttributeProto.FLOAT:
+        return PluginField(name, np.array([attribute.f], np.float32), PluginFieldType.FLOAT32)
+    if attribute.type == AttributeProto.STRING:
+        return PluginField(name, np.frombuffer(attribute.s + b"\0", np.int8), PluginFieldType.CHAR)
+    raise NotImplementedError(f"attribute {name} of type {attribute.type}")
+
+
+def parse_plugin_node(node, network_flags: int = 0, phase: TensorRTPhase = TensorRTPhase.BUILD):
+    """The plugin TensorRT's ONNX parser creates for a node of a custom domain (onnx-tensorrt
+    ``createPlugin`` in importerUtils.cpp, quickly deployable plugins): the creator by (op type,
+    ``plugin_version``, ``plugin_namespace``); only the creator's declared fields, from the node's
+    attributes; the request from the node's ``aot`` attribute (1 -> STRICT_AOT, 0 -> STRICT_JIT),
+    else from the network's PREFER_JIT / PREFER_AOT_PYTHON_PLUGINS flag (neither -> UNKNOWN)."""
+    attrs = {a.name: a for a in node.attribute}
+    version = attrs["plugin_version"].s.decode() if "plugin_version" in attrs else "1"
+    namespace = attrs["plugin_namespace"].s.decode() if "plugin_namespace" in attrs else ""
+    creator = get_plugin_registry().get_creator(node.op_type, version, namespace)
+    if creator is None:
+        raise LookupError(f"no plugin creator for {node.op_type} version {version} in {namespace!r}")
+    fields = PluginFieldCollection(_plugin_field(f.name, attrs[f.name]) for f in creator.field_names
+                                   if f.name in attrs)
+    if "aot" in attrs:
+        request = QuickPluginCreationRequest.STRICT_AOT if attrs["aot"].i else QuickPluginCreationRequest.STRICT_JIT
+    else:
+        prefer_aot = bool(network_flags >> int(NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS) & 1)
+        prefer_jit = bool(network_flags >> int(NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS) & 1)
+        if prefer_aot and prefer_jit:
+            raise ValueError("Both NetworkDefinitionCreationFlag::kPREFER_AOT_PYTHON_PLUGINS and "
+                             "NetworkDefinitionCreationFlag::kPREFER_JIT_PYTHON_PLUGINS cannot be specified at the same time.")
+        request = (QuickPluginCreationRequest.PREFER_JIT if prefer_jit else
+                   QuickPluginCreationRequest.PREFER_AOT if prefer_aot else QuickPluginCreationRequest.UNKNOWN)
+    return creator.create_plugin(node.op_type, namespace, fields, phase, request)
+
+
 class OnnxParser:
     """Reads the graph as onnx-tensorrt does what matters here: inputs / outputs with -1 for dynamic
-    dimensions, and each node of a custom domain resolved to a registered plugin creator by op type,
-    ``plugin_version`` and ``plugin_namespace`` (an error when none is registered)."""
+    dimensions, and each node of a custom domain made a plugin layer by :func:`parse_plugin_node`
+    (an error when no creator is registered or TensorRT's plugin code refuses the node)."""
 
     def __init__(self, network: INetworkDefinition, logger: Logger):
         self.network, self.errors = network, []
@@ -361,13 +392,12 @@ class OnnxParser:
         for node in proto.graph.node:
             if node.domain in ("", "ai.onnx"):
                 continue
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            version = attrs.get("plugin_version", b"1").decode()
-            namespace = attrs.get("plugin_namespace", b"").decode()
-            if get_plugin_registry().get_creator(node.op_type, version, namespace) is None:
-                self.errors.append(f"no plugin creator for {node.op_type} version {version} in {namespace!r}")
+            try:
+                plugin = parse_plugin_node(node, self.network.flags)
+            except (LookupError, ValueError) as e:  # what the parser reports for the node
+                self.errors.append(str(e))
                 return False
-            self.network.plugin_layers.append((node.op_type, attrs))
+            self.network.plugin_layers.append((node.op_type, plugin))
         return True
 
     @property
@@ -443,7 +473,8 @@ class Builder:
                   "flags": sorted(f.name for f in config.flags), "network_flags": network.flags,
                   "workspace": config.pools.get(MemoryPoolType.WORKSPACE),
                   "profiles": [{k: [list(x) for x in v] for k, v in p.shapes.items()} for p in config.profiles],
-                  "plugins": [op for op, _ in network.plugin_layers]}
+                  "plugins": [op for op, _ in network.plugin_layers],
+                  "plugin_classes": sorted({type(plugin).__name__ for _, plugin in network.plugin_layers})}
         CALLS.append(("build_serialized_network", record))
         record = {**record, "onnx": base64.b64encode(network.onnx).decode()}
         return IHostMemory(json.dumps(record).encode())
@@ -575,7 +606,7 @@ class HostDevice:
 
     STREAM = 0x5EA  # a non-default stream handle
 
-    def check(self) -> None:
+    def check_available(self) -> None:
         pass
 
     def name(self) -> str:

@@ -7,6 +7,7 @@ import dataclasses
 import math
 
 import tmerge
+from tmerge import MergeConfig
 from tmerge.errors import TmergeError
 from tmerge.patch import eager_merge_step
 from tmerge.plugins import spec
@@ -24,7 +25,7 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=48, num_heads=3)
 def _model(method: str, depth: int = 4, arch: str = "vit_tiny_patch16_224", **kw):
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, depth=depth, **TINY, **kw).eval()
-    return tmerge.apply(model, method, r=3)
+    return tmerge.apply(model, MergeConfig.of(method, r=3))
 
 
 def _block_inputs(model):
@@ -170,12 +171,12 @@ def test_trt_shape_logic_with_symbolic_dims():
                                                              "depth", "merge_form", "margin", "alpha", "bsm"]
 
 
-def test_prepare_onnx_for_trt_sets_aot_on_plugin_nodes():
+def test_prepare_onnx_for_trt_asks_for_the_jit_plugin_and_drops_the_functions():
     pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     node = helper.make_node("BipartiteMerge", ["x", "s", "k"], ["y", "t"], domain="tmerge", r=1,
-                            plugin_namespace="tmerge", plugin_version="1")
+                            plugin_namespace="tmerge", plugin_version="1", aot=1)
     fn = helper.make_function("tmerge", "BipartiteMerge", ["x", "size", "keys"], ["x_out", "size_out"],
                               [helper.make_node("Identity", ["x"], ["x_out"]),
                                helper.make_node("Identity", ["size"], ["size_out"])],
@@ -184,22 +185,23 @@ def test_prepare_onnx_for_trt_sets_aot_on_plugin_nodes():
     graph = helper.make_graph([node], "g", [vi("x"), vi("s"), vi("k")], [vi("y"), vi("t")])
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("tmerge", 1)],
                               functions=[fn])
-    prepared = trtdefs.prepare_onnx_for_trt(model, aot=True)
-    attrs = {a.name: helper.get_attribute_value(a) for a in prepared.graph.node[0].attribute}
-    assert attrs["aot"] == 1 and attrs["plugin_namespace"] == b"tmerge"
+    prepared = trtdefs.prepare_onnx_for_trt(model)
+    attrs = [(a.name, helper.get_attribute_value(a)) for a in prepared.graph.node[0].attribute]
+    assert ("plugin_namespace", b"tmerge") in attrs
+    assert [v for k, v in attrs if k == "aot"] == [0]  # one aot attribute, 0: the JIT implementation
     assert len(prepared.functions) == 0  # the parser would key every layer's body by op type alone
     assert len(model.functions) == 1  # the input is not modified
-    again = trtdefs.prepare_onnx_for_trt(prepared, aot=False)
+    assert [a.i for a in model.graph.node[0].attribute if a.name == "aot"] == [1]
+    again = trtdefs.prepare_onnx_for_trt(prepared)
     assert [a.i for a in again.graph.node[0].attribute if a.name == "aot"] == [0]
-    assert all(a.name != "aot" for a in model.graph.node[0].attribute)  # the input is not modified
     plain = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [vi("x")],
                                                 [vi("y")]))
     with pytest.raises(TmergeError, match="--graph plugin"):
-        trtdefs.prepare_onnx_for_trt(plain, aot=True)
+        trtdefs.prepare_onnx_for_trt(plain)
 
 
 def test_profile_shapes():
-    from tmerge.export.tensorrt import profile_shapes
+    from tmerge.runtime.tensorrt import profile_shapes
 
     assert profile_shapes((2, 3, 224, 224), 8, None) == ((1, 3, 224, 224), (8, 3, 224, 224), (32, 3, 224, 224))
     assert profile_shapes((2, 3, 32, 32), 4, 16)[2] == (16, 3, 32, 32)
@@ -217,7 +219,8 @@ def _has_trt() -> bool:
 
 @pytest.mark.skipif(_has_trt(), reason="TensorRT is installed")
 def test_without_tensorrt_errors_say_what_to_install():
-    from tmerge.export.tensorrt import TRT_MISSING, require_tensorrt
+    from tmerge.plugins.trt import TRT_MISSING
+    from tmerge.runtime.tensorrt import require_tensorrt
 
     for call in (require_tensorrt, trtdefs.register_tensorrt_plugins):
         with pytest.raises(TmergeError) as info:
@@ -232,11 +235,11 @@ def test_without_tensorrt_errors_say_what_to_install():
 @pytest.mark.parametrize("fp16", [False, True])
 def test_trt_engine_end_to_end(tmp_path, method, fp16):  # pragma: no cover - not run on the build machines
     from tmerge.export import export_onnx
-    from tmerge.export.tensorrt import export_engine
+    from tmerge.export.trt_engine import export_engine
 
     model = _model(method, depth=2)
     result = export_onnx(model, tmp_path / "m.onnx", graph="plugin", dynamic_batch=True)
-    engine = export_engine(result, model, tmp_path / "m.engine", batch=2, max_batch=8, fp16=fp16, aot=False)
+    engine = export_engine(result, model, tmp_path / "m.engine", batch=2, max_batch=8, fp16=fp16)
     assert engine.path.is_file() and engine.manifest["format"] == "trt"
     assert all(c["cosine_min"] > 0.999 for c in engine.parity["checks"])
 

@@ -62,16 +62,17 @@ def test_export_trt_builds_checks_and_writes_the_engine(trt, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
 
-    # the build: a plugin graph with the JIT plugin preference, the batch range as the profile, TF32 off
+    # the build: a plugin graph (no network flags: its nodes ask for the JIT plugin), the batch range
+    # as the profile, TF32 off
     (flags,) = calls(trt, "create_network")
-    assert flags == (1 << int(trt.NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS),)
+    assert flags == (0,)
     ((record,),) = calls(trt, "build_serialized_network")
     assert record["inputs"] == [["images", [-1, *IMAGES]]]
     assert record["profiles"] == [{"images": [[1, *IMAGES], [2, *IMAGES], [4, *IMAGES]]}]
     assert record["flags"] == [] and record["workspace"] == 4 << 30
     # every merging block is one plugin layer, resolved by the parser to the registered creator
     op = spec.OP_TYPES["tome"]
-    assert record["plugins"] == [op, op]
+    assert record["plugins"] == [op, op] and record["plugin_classes"] == ["_TemplateJITPlugin"]
     assert trt.get_plugin_registry().get_creator(op, spec.PLUGIN_VERSION, spec.PLUGIN_NAMESPACE) is not None
 
     # the parity check ran the engine at min / opt / max batch
@@ -88,6 +89,7 @@ def test_export_trt_builds_checks_and_writes_the_engine(trt, tmp_path, capsys):
     assert manifest["tensorrt"]["version"] == trt.__version__ and manifest["tensorrt"]["device"] == "stand-in (host memory)"
     assert manifest["tensorrt"]["profile"] == {"min": [1, *IMAGES], "opt": [2, *IMAGES], "max": [4, *IMAGES]}
     assert manifest["tensorrt"]["tf32"] is False and manifest["tensorrt"]["fp16"] is False
+    assert manifest["tensorrt"]["python_plugins"] is True  # the engine needs Python + tmerge to run
     parity = manifest["parity"]
     assert parity["precision"] == "fp32" and [c["batch"] for c in parity["checks"]] == [1, 2, 4]
     assert all(c["max_abs_diff"] <= parity["atol"] for c in parity["checks"])
@@ -116,6 +118,7 @@ def test_profile_tensorrt_runs_engines_through_execution_contexts(trt, tmp_path,
     described = entry["runtime"]
     assert described["versions"] == {"tensorrt": trt.__version__} and described["gpu"] == "stand-in (host memory)"
     assert described["precision"] == "fp32 (TF32 off)" and described["profile"]["opt"] == [3, *IMAGES]
+    assert described["python_plugins"] is False  # portable graphs: TensorRT's own layers only
     assert entry["merged"]["p50_ms"] > 0 and entry["unmerged"]["p50_ms"] > 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from tests.helpers import tiny_vit
-from tmerge import apply
+from tmerge import MergeConfig, apply, runtime
 from tmerge.cli import main
 from tmerge.errors import TmergeError
 from tmerge.profiling import latency as lat
@@ -40,17 +40,17 @@ def test_interleaving_alternates_and_flips():
 
 def test_backend_checks():
     with pytest.raises(TmergeError, match="unknown backend"):
-        lat.check_backend("tvm", "cpu")
+        runtime.check_backend("tvm", "cpu")
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         with pytest.raises(TmergeError, match=r"tensorrt is not installed: pip install 'tmerge\[trt\]'"):
-            lat.check_backend("tensorrt", "cuda")
+            runtime.check_backend("tensorrt", "cuda")
 
 
 def _pair(method="tome", r=4):
     unmerged = tiny_vit()
-    merged = apply(tiny_vit(), method, r=r)
+    merged = apply(tiny_vit(), MergeConfig.of(method, r=r))
     return merged, unmerged
 
 
@@ -76,7 +76,7 @@ def test_profile_pair_torch_report_round_trip(tmp_path):
 
 def test_drift_headless_uses_features():
     unmerged = tiny_vit(num_classes=0)
-    merged = apply(tiny_vit(num_classes=0), "tome", r=4)
+    merged = apply(tiny_vit(num_classes=0), MergeConfig.of("tome", r=4))
     images = torch.randn(5, 3, 32, 32)
     d = drift_between(merged, unmerged, images, labels=torch.zeros(5, dtype=torch.long), class_names=["a"])
     assert d["outputs"] == "features" and d["agreement_top1"] is None and d["kl_mean"] is None

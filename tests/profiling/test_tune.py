@@ -7,7 +7,7 @@ import json
 import time
 
 from tests.helpers import tiny_vit
-from tmerge import TmergeError, apply, merge_info
+from tmerge import MergeConfig, TmergeError, apply, merge_info
 from tmerge.cli import main
 from tmerge.profiling.tune import Candidate, Entry, TuneConfig, adapter_candidate, pareto_front, parse_duration, search_space, split_images, tune
 
@@ -42,17 +42,17 @@ def test_search_space_families_and_dedup():
     families = {c.family for c in space}
     assert {"r", "r/inflection=-0.5", "r/inflection=0.5", "keep"} <= families
     assert any(f.startswith("late/skip=") for f in families)
-    assert {c.prop_attn for c in space} == {True, False}
+    assert {c.merge.prop_attn for c in space} == {True, False}
     # every candidate merges, none is capped at block 0, and no two give the same per-block r
     seen = set()
     for c in space:
-        info = merge_info(c.merge_config().apply_to(copy.deepcopy(model)))
+        info = merge_info(apply(copy.deepcopy(model), c.merge))
         assert sum(info["r"]) > 0 and not any(cap["layer"] == 0 for cap in info["capped"])
-        key = (c.method, c.prop_attn, tuple(info["r"]))
+        key = (c.merge.method, c.merge.prop_attn, tuple(info["r"]))
         assert key not in seen, c.label
         seen.add(key)
-    assert {c.prop_attn for c in search_space(model, ["tome"], prop_attn="default")} == {True}
-    assert {c.prop_attn for c in search_space(model, ["pitome"], prop_attn="default")} == {False}
+    assert {c.merge.prop_attn for c in search_space(model, ["tome"], prop_attn="default")} == {True}
+    assert {c.merge.prop_attn for c in search_space(model, ["pitome"], prop_attn="default")} == {False}
 
 
 def test_search_space_refuses_learned_method_without_adapter():
@@ -62,20 +62,16 @@ def test_search_space_refuses_learned_method_without_adapter():
 
 def test_export_flags_build_the_same_model():
     """The printed `tmerge export` flags rebuild exactly the candidate that was measured."""
-    from tmerge.cli.options import merge_config
+    from tests.helpers import parse_merge_flags
 
     model = tiny_vit()
     for c in search_space(model, ["tome", "pitome"])[::7]:
-        flags = c.export_flags()
-        args = dict(zip(flags[::2], flags[1::2]))
-        via_cli = merge_config(args["--method"], r=int(args["--r"]) if "--r" in args else None,
-                               inflection=float(args["--inflection"]) if "--inflection" in args else None,
-                               schedule=args.get("--schedule"),
-                               keep_ratio=float(args["--keep-ratio"]) if "--keep-ratio" in args else None,
-                               prop_attn="--prop-attn" in flags).apply_to(copy.deepcopy(model))
-        direct = c.merge_config().apply_to(copy.deepcopy(model))
+        rebuilt = parse_merge_flags(c.merge.as_flags())
+        assert rebuilt == c.merge
+        via_cli = apply(copy.deepcopy(model), rebuilt)
+        direct = apply(copy.deepcopy(model), c.merge)
         assert merge_info(via_cli)["r"] == merge_info(direct)["r"]
-        assert merge_info(via_cli)["prop_attn"] == merge_info(direct)["prop_attn"] == c.prop_attn
+        assert merge_info(via_cli)["prop_attn"] == merge_info(direct)["prop_attn"] == c.merge.prop_attn
 
 
 def test_split_keeps_every_sample_photo_on_both_sides():
@@ -89,7 +85,7 @@ def test_split_keeps_every_sample_photo_on_both_sides():
 
 def test_pareto_front():
     def entry(name, flops, drift):
-        e = Entry(Candidate("tome", "r", 1, True, r=1), flops)
+        e = Entry(Candidate(MergeConfig.of("tome", r=1, prop_attn=True), "r", 1), flops)
         e.drift["calibration"] = drift
         e.name = name
         return e
@@ -165,14 +161,14 @@ def test_adapter_candidate(tmp_path):
     from tmerge.models.adapters import save_adapter
 
     model = tiny_vit()
-    trained = apply(copy.deepcopy(model), "dtem", r=2, adapter=None)
+    trained = apply(copy.deepcopy(model), MergeConfig.of("dtem", r=2, adapter=None))
     with torch.no_grad():  # a (random) change of the learned embedding: it drifts less or more than ToMe
         for lin in trained.tmerge_method.embed:
             lin.weight.add_(torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(0)))
     path = save_adapter(trained, tmp_path / "dtem.safetensors")
     cand = adapter_candidate(str(path))
-    assert cand.method == "dtem" and cand.schedule == (2, 2, 2) and cand.adapter == str(path)
-    assert "--adapter" in cand.export_flags()
+    assert cand.merge.method == "dtem" and cand.merge.schedule.per_layer == (2, 2, 2)
+    assert cand.merge.adapter == str(path) and "--adapter" in cand.merge.as_flags()
     result = tune(model, config(methods=("tome",), adapters=(str(path),), max_drift=1.0), model_name="tiny",
                   images=images())
     learned = [c for c in result["candidates"] if c["method"] == "dtem"]
@@ -184,11 +180,12 @@ def test_adapter_candidate(tmp_path):
 def test_an_adapter_stays_only_where_it_drifts_less_than_tome(ours, kept):
     from tmerge.profiling.tune import _drop_learned_worse_than_tome
 
-    learned = Entry(Candidate("dtem", "adapter", 6.0, True, schedule=(2, 2, 2), adapter="a.safetensors"), 0.8, [17, 11])
-    tome = Entry(Candidate("tome", "r", 2, True, r=2), 0.8, [17, 11])
+    dtem = MergeConfig.of("dtem", schedule=(2, 2, 2), prop_attn=True, adapter="a.safetensors")
+    learned = Entry(Candidate(dtem, "adapter", 6.0), 0.8, [17, 11])
+    tome = Entry(Candidate(MergeConfig.of("tome", r=2, prop_attn=True), "r", 2), 0.8, [17, 11])
     families = {learned.cand.family_key: [learned], tome.cand.family_key: [tome]}
     drift = {"dtem": ours, "tome": 1.0}
-    _drop_learned_worse_than_tome(families, lambda e, split: drift[e.cand.method], type("P", (), {"log": print})())
+    _drop_learned_worse_than_tome(families, lambda e, split: drift[e.cand.merge.method], type("P", (), {"log": print})())
     assert (learned.cand.family_key in families) == kept and tome.cand.family_key in families
 
 

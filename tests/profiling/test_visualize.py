@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.helpers import TINY_VARIANTS, tiny_vit
-from tmerge import apply
+from tmerge import MergeConfig, apply
 from tmerge.cli import main
 from tmerge.profiling.visualize import patch_groups, render_groups
 
@@ -17,7 +17,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))
 @pytest.mark.parametrize("method", ["tome", "pitome"])
 def test_groups_partition_patches(variant, method):
-    model = apply(tiny_vit(variant), method, r=3)
+    model = apply(tiny_vit(variant), MergeConfig.of(method, r=3))
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     groups = patch_groups(model, images)
     tokens = model.blocks.last_tokens

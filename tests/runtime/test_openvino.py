@@ -7,22 +7,22 @@ import json
 
 import tmerge
 from tests.helpers import tiny_vit
-from tmerge import runtime
+from tmerge import MergeConfig, runtime
 
 import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif("openvino" not in runtime.available("cpu"), reason="openvino not installed")
+pytestmark = pytest.mark.skipif("openvino" not in runtime.available_backends("cpu"), reason="openvino not installed")
 
 
 @pytest.fixture(scope="module")
 def ir(tmp_path_factory):
     from tmerge.export import export_onnx
-    from tmerge.export.openvino import export_ir
+    from tmerge.export.openvino_ir import export_ir
 
     unmerged = tiny_vit()
-    merged = tmerge.apply(copy.deepcopy(unmerged), "tome", r=4)
+    merged = tmerge.apply(copy.deepcopy(unmerged), MergeConfig.of("tome", r=4))
     out = tmp_path_factory.mktemp("ir") / "m.xml"
     onnx_result = export_onnx(merged, out.with_suffix(".onnx"), batch_size=2, dynamic_batch=True, model_name="tiny")
     return merged, unmerged, export_ir(onnx_result, merged, out)

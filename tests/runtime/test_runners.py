@@ -6,7 +6,7 @@ import json
 
 import tmerge
 from tests.helpers import tiny_vit
-from tmerge import runtime
+from tmerge import MergeConfig, runtime
 from tmerge.errors import TmergeError
 
 import numpy as np
@@ -15,13 +15,13 @@ import torch
 
 
 def test_registry_resolves_names_and_aliases():
-    assert runtime.resolve("ort").name == "onnxruntime"
-    assert runtime.resolve("OV").name == "openvino"
-    assert runtime.resolve("compile").name == "torch.compile"
+    assert runtime.find_backend("ort").name == "onnxruntime"
+    assert runtime.find_backend("OV").name == "openvino"
+    assert runtime.find_backend("compile").name == "torch.compile"
     with pytest.raises(TmergeError, match="unknown backend 'tflite'"):
-        runtime.resolve("tflite")
+        runtime.find_backend("tflite")
     with pytest.raises(TmergeError, match="runs on cuda, not cpu"):
-        runtime.check("tensorrt", "cpu")
+        runtime.check_backend("tensorrt", "cpu")
     with pytest.raises(TmergeError, match="threads must be a positive integer"):
         runtime.create("torch", tiny_vit(), threads=0)
 
@@ -30,18 +30,18 @@ def test_registry_resolves_names_and_aliases():
 def merged_graph(tmp_path_factory):
     from tmerge.export import export_onnx
 
-    model = tmerge.apply(tiny_vit(), "tome", r=4)
+    model = tmerge.apply(tiny_vit(), MergeConfig.of("tome", r=4))
     path = tmp_path_factory.mktemp("graph") / "tome.onnx"
     return model, export_onnx(model, path, batch_size=2, dynamic_batch=True)
 
 
-@pytest.mark.parametrize("backend", runtime.available("cpu"))
+@pytest.mark.parametrize("backend", runtime.available_backends("cpu"))
 def test_every_runtime_matches_pytorch(merged_graph, backend):
     model, result = merged_graph
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(images).numpy()
-    source = model if runtime.resolve(backend).takes == "torch" else result.path
+    source = model if runtime.find_backend(backend).takes == "torch" else result.path
     runner = runtime.create(backend, source, threads=2)
     out = runner.run(images)[0]
     np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
@@ -50,7 +50,7 @@ def test_every_runtime_matches_pytorch(merged_graph, backend):
     assert info["versions"]
 
 
-@pytest.mark.skipif("openvino" not in runtime.available("cpu"), reason="openvino not installed")
+@pytest.mark.skipif("openvino" not in runtime.available_backends("cpu"), reason="openvino not installed")
 def test_openvino_runs_fp32_not_its_bf16_default(merged_graph):
     runner = runtime.create("openvino", merged_graph[1].path)
     assert runner.settings()["precision"] == "f32"

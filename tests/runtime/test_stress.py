@@ -23,8 +23,8 @@ import torch
 N, M, C = 2056, 1928, 16  # 128 extra tokens
 WIDE = 385  # the ScatterND(add) graph the removed form exported: batch 8 x (257 -> 241) rows of 384 + size
 RUNS = 60
-ONNX_RUNTIMES = runtime.available("cpu", takes="onnx") + [
-    name for name in runtime.available("cuda", takes="onnx") if name != "onnxruntime"]
+ONNX_RUNTIMES = runtime.available_backends("cpu", takes="onnx") + [
+    name for name in runtime.available_backends("cuda", takes="onnx") if name != "onnxruntime"]
 
 
 def _problem(batch: int = 2, seed: int = 0):

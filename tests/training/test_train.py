@@ -11,6 +11,7 @@ from pathlib import Path
 
 import tmerge
 from tests.helpers import tiny_vit
+from tmerge import MergeConfig, ModelSpec
 from tmerge.models.adapters import load_adapter, read_adapter, save_adapter
 from tmerge.models.forward import forward_with_features
 from tmerge.training import distill_loss, train_adapter
@@ -27,12 +28,12 @@ def data():
     return torch.randn(32, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
 
 
-def _train(model, out, data, method="dtem", **kw):
+def _train(model, out, data, method="dtem", r=3, options=None, **kw):
     images, held = data
-    args = dict(images=images, heldout=held, out=out, r=3, steps=8, batch_size=8, lr=1e-2, progress=False,
+    args = dict(images=images, heldout=held, out=out, steps=8, batch_size=8, lr=1e-2, progress=False,
                 eval_every=4, checkpoint_every=4, seed=0)
     args.update(kw)
-    return train_adapter(model, method, **args)
+    return train_adapter(model, MergeConfig.of(method, r=r, **(options or {})), **args)
 
 
 def _soft_loss(model, teacher, images, headless):
@@ -52,7 +53,7 @@ def test_training_reduces_the_loss(method, kwargs, data, tmp_path):
     headless = base.num_classes == 0
     # DTEM's relaxation: a smooth objective (its default straight-through forward is piecewise constant)
     options = {"relaxed": 1} if method == "dtem" else {}
-    before = tmerge.apply(copy.deepcopy(base), method, adapter=None, r=3, **options)
+    before = tmerge.apply(copy.deepcopy(base), MergeConfig.of(method, adapter=None, r=3, **options))
     loss_before = _soft_loss(before, base, data[0], headless)
     model = copy.deepcopy(base)
     # full-batch steps: gradient descent on exactly the objective measured here
@@ -107,7 +108,7 @@ def test_adapter_round_trip_and_mismatches(data, tmp_path):
     trained = copy.deepcopy(base)
     path = tmp_path / "ltm.safetensors"
     _train(trained, path, data, "ltm", steps=4)
-    fresh = tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=3)
+    fresh = tmerge.apply(copy.deepcopy(base), MergeConfig.of("ltm", adapter=None, r=3))
     meta = load_adapter(fresh, path)
     assert meta["method"] == "ltm"
     x = data[1]
@@ -117,12 +118,12 @@ def test_adapter_round_trip_and_mismatches(data, tmp_path):
         assert torch.equal(fresh.tmerge_method.state_dict()[k], v)
 
     cases = [
-        (tmerge.apply(copy.deepcopy(base), "dtem", adapter=None, r=3), "trained for method 'ltm'"),
-        (tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=2), "schedule"),
-        (tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=3, prop_attn=False), "proportional attention"),
-        (tmerge.apply(tiny_vit("plain", seed=1), "ltm", adapter=None, r=3), "weights"),
-        (tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=3, topk=2), "options"),
-        (tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=3, mask_dim=8), "options"),
+        (tmerge.apply(copy.deepcopy(base), MergeConfig.of("dtem", adapter=None, r=3)), "trained for method 'ltm'"),
+        (tmerge.apply(copy.deepcopy(base), MergeConfig.of("ltm", adapter=None, r=2)), "schedule"),
+        (tmerge.apply(copy.deepcopy(base), MergeConfig.of("ltm", adapter=None, r=3, prop_attn=False)), "proportional attention"),
+        (tmerge.apply(tiny_vit("plain", seed=1), MergeConfig.of("ltm", adapter=None, r=3)), "weights"),
+        (tmerge.apply(copy.deepcopy(base), MergeConfig.of("ltm", adapter=None, r=3, topk=2)), "options"),
+        (tmerge.apply(copy.deepcopy(base), MergeConfig.of("ltm", adapter=None, r=3, mask_dim=8)), "options"),
         (copy.deepcopy(base), "needs a merged model"),
     ]
     for model, message in cases:
@@ -130,7 +131,7 @@ def test_adapter_round_trip_and_mismatches(data, tmp_path):
             load_adapter(model, path)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    fresh = tmerge.apply(copy.deepcopy(base), "ltm", adapter=None, r=3)
+    fresh = tmerge.apply(copy.deepcopy(base), MergeConfig.of("ltm", adapter=None, r=3))
     with pytest.raises(tmerge.TmergeError, match="could not be read"):
         load_adapter(fresh, bad)
     with pytest.raises(tmerge.TmergeError, match="does not exist"):
@@ -141,7 +142,7 @@ def test_adapter_round_trip_and_mismatches(data, tmp_path):
     with pytest.raises(tmerge.TmergeError, match="not a tmerge adapter"):
         load_adapter(fresh, tmp_path / "other.safetensors")
     with pytest.raises(tmerge.TmergeError, match="no learned parameters"):
-        save_adapter(tmerge.apply(copy.deepcopy(base), "tome", r=3), tmp_path / "tome.safetensors")
+        save_adapter(tmerge.apply(copy.deepcopy(base), MergeConfig.of("tome", r=3)), tmp_path / "tome.safetensors")
 
 
 def test_training_errors(data, tmp_path):
@@ -158,14 +159,13 @@ def test_training_errors(data, tmp_path):
 
 
 def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
-    import tmerge.cli.commands.train as train_command
     import tmerge.models
-    import tmerge.models.merged
+    import tmerge.models.spec
     from tmerge.cli import main
 
     from PIL import Image
 
-    for module in (tmerge.models, tmerge.models.merged, train_command):  # every module that bound the name
+    for module in (tmerge.models, tmerge.models.spec):  # every module that bound the name
         monkeypatch.setattr(module, "load_model", lambda name=None, **kw: tiny_vit("plain"))
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -180,12 +180,12 @@ def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
     summary = __import__("json").loads(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["data"]["n_images"] == 8 and out.is_file()
     # --adapter in every command goes through build_merged_model
-    from tmerge.models.merged import MergeConfig, build_merged_model
+    from tmerge.models.merged import build_merged_model
 
-    net = build_merged_model(None, MergeConfig("dtem", r=2, adapter=str(out)))
+    net = build_merged_model(ModelSpec(), MergeConfig.of("dtem", r=2, adapter=str(out)))
     assert net.tmerge_method.adapter["steps"] == 3
     with pytest.raises(tmerge.TmergeError, match="schedule"):
-        build_merged_model(None, MergeConfig("dtem", r=3, adapter=str(out)))
+        build_merged_model(ModelSpec(), MergeConfig.of("dtem", r=3, adapter=str(out)))
     assert main(["train", "--method", "tome", "--r", "2", "--data", str(folder), "--steps", "1",
                  "--out", str(tmp_path / "t.safetensors"), "--no-progress"]) == 2
     assert "only learned methods" in capsys.readouterr().err
@@ -203,15 +203,15 @@ def test_cli_train_then_load(tmp_path, monkeypatch, capsys):
                  "--out", str(shipped / adapters.shipped_adapter_name("ltm"))]) == 0
     capsys.readouterr()
     monkeypatch.setattr(adapters, "SHIPPED_DIR", shipped)
-    net = build_merged_model(None, MergeConfig("ltm", r=2))
+    net = build_merged_model(ModelSpec(), MergeConfig.from_cli("ltm", r=2))  # no --adapter
     used = tmerge.merge_info(net)["adapter"]
     assert used["path"] == str(shipped / adapters.shipped_adapter_name("ltm")) and used["r_range"] == [1, 2]
-    assert tmerge.merge_info(build_merged_model(None, MergeConfig("dtem", r=2)))["adapter"] == "untrained"
+    assert tmerge.merge_info(build_merged_model(ModelSpec(), MergeConfig.from_cli("dtem", r=2)))["adapter"] == "untrained"
     # the Python API loads the shipped adapter the same way, and refuses a learned method without one
     default = tmerge.models.load_model(None)
-    assert tmerge.merge_info(tmerge.apply(copy.deepcopy(default), "ltm", r=2))["adapter"]["path"] == used["path"]
+    assert tmerge.merge_info(tmerge.apply(copy.deepcopy(default), MergeConfig.of("ltm", r=2)))["adapter"]["path"] == used["path"]
     with pytest.raises(tmerge.TmergeError, match="ships no adapter"):
-        tmerge.apply(copy.deepcopy(default), "dtem", r=2)
+        tmerge.apply(copy.deepcopy(default), MergeConfig.of("dtem", r=2))
 
 
 DDP_SCRIPT = textwrap.dedent("""
@@ -224,7 +224,7 @@ DDP_SCRIPT = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(16, 3, 32, 32, generator=g)
     model = tiny_vit("plain", num_classes=0)
-    summary = train_adapter(model, "dtem", images=images, heldout=images[:4], out={out!r}, r=3, steps=3,
+    summary = train_adapter(model, tmerge.MergeConfig.of("dtem", r=3), images=images, heldout=images[:4], out={out!r}, steps=3,
                             batch_size=4, lr=1e-2, progress=False, checkpoint_every=0, device="cpu")
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in model.tmerge_method.state_dict().values()))
     rank = os.environ["RANK"]
@@ -256,11 +256,11 @@ def test_one_adapter_for_a_range_of_r(data, tmp_path):
     assert summary["r_range"] == [1, 3]
     assert read_adapter(path)[1]["r_range"] == [1, 3]
     for r in (1, 2, 3):
-        model = tmerge.apply(copy.deepcopy(base), "dtem", adapter=None, r=r)
+        model = tmerge.apply(copy.deepcopy(base), MergeConfig.of("dtem", adapter=None, r=r))
         load_adapter(model, path)
         assert tmerge.merge_info(model)["adapter"]["r_range"] == [1, 3]
     with pytest.raises(tmerge.TmergeError, match="r = 1..3"):
-        load_adapter(tmerge.apply(copy.deepcopy(base), "dtem", adapter=None, r=4), path)
+        load_adapter(tmerge.apply(copy.deepcopy(base), MergeConfig.of("dtem", adapter=None, r=4)), path)
     with pytest.raises(tmerge.TmergeError, match="r_range or a schedule"):
         _train(copy.deepcopy(base), path, data, r=2, r_range=(1, 3))
     # the same seed draws the same r sequence and gives the same bytes
@@ -296,7 +296,7 @@ def test_shipped_adapters_match_the_default_model_only():
         meta = read_adapter(path)[1]
         assert meta["method"] == method and meta["model"] == "dinov2-s14"
         assert meta["r_range"][0] <= 8 and meta["r_range"][1] >= 16
-        tiny = tmerge.apply(tiny_vit("plain"), method, adapter=None, r=2)
+        tiny = tmerge.apply(tiny_vit("plain"), MergeConfig.of(method, adapter=None, r=2))
         assert shipped_adapter(tiny, method) is None  # other weights: untrained (= ToMe)
         assert tmerge.merge_info(tiny)["adapter"] == "untrained"
 
@@ -341,7 +341,7 @@ def test_balanced_r_and_annealed_relaxation(data, tmp_path):
     assert summary["training_options"]["tau2"] == 0.1 and summary["training_options"]["relaxed"] == 1
     meta = read_adapter(path)[1]
     assert meta["options"]["tau2"] == 0.1 and meta["anneal"] == {"tau2": [1.0, 0.05]}
-    load_adapter(tmerge.apply(copy.deepcopy(base), "dtem", adapter=None, r=2), path)  # relaxed=0 here
+    load_adapter(tmerge.apply(copy.deepcopy(base), MergeConfig.of("dtem", adapter=None, r=2)), path)  # relaxed=0 here
     with pytest.raises(tmerge.TmergeError, match="training-only"):
         _train(copy.deepcopy(base), path, data, anneal={"feat_dim": (8, 16)})
     stopped = _train(copy.deepcopy(base), tmp_path / "s.safetensors", data, steps=4, stop_after=2, checkpoint_every=0)
@@ -353,11 +353,11 @@ def test_balanced_r_and_annealed_relaxation(data, tmp_path):
 def test_apply_needs_an_adapter_for_a_learned_method(data, tmp_path):
     base = tiny_vit("plain", num_classes=0)
     with pytest.raises(tmerge.TmergeError, match="adapter=None"):
-        tmerge.apply(copy.deepcopy(base), "dtem", r=2)
-    assert tmerge.merge_info(tmerge.apply(copy.deepcopy(base), "ltm", r=2, adapter=None))["adapter"] == "untrained"
+        tmerge.apply(copy.deepcopy(base), MergeConfig.of("dtem", r=2))
+    assert tmerge.merge_info(tmerge.apply(copy.deepcopy(base), MergeConfig.of("ltm", r=2, adapter=None)))["adapter"] == "untrained"
     path = tmp_path / "a.safetensors"
     _train(copy.deepcopy(base), path, data, r=2, steps=2)
-    model = tmerge.apply(copy.deepcopy(base), "dtem", r=2, adapter=path)
+    model = tmerge.apply(copy.deepcopy(base), MergeConfig.of("dtem", r=2, adapter=path))
     assert tmerge.merge_info(model)["adapter"]["path"] == str(path)
     with pytest.raises(tmerge.TmergeError, match="takes no adapter"):
-        tmerge.apply(copy.deepcopy(base), "tome", r=2, adapter=path)
+        tmerge.apply(copy.deepcopy(base), MergeConfig.of("tome", r=2, adapter=path))

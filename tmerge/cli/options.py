@@ -1,31 +1,25 @@
 """Options shared by the commands, and their parsing into the library's typed values
-(:class:`~tmerge.models.merged.MergeConfig`, keyword dicts, lists)."""
+(:class:`~tmerge.config.MergeConfig`, :class:`~tmerge.models.spec.ModelSpec`, lists).
+
+The merge flags and the model flags are option groups: :func:`merge_options` / :func:`model_options`
+replace a command's ``merge: MergeConfig`` / ``model: ModelSpec`` parameter by the flags of
+:data:`~tmerge.config.MERGE_FLAGS` / :data:`~tmerge.models.spec.MODEL_FLAGS` and hand the command
+the value built from them.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any, Optional
+import functools
+import inspect
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from ..config import MERGE_FLAGS, Flag, MergeConfig
 from ..errors import TmergeError
-from ..models import DEFAULT_MODEL
-from ..models.merged import MergeConfig
-from ..runtime import resolve
+from ..models.spec import MODEL_FLAGS, ModelSpec
+from ..runtime import find_backend
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help=f"timm model name; default: the embedded DINOv2 ViT-S/14 ({DEFAULT_MODEL})")]
-ModelKwargsOpt = Annotated[Optional[str], typer.Option(
-    "--model-kwargs", help="extra timm.create_model arguments, e.g. img_size=32,patch_size=8,depth=3")]
-CheckpointOpt = Annotated[Optional[str], typer.Option("--checkpoint", help="state dict (.pth/.pt/.safetensors, timm keys) for --model")]
-PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="download the timm hub weights (needs internet)")]
-MethodOpt = Annotated[str, typer.Option("--method", help="merging method: tome, pitome, dtem, ltm, none")]
-ROpt = Annotated[Optional[int], typer.Option("--r", "-r", help="tokens merged per block (constant)")]
-InflectionOpt = Annotated[Optional[float], typer.Option("--inflection", help="with --r: ToMe's linear ramp around r, in [-1, 1]")]
-ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help="explicit per-block r, e.g. 16,16,8")]
-KeepRatioOpt = Annotated[Optional[float], typer.Option("--keep-ratio", help="PiToMe-style: each block keeps this share of its tokens")]
-PropAttnOpt = Annotated[Optional[bool], typer.Option("--prop-attn/--no-prop-attn", help="proportional attention (default: the method's)")]
-MethodOptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="method option KEY=VALUE (see `tmerge methods`); repeatable")]
-AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="trained DTEM/LTM adapter (.safetensors) from `tmerge train`")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 MergeFormOpt = Annotated[Optional[str], typer.Option(
     "--merge-form", help="ops the exported graph merges with: gather (default for onnx/openvino: exact and "
@@ -72,45 +66,52 @@ def parse_float_list(text: str, what: str) -> list[float]:
 
 def parse_backends(text: str) -> list[str]:
     """Registered backend names (aliases resolved, see :mod:`tmerge.runtime`); empty entries are errors."""
-    return list(dict.fromkeys(resolve(b).name for b in text.split(",")))
+    return list(dict.fromkeys(find_backend(b).name for b in text.split(",")))
 
 
-def parse_key_values(items: str | list[str] | None, what: str, *, split_commas: bool = False) -> dict[str, Any]:
-    """``["margin=0.9", "bsm_layers=6"]`` -> {"margin": 0.9, "bsm_layers": 6} (JSON values, else strings).
+def _option_group(param: str, flags: tuple[Flag, ...], build: Callable[..., Any], *, skip: tuple[str, ...] = (),
+                  overrides: dict[str, tuple[Any, str]] | None = None):
+    """A decorator: the command's parameter ``param`` becomes ``flags`` (less ``skip``; ``overrides``:
+    flag -> (default, help)) and is handed ``build(**their values)``."""
+    chosen = [f for f in flags if f.param not in skip]
 
-    With ``split_commas`` each item may hold several pairs: "img_size=32,patch_size=8".
-    """
-    if isinstance(items, str):
-        items = [items]
-    pairs = [p for item in items or [] for p in (item.split(",") if split_commas else [item]) if p.strip()]
-    options: dict[str, Any] = {}
-    for item in pairs:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise TmergeError(f"{what} takes KEY=VALUE, got {item!r}")
-        if key.strip() in options:
-            raise TmergeError(f"{what} {key.strip()} is given twice")
-        try:
-            options[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key.strip()] = raw
-    return options
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        names = set(signature.parameters) - {param}
+        clash = names & {f.param for f in chosen}
+        if param not in signature.parameters or clash:
+            raise TypeError(f"{command.__name__}: needs a parameter {param!r} and none named {sorted(clash)}")
+        group = []
+        for f in chosen:
+            default, text = (overrides or {}).get(f.param, (f.default, f.help))
+            group.append(inspect.Parameter(f.param, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                           annotation=Annotated[f.type, typer.Option(*f.names, help=text)]))
+        params = []
+        for p in signature.parameters.values():
+            params += group if p.name == param else [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            values = {f.param: kwargs.pop(f.param) for f in chosen}
+            return command(**kwargs, **{param: build(**values)})
+
+        del run.__wrapped__  # typer reads the signature below, not the command's
+        run.__signature__ = signature.replace(parameters=params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return decorate
 
 
-def parse_method_options(items: list[str] | None) -> dict[str, Any]:
-    """``-o KEY=VALUE`` method options."""
-    return parse_key_values(items, "--option")
+def merge_options(*, adapter: bool = True, method: tuple[str, str] | None = None):
+    """The merge flags (``--method --r --inflection --schedule --keep-ratio --prop-attn -o --adapter``)
+    in place of the command's ``merge: MergeConfig`` parameter. ``adapter=False`` leaves out
+    ``--adapter``; ``method``: another (default, help) for ``--method``."""
+    return _option_group("merge", MERGE_FLAGS, MergeConfig.from_cli, skip=() if adapter else ("adapter",),
+                         overrides={"method": method} if method else None)
 
 
-def parse_model_kwargs(text: str | None) -> dict[str, Any]:
-    """``--model-kwargs img_size=32,patch_size=8`` -> {"img_size": 32, "patch_size": 8}."""
-    return parse_key_values(text, "--model-kwargs", split_commas=True)
-
-
-def merge_config(method: str, r: int | None = None, inflection: float | None = None, schedule: str | None = None,
-                 keep_ratio: float | None = None, prop_attn: bool | None = None, option: list[str] | None = None,
-                 adapter: str | None = None, merge_form: str | None = None) -> MergeConfig:
-    """The merge flags of a command as a :class:`MergeConfig`."""
-    return MergeConfig(method=method, r=r, inflection=inflection, schedule=schedule, keep_ratio=keep_ratio,
-                       prop_attn=prop_attn, options=parse_method_options(option), adapter=adapter,
-                       merge_form=merge_form)
+def model_options(*, pretrained: bool = True):
+    """The model flags (``--model --model-kwargs --checkpoint --pretrained``) in place of the
+    command's ``model: ModelSpec`` parameter; ``pretrained=False`` leaves out ``--pretrained``."""
+    return _option_group("model", MODEL_FLAGS, ModelSpec.from_cli, skip=() if pretrained else ("pretrained",))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import re
 import shutil
 import struct
@@ -38,6 +37,8 @@ from torch import Tensor, nn
 
 from .._io import atomic_paths
 from ..errors import TmergeError
+from ..models.cache import cache_dir
+from .preprocess import model_transform, random_view
 
 MAX_SIDE = 448  # stored photos: short side at most this (two 224 crops' worth)
 MIN_SIDE = 160  # smaller pictures are icons, not photos
@@ -80,8 +81,6 @@ SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field
 
 
 def corpus_dir() -> Path:
-    from ..models import cache_dir
-
     return cache_dir() / "photos"
 
 
@@ -301,10 +300,6 @@ def corpus_views(entries: list[dict], model: nn.Module, views_per_photo: int = 1
     """Views of the corpus photos for ``model``: ``crop`` True: ``views_per_photo`` random crops
     (30-100 % of the area, aspect 3:4-4:3, flipped half the time; a function of ``seed``) per photo;
     False: the model's eval transform of the whole photo (resize + centre crop), one per photo."""
-    from PIL import Image
-
-    from . import model_transform
-
     root = Path(root or corpus_dir())
     transform = model_transform(model)
     rng = np.random.default_rng(seed)
@@ -314,17 +309,8 @@ def corpus_views(entries: list[dict], model: nn.Module, views_per_photo: int = 1
         if not crop:
             out.append(transform(photo))
             continue
-        width, height = photo.size
         for _ in range(views_per_photo):
-            area = rng.uniform(0.3, 1.0) * width * height
-            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            w = min(width, max(1, round(math.sqrt(area * aspect))))
-            h = min(height, max(1, round(math.sqrt(area / aspect))))
-            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-            view = photo.crop((left, top, left + w, top + h))
-            if rng.random() < 0.5:
-                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            out.append(transform(view))
+            out.append(transform(random_view(photo, rng)))
     return torch.stack(out)
 
 

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from .._io import json_bytes
+from ..config import upgrade_adapter_keys
 from ..errors import TmergeError
-from ..models import backbone_sha256, file_sha256, weights_sha256
 from ..models.flops import count_flops
 from ..models.forward import input_shape
+from ..models.hashing import backbone_sha256, file_sha256, weights_sha256
 from ..patch import merge_info, unmerged
 from ..plugins import spec as plugin_spec
 from .plugin_nodes import describe_plugin_nodes
@@ -71,8 +72,7 @@ class Manifest:
     model_name: str | None = None  # what was asked for (e.g. "dinov2-s14"); rebuilds the model
     checkpoint: str | None = None
     pretrained: bool = False
-    adapter: str | None = None  # the --adapter given (None: a shipped adapter, if any, is loaded again)
-    adapter_used: dict | str | None = None  # learned methods: the adapter that ran ({path, sha256, ...}) or "untrained"
+    adapter: dict | str | None = None  # learned methods: the adapter that ran ({path, sha256, ...}; export() gives the path absolute) or "untrained"
     model_kwargs: dict | None = None
     file_sha256: str | None = None
     file_bytes: int | None = None
@@ -87,6 +87,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "manifest") -> Manifest:
+        data = upgrade_adapter_keys(data)  # manifests written before "adapter_used" became "adapter"
         missing = sorted(_REQUIRED - set(data))
         if missing:
             raise TmergeError(f"{where} is not a tmerge manifest (missing {', '.join(missing)})")
@@ -176,10 +177,11 @@ def versions() -> dict:
 
 
 def build_manifest(model: nn.Module, *, model_label: str | None, graph: str, opset: int, batch_size: int,
-                   dynamic_batch: bool, parity: dict, proto, path: Path, model_name: str | None = None,
-                   checkpoint: str | None = None, pretrained: bool = False, adapter: str | None = None,
+                   dynamic_batch: bool, parity: dict, proto, path: Path, merge_form: str | None = None,
+                   model_name: str | None = None, checkpoint: str | None = None, pretrained: bool = False,
                    model_kwargs: dict | None = None) -> Manifest:
-    """The manifest of an ONNX export of ``model`` (FLOPs counted here, merged and unmerged)."""
+    """The manifest of an ONNX export of ``model`` whose merges use ``merge_form`` (FLOPs counted
+    here, merged and unmerged)."""
     info = merge_info(model)
     shape = input_shape(model, 1)
     with torch.no_grad():
@@ -201,8 +203,8 @@ def build_manifest(model: nn.Module, *, model_label: str | None, graph: str, ops
         output={"name": "output", "shape": [batch_dim, *out_dims]},
         dynamic_batch=dynamic_batch, export_batch=batch_size, graph=graph, opset=opset,
         ir_version=proto.ir_version, method=info["method"], options=info.get("options", {}),
-        adapter_used=info.get("adapter"),
-        prop_attn=info.get("prop_attn", False), merge_form=info.get("merge_form"), schedule=info.get("schedule"),
+        adapter=info.get("adapter"),
+        prop_attn=info.get("prop_attn", False), merge_form=merge_form, schedule=info.get("schedule"),
         capped=info.get("capped", []), layers=layers, tokens=tokens,
         flops={
             "merged_per_image": merged_per_image,
@@ -213,8 +215,7 @@ def build_manifest(model: nn.Module, *, model_label: str | None, graph: str, ops
             "convention": flops_merged["convention"],
         },
         parity=parity, versions=versions(), created_unix=int(time.time()),
-        model_name=model_name, checkpoint=checkpoint, pretrained=pretrained, adapter=adapter,
-        model_kwargs=model_kwargs,
+        model_name=model_name, checkpoint=checkpoint, pretrained=pretrained, model_kwargs=model_kwargs,
     )
     if graph == "plugin":
         manifest.plugin_nodes = describe_plugin_nodes(proto)

@@ -49,7 +49,7 @@ def claimed_runtimes(names: tuple[str, ...] = VERIFIED_RUNTIMES) -> list[tuple[s
     """(runtime, device) pairs an ONNX export is verified on: those of ``names`` installed here, on
     CPU and, where the runtime has it, CUDA. (Plugin graphs claim ONNX Runtime only: OpenVINO does
     not expand the merge nodes' local functions.)"""
-    return [(name, device) for name in names for device in runtime.DEVICES if name in runtime.available(device)]
+    return [(name, device) for name in names for device in runtime.DEVICES if name in runtime.available_backends(device)]
 
 
 def torch_reference(model: nn.Module, images: torch.Tensor):

@@ -18,10 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import TmergeError
 from .base import MergePlan, take_rows
 
 MERGE_FORMS = ("gather", "scatter", "onehot")
 DEFAULT_FORM = "gather"
+
+
+def check_form(form: str) -> str:
+    """``form`` when it is a merge form (:data:`MERGE_FORMS`), else a one-line TmergeError."""
+    if form not in MERGE_FORMS:
+        raise TmergeError(f"merge_form must be one of {', '.join(MERGE_FORMS)}, got {form!r}")
+    return form
 
 
 def merge_tokens(x: Tensor, size: Tensor | None, plan: MergePlan, form: str = DEFAULT_FORM
@@ -45,8 +53,7 @@ def merge_tokens(x: Tensor, size: Tensor | None, plan: MergePlan, form: str = DE
     The merge runs outside autocast: under fp16/bf16 autocast the residual stream stays in its own
     precision instead of being rounded by a half-precision product.
     """
-    if form not in MERGE_FORMS:
-        raise ValueError(f"unknown merge form {form!r}; expected one of {MERGE_FORMS}")
+    check_form(form)
     device = x.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         with torch.autocast(device, enabled=False):

@@ -1,6 +1,6 @@
 """Adapters: the learned parameters of a DTEM / LTM merge, as a small safetensors file.
 
-The file holds the method module's state dict (``model.tmerge_method``) and string metadata:
+The file holds the method module's state dict (:func:`tmerge.patch.merge_method`) and string metadata:
 ``format`` ("tmerge-adapter"), ``format_version``, and JSON-encoded ``method``, ``options``,
 ``weights_sha256`` (of the unmerged backbone), ``arch``, ``schedule`` (spec), ``r`` (per block),
 ``tokens``, ``prop_attn``, plus whatever the trainer adds (model name, training data summary, steps,
@@ -20,8 +20,8 @@ from torch import nn
 
 from .._io import atomic_paths, existing_file
 from ..errors import TmergeError
-from ..patch import merge_info
-from . import backbone_sha256, file_sha256
+from ..patch import merge_info, merge_method
+from .hashing import backbone_sha256, file_sha256
 
 FORMAT = "tmerge-adapter"
 FORMAT_VERSION = 1
@@ -67,7 +67,7 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict | None = Non
                  weights_sha256: str | None = None) -> Path:
     """Write the learned parameters of ``model``'s merge method and ``metadata`` to ``path``."""
     info = _require_patched(model, "saving an adapter")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.tmerge_method.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in merge_method(model).state_dict().items()}
     if not state:
         raise TmergeError(f"method {info['method']} has no learned parameters to save")
     meta = dict(metadata or {})
@@ -155,13 +155,13 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict:
         flag = "--prop-attn" if meta.get("prop_attn") else "--no-prop-attn"
         raise TmergeError(f"adapter {name} was trained with proportional attention "
                           f"{'on' if meta.get('prop_attn') else 'off'}; pass {flag}")
-    ignored = training_only_options(model.tmerge_method)
+    ignored = training_only_options(merge_method(model))
     trained_with = {k: v for k, v in (meta.get("options") or {}).items() if k not in ignored}
     if meta.get("options") is not None and trained_with != {k: v for k, v in info["options"].items() if k not in ignored}:
         given = " ".join(f"-o {k}={json.dumps(v)}" for k, v in trained_with.items() if v is not None)
         raise TmergeError(f"adapter {name} was trained with method options {meta['options']} but the model "
                           f"uses {info['options']}; pass {given or 'the same options'}")
-    method = model.tmerge_method
+    method = merge_method(model)
     expected = method.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-DEFAULT_IMAGE_SIZE = (224, 224)
+DEFAULT_IMG_SIZE = 224  # timm's ViT input size; also the embedded default model's (its ONNX graph's)
 
 
 def input_shape(model: nn.Module, batch: int = 1) -> tuple[int, int, int, int]:
@@ -13,7 +13,7 @@ def input_shape(model: nn.Module, batch: int = 1) -> tuple[int, int, int, int]:
     patch_embed = model.patch_embed
     size = patch_embed.img_size
     if size is None:
-        size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, *DEFAULT_IMAGE_SIZE))[1:])
+        size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE))[1:])
     channels = getattr(patch_embed.proj, "in_channels", 3)
     return (batch, int(channels), int(size[0]), int(size[1]))
 

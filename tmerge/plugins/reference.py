@@ -3,7 +3,7 @@
 This is what a TensorRT plugin must reproduce: :func:`method_from_attrs` rebuilds the merging
 method of one node from the ONNX attributes (nothing else: the plugin sees only those), and
 :func:`reference_merge` runs the shared merge core on it. It is the plugin's JIT implementation
-(:mod:`tmerge.plugins.trt`) and the oracle the ahead-of-time kernel is tested against.
+(:mod:`tmerge.plugins.trt`) and the oracle a compiled GPU merge kernel would be tested against.
 """
 
 from __future__ import annotations

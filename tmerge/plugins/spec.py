@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import TmergeError
 from ..merging import registry
-from ..merging.ops import MERGE_FORMS
+from ..merging.ops import DEFAULT_FORM, check_form
 
 PLUGIN_NAMESPACE = "tmerge"
 PLUGIN_VERSION = "1"
@@ -96,7 +96,7 @@ class MergeNodeSpec:
 
 
 def node_spec(method, *, layer: int, depth: int, r: int, num_tokens: int, num_prefix: int,
-              class_token: bool, merge_form: str = "gather") -> MergeNodeSpec:
+              class_token: bool, merge_form: str = DEFAULT_FORM) -> MergeNodeSpec:
     """The plugin node for ``method`` (a :class:`tmerge.merging.MergeMethod`) at one block."""
     name = getattr(method, "name", str(method))
     op_type = getattr(method, "plugin_op", None)
@@ -140,8 +140,7 @@ def check_attrs(op_type: str, attrs: dict[str, Any]) -> dict[str, Any]:
                           f"{PLUGIN_NAMESPACE}/{PLUGIN_VERSION}")
     if not 0 < out["r"] <= (out["num_tokens"] - out["num_prefix"]) // 2:
         raise TmergeError(f"{op_type}: r={out['r']} is impossible for {out['num_tokens']} tokens")
-    if out["merge_form"] not in MERGE_FORMS:
-        raise TmergeError(f"{op_type}: merge_form {out['merge_form']!r}")
+    check_form(out["merge_form"])
     return out
 
 

@@ -8,11 +8,12 @@ an IPluginV3 C++ library.
   method that declares ``plugin_op`` / ``plugin_attrs`` in its own file gets a plugin with no code here.
 * The output shapes are symbolic expressions of the input shapes and integer attributes (``N - r``),
   computed by :func:`tmerge.plugins.spec.output_shapes`, the function the ONNX exporter and the tests use.
-* ``@trtp.aot_impl`` (TensorRT >= 10.9) embeds a compiled kernel (PTX) in the engine, which then runs
-  without Python (trtexec, Triton Inference Server). The kernel comes from :data:`AOT_KERNEL_MODULE`
-  (GPU work, not part of this module); without it only the JIT implementation is registered.
-* ``@trtp.impl`` (JIT, Python at run time) runs :func:`tmerge.plugins.reference.reference_merge`, the
-  shared PyTorch merge core, on TensorRT's buffers and stream; engines built with it need Python + tmerge.
+* The implementation is ``@trtp.impl`` (JIT: a Python callback at run time). It runs
+  :func:`tmerge.plugins.reference.reference_merge`, the shared PyTorch merge core, on TensorRT's
+  buffers and stream, so an engine with these plugins needs Python, PyTorch and tmerge (with
+  :func:`register_tensorrt_plugins` called) wherever it is deserialized and run; trtexec or Triton
+  Inference Server alone cannot run it. An ahead-of-time implementation (``@trtp.aot_impl``, a
+  compiled kernel embedded in the engine) would lift that; it needs a GPU merge kernel, not written yet.
 
 What TensorRT's own code requires (read in NVIDIA/TensorRT ``python/packaging/bindings_wheel/tensorrt/
 plugin/`` 10.9 - 11.4 and onnx-tensorrt; checked in CI by ``tests/plugins/test_trt_contract.py``, which
@@ -20,8 +21,7 @@ runs that code on CPU):
 
 * The decorators read annotations with ``inspect.signature`` and call ``issubclass`` on them: real
   classes, so no ``from __future__ import annotations`` in this module. Parameter names are checked
-  too (tensors, then attributes in registration order, then ``outputs`` / ``stream`` / ``tactic``).
-* ``aot_impl`` needs its return annotation (the 4-tuple); TensorRT calls it with every attribute.
+  too (tensors, then attributes in registration order, then ``outputs`` / ``stream``).
 * The ONNX parser forwards only the attributes the plugin declares, INT as int32[1], FLOAT as
   float32[1] and STRING as its bytes plus a trailing NUL. Numbers are declared as one-element numpy
   arrays: with ``int``/``float`` annotations TensorRT < 11.3 converts them with ``int(array)``, which
@@ -30,14 +30,15 @@ runs that code on CPU):
   are looked up by op type only, so the per-layer function bodies would all collapse to the first
   layer's. :func:`prepare_onnx_for_trt` therefore drops them: without the plugins, parsing fails
   with TensorRT's "Plugin not found" instead of building a wrong engine.
+* The parser turns a node attribute ``aot`` into the creation request: ``aot=0`` asks for the JIT
+  implementation strictly, whatever the network's ``PREFER_*_PYTHON_PLUGINS`` flags say (see
+  :func:`prepare_onnx_for_trt`).
 
 Nothing here imports TensorRT at module import; :func:`register_tensorrt_plugins` does.
 """
 
-import importlib
-import importlib.util
 import inspect
-from typing import Any, Callable, List, Tuple, Union
+from typing import Any, Callable, List, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -45,13 +46,6 @@ import numpy.typing as npt
 from ..errors import TmergeError
 from .reference import reference_merge
 from .spec import DOMAIN, INPUTS, PLUGIN_NAMESPACE, PLUGIN_VERSION, attributes, check_attrs, output_shapes, plugin_methods
-
-# The module that provides the ahead-of-time kernels (GPU work). Contract:
-#   compile_merge_kernel(op_type: str, attrs: dict, dtype: "float32"|"float16")
-#       -> (kernel_name: str | bytes, ptx: str | bytes, launch: dict(grid=(gx, gy, gz) ints or callables
-#          of the symbolic batch, block=(bx, by, bz), shared_mem=int), extra_args: list[int | "B"])
-#   where an extra arg "B" means the batch size (a symbolic shape expression at build time).
-AOT_KERNEL_MODULE = "tmerge.plugins.triton_merge"
 
 TRT_MISSING = ("TensorRT is not installed: pip install 'tmerge[trt]' (tensorrt>=10.9,<11) on a machine with an "
                "NVIDIA GPU")
@@ -93,10 +87,6 @@ def type_combinations() -> str:
     return ", ".join(["FP32|FP16"] * (len(INPUTS) + 2))
 
 
-def aot_kernel_available() -> bool:
-    return importlib.util.find_spec(AOT_KERNEL_MODULE) is not None
-
-
 def _output_descs(op_type: str, x, size, keys, attrs: dict):
     (_, n_out, _), _ = output_dims(op_type, attrs, x.shape_expr, size.shape_expr, keys.shape_expr)
     x_out, size_out = x.like(), size.like()
@@ -115,19 +105,6 @@ def _jit(op_type: str, x, size, keys, attrs: dict, outputs, stream: int) -> None
         torch.as_tensor(outputs[1], device="cuda").copy_(out_size)
 
 
-def _aot(trt, trtp, op_type: str, x, attrs: dict):
-    kernels = importlib.import_module(AOT_KERNEL_MODULE)
-    dtype = "float16" if x.dtype == trt.float16 else "float32"
-    name, ptx, launch, extra = kernels.compile_merge_kernel(op_type, full_attrs(op_type, attrs), dtype)
-    batch = x.shape_expr[0]
-    params = trtp.KernelLaunchParams()
-    params.grid_x, params.grid_y, params.grid_z = (g(batch) if callable(g) else g for g in launch["grid"])
-    params.block_x, params.block_y, params.block_z = launch["block"]
-    params.shared_mem = launch.get("shared_mem", 0)
-    args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(batch if a == "B" else a) for a in extra])
-    return name, ptx, params, args
-
-
 def _function(name: str, params: list, returns, body: Callable[[dict], Any]):
     """A function whose signature is exactly ``params`` (name, annotation) -> ``returns`` (TensorRT
     inspects both) and that passes its arguments to ``body`` as one dict by name."""
@@ -143,9 +120,9 @@ def _function(name: str, params: list, returns, body: Callable[[dict], Any]):
     return function
 
 
-def plugin_functions(trt, trtp, op_type: str) -> dict[str, Callable]:
-    """The functions of one plugin, by decorator name: register (output descriptors), autotune,
-    impl (JIT) and aot_impl."""
+def plugin_functions(trtp, op_type: str) -> dict[str, Callable]:
+    """The functions of one plugin, by decorator name: register (output descriptors), autotune
+    and impl (JIT)."""
     attrs = [(k, TRT_ANNOTATIONS[t]) for k, t in trt_attributes(op_type).items()]
     descs = [(n, trtp.TensorDesc) for n in INPUTS]
     out_descs = ("outputs", Tuple[trtp.TensorDesc, trtp.TensorDesc])
@@ -164,10 +141,6 @@ def plugin_functions(trt, trtp, op_type: str) -> dict[str, Callable]:
             f"{op_type}_jit", [(n, trtp.Tensor) for n in INPUTS] + attrs
             + [("outputs", Tuple[trtp.Tensor, trtp.Tensor]), ("stream", int)], None,
             lambda a: _jit(op_type, a["x"], a["size"], a["keys"], attr_values(a), a["outputs"], a["stream"])),
-        "aot_impl": _function(
-            f"{op_type}_aot", descs + attrs + [out_descs, ("tactic", int)],
-            Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs],
-            lambda a: _aot(trt, trtp, op_type, a["x"], attr_values(a))),
     }
 
 
@@ -175,40 +148,36 @@ def _is_registered(trtp, op_type: str) -> bool:
     return hasattr(getattr(trtp.op, PLUGIN_NAMESPACE, None), op_type)
 
 
-def register_tensorrt_plugins(aot: bool | None = None) -> dict[str, bool]:
-    """Register every merge plugin with TensorRT: what building or running an engine of a plugin
-    graph needs first. Safe to call again, also after a failed attempt.
-
-    ``aot``: None registers the ahead-of-time implementation when its kernel module is installed;
-    True requires it (TmergeError otherwise); False registers the JIT implementation only.
-    Returns {plugin id: whether the AOT implementation is registered}.
-    """
+def register_tensorrt_plugins() -> list[str]:
+    """Register every merge plugin (its JIT implementation) with TensorRT: what building or running
+    an engine of a plugin graph needs first. Safe to call again, also after a failed attempt.
+    Returns the plugin ids."""
     try:
-        import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError as e:
         raise TmergeError(TRT_MISSING) from e
-    available = aot_kernel_available()
-    if aot and not available:
-        raise TmergeError(f"the ahead-of-time merge kernel ({AOT_KERNEL_MODULE}) is not installed; "
-                          "build with aot=False to use the Python (JIT) plugin")
-    aot = available if aot is None else bool(aot)
     for op_type in plugin_methods():
         pid = plugin_id(op_type)
-        functions = plugin_functions(trt, trtp, op_type)
+        functions = plugin_functions(trtp, op_type)
         if not _is_registered(trtp, op_type):  # a plugin name can be registered once per process
             trtp.register(pid)(functions["register"])
         trtp.autotune(pid)(functions["autotune"])
         trtp.impl(pid)(functions["impl"])
-        if aot:
-            trtp.aot_impl(pid)(functions["aot_impl"])
-    return {plugin_id(op): aot for op in plugin_methods()}
+    return [plugin_id(op) for op in plugin_methods()]
 
 
-def prepare_onnx_for_trt(proto, *, aot: bool):
-    """A copy of a plugin graph for TensorRT's parser: every ``tmerge`` node gets ``aot`` (int), so
-    the parser picks the ahead-of-time or the JIT implementation, and the ``tmerge`` local functions
-    are dropped (the parser keys them by op type only: every layer would run layer 0's body)."""
+def prepare_onnx_for_trt(proto):
+    """A copy of a plugin graph for TensorRT's parser: every ``tmerge`` node gets ``aot=0`` and the
+    ``tmerge`` local functions are dropped (the parser keys them by op type only: every layer would
+    run layer 0's body).
+
+    ``aot=0``: onnx-tensorrt (``createPlugin`` in importerUtils.cpp) maps a node's ``aot`` attribute
+    to a strict request, 0 -> ``QuickPluginCreationRequest.STRICT_JIT``, ahead of the network's
+    ``PREFER_AOT/JIT_PYTHON_PLUGINS`` flags. Without it the request is left to those flags, which
+    TensorRT documents as choosing only for a plugin that has both implementations. STRICT_JIT names
+    the implementation these engines run, whatever else is registered under the plugin's id, and
+    TensorRT fails the parse ("JIT implementation requested, but not defined") if it is missing. The
+    parser does not forward ``aot`` to the plugin (it is not a declared attribute)."""
     import onnx
     from onnx import helper
 
@@ -222,7 +191,7 @@ def prepare_onnx_for_trt(proto, *, aot: bool):
             if a.name == "aot":
                 del node.attribute[i]
                 break
-        node.attribute.append(helper.make_attribute("aot", int(bool(aot))))
+        node.attribute.append(helper.make_attribute("aot", 0))
         count += 1
     if count == 0:
         raise TmergeError("the ONNX graph has no tmerge plugin nodes; export it with --graph plugin")

@@ -1,6 +1,6 @@
 """Latency of a merged model against its unmerged self, timed in one process, interleaved.
 
-Methodology (also in the README):
+Methodology (also in docs/methodology.md):
 
 - Both models are built and loaded before any timing, for the same backend, device and batch size,
   on the same input batch.
@@ -38,10 +38,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import runtime
 from ..errors import TmergeError
 
-STAT_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "throughput_ips")
 CI_LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 2000
 WIDE_INTERVAL = 0.10  # an interval wider than this share of its ratio is too wide to call the ratio
@@ -164,11 +162,6 @@ def set_torch_threads(threads: int | None) -> int:
             raise TmergeError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
-
-
-def check_backend(backend: str, device: str) -> str:
-    """The registered name of ``backend``; a one-line TmergeError when it or the device is not usable."""
-    return runtime.check(backend, device).name
 
 
 # ----------------------------------------------------------------------------------------------

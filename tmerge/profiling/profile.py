@@ -18,16 +18,21 @@ import torch
 from torch import nn
 
 from .. import runtime
-from ..data import load_images
+from ..config import MergeConfig
+from ..data.sources import load_images
 from ..errors import TmergeError
 from ..export import Manifest, export_onnx, read_manifest
+from ..export.input_checks import merge_form_for
 from ..export.manifest import check_describes
 from ..export.verify import recheck_file
-from ..models import DEFAULT_MODEL, check_batch_fits, weights_sha256
+from ..merging.ops import check_form
 from ..models.flops import FLOPS_CONVENTION, count_flops
 from ..models.forward import forward_with_features, has_classifier, input_shape
-from ..models.merged import MergeConfig, build_pair
-from ..patch import merge_info
+from ..models.hashing import weights_sha256
+from ..models.memory import check_batch_fits
+from ..models.merged import build_pair
+from ..models.spec import ModelSpec
+from ..patch import merge_info, using_merge_form
 from ..runtime.torch_eager import autocast, check_precision
 from . import latency as lat
 from .drift import knn_agreement, output_drift
@@ -56,15 +61,16 @@ class ProfileConfig:
     workdir: str | None = None  # where exported ONNX files go (default: a temp dir, removed)
     precision: str = "fp32"  # torch backends and drift: fp32, or fp16/bf16 autocast
     cuda_graphs: bool = True  # torch backends on CUDA: capture each batch once and replay it
+    merge_form: str | None = None  # merge ops of the merged model and its exports (None: the export default)
 
     @property
     def needs_onnx(self) -> bool:
         """Whether a backend runs exported graphs (ONNX Runtime, OpenVINO, TensorRT)."""
-        return any(runtime.resolve(b).takes == "onnx" for b in self.backends)
+        return any(runtime.find_backend(b).takes == "onnx" for b in self.backends)
 
     def __post_init__(self) -> None:
         """Bad settings fail here, before any model is loaded."""
-        self.backends = [lat.check_backend(backend, self.device) for backend in self.backends]
+        self.backends = [runtime.check_backend(backend, self.device).name for backend in self.backends]
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise TmergeError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
         if len(set(self.batch_sizes)) < len(self.batch_sizes):
@@ -79,6 +85,8 @@ class ProfileConfig:
             if self.num_images < 1:
                 raise TmergeError(f"--num-images must be at least 1, got {self.num_images}")
         check_precision(self.precision)
+        if self.merge_form is not None:
+            check_form(self.merge_form)
         if self.precision != "fp32" and self.needs_onnx:
             raise TmergeError(f"--precision {self.precision} is autocast in the torch backends; ONNX backends run "
                               "the exported fp32 graph: time them in a separate profile")
@@ -116,8 +124,7 @@ class Progress:
 # the pair an exported model came from
 
 
-def pair_from_manifest(onnx_path: str | Path, *, model: str | None = None, checkpoint: str | None = None,
-                       model_kwargs: dict | None = None, adapter: str | None = None
+def pair_from_manifest(onnx_path: str | Path, model: ModelSpec | None = None, *, adapter: str | None = None
                        ) -> tuple[nn.Module, nn.Module, str, Manifest]:
     """Rebuild the torch merged/unmerged pair an exported model came from (for FLOPs, drift, the
     unmerged ONNX counterpart and the torch backend): (merged, unmerged, model name, manifest).
@@ -125,32 +132,33 @@ def pair_from_manifest(onnx_path: str | Path, *, model: str | None = None, check
     The manifest must describe the file (its sha256 and merge nodes, :func:`check_describes`) and
     the file must compute what the rebuilt model computes (:func:`recheck_file`); the returned
     manifest's ``parity`` is that re-check, never the one stored at export time.
-    From the manifest: model name, method, options, proportional attention and the per-block r;
-    ``checkpoint``, ``model_kwargs`` and ``adapter`` from the manifest when the exporter recorded
-    them, else from the arguments. The rebuilt models must hash to the manifest's
+    From the manifest: model name, method, options, proportional attention, the per-block r and the
+    adapter that ran (:meth:`MergeConfig.from_manifest`); the checkpoint and model kwargs from the
+    manifest when the exporter recorded them, else from ``model`` (whose name, when given, replaces
+    the manifest's), and ``adapter`` (a file) when given. The rebuilt models must hash to the manifest's
     ``weights_sha256`` (backbone) and ``merged_weights_sha256``, so a mismatched rebuild is an
     error, never a silent comparison against other weights.
     """
     manifest = read_manifest(onnx_path)
+    model = model or ModelSpec()
     # "model_name" is what was asked for (e.g. "dinov2-s14"); "model" is a human-readable label
-    name = (manifest.model_name or manifest.model) if model is None else model
+    name = model.name or manifest.model_name or manifest.model
     check_describes(onnx_path, manifest)
-    merge = MergeConfig(method=manifest.method, schedule=tuple(manifest.per_block_r), prop_attn=manifest.prop_attn,
-                        options=dict(manifest.options or {}), adapter=adapter or manifest.adapter,
-                        merge_form=manifest.merge_form)
-    if merge.method == "none":
-        merge = MergeConfig(method="none")
-    merged, unmerged = build_pair(name, merge, checkpoint=checkpoint or manifest.checkpoint,
-                                  model_kwargs=model_kwargs or manifest.model_kwargs or {})
+    merge = MergeConfig.from_manifest(manifest.as_dict())
+    if adapter is not None:
+        merge = replace(merge, adapter=adapter)
+    spec = ModelSpec(name, model.kwargs or manifest.model_kwargs or {}, model.checkpoint or manifest.checkpoint)
+    merged, unmerged = build_pair(spec, merge)
     if weights_sha256(unmerged) != manifest.weights_sha256 or (
             manifest.merged_weights_sha256 and weights_sha256(merged) != manifest.merged_weights_sha256):
         raise TmergeError(f"rebuilding {name} here gives other weights than {onnx_path} was exported with "
                           "(weights_sha256 mismatch); pass the --model/--model-kwargs/--checkpoint/--adapter "
                           "it was exported from")
     batch = 2 if manifest.dynamic_batch else int(manifest.export_batch)
-    manifest.parity = recheck_file(merged, onnx_path, batch_size=batch,
-                                   atol=float((manifest.parity or {}).get("atol") or 1e-4))
-    return merged, unmerged, name or DEFAULT_MODEL, manifest
+    with using_merge_form(merged, manifest.merge_form):
+        manifest.parity = recheck_file(merged, onnx_path, batch_size=batch,
+                                       atol=float((manifest.parity or {}).get("atol") or 1e-4))
+    return merged, unmerged, spec.display_name, manifest
 
 
 def count_params(model: nn.Module) -> int:
@@ -222,11 +230,11 @@ def drift_between(merged: nn.Module, unmerged: nn.Module, images: torch.Tensor, 
 
 
 def export_for_runtime(model: nn.Module, path: Path, *, model_name: str | None, batch_size: int = 2,
-                       verify: bool = True) -> dict:
+                       verify: bool = True, merge_form: str | None = None) -> dict:
     """Export ``model`` (merged or not) to ONNX with the project exporter (verified against torch
-    unless ``verify`` is False); returns {path, parity}."""
+    unless ``verify`` is False; merging with ``merge_form``'s ops); returns {path, parity}."""
     result = export_onnx(model, str(path), batch_size=batch_size, dynamic_batch=True, verify=verify,
-                         model_name=model_name)
+                         model_name=model_name, merge_form=merge_form)
     return {"path": str(result.path), "parity": result.parity}
 
 
@@ -258,54 +266,57 @@ def profile_pair(merged: nn.Module, unmerged: nn.Module, config: ProfileConfig, 
     merged.eval()
     unmerged.eval()
     info = merge_info(merged)
+    config = replace(config, merge_form=merge_form_for(info["method"], config.merge_form))
 
-    report: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": KIND,
-        "created": now_iso(),
-        "model": model_name,
-        "model_info": {
-            "input_size": list(input_shape(unmerged)[1:]),
-            "num_prefix_tokens": int(getattr(unmerged, "num_prefix_tokens", 0)),
-            "num_classes": int(getattr(unmerged, "num_classes", 0) or 0),
-            "head": "classifier" if has_classifier(unmerged) else "none (features)",
-            "depth": len(unmerged.blocks),
-            **(model_info or {}),
-        },
-        "method": info["method"],
-        "method_options": info.get("options", {}),
-        **({"adapter_used": info["adapter"]} if "adapter" in info else {}),
-        "prop_attn": info.get("prop_attn"),
-        "merge_form": info.get("merge_form"),
-        "schedule_spec": info.get("schedule"),
-        "schedule": list(info["r"]),
-        "tokens_per_layer": list(info["tokens"] or [])
-        or [unmerged.patch_embed.num_patches + unmerged.num_prefix_tokens] * (len(unmerged.blocks) + 1),
-        "params": {"merged": count_params(merged), "unmerged": count_params(unmerged)},
-    }
+    # the merged model runs the merge ops its exports use, in every measurement (FLOPs, drift, latency)
+    with using_merge_form(merged, config.merge_form):
+        report: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": KIND,
+            "created": now_iso(),
+            "model": model_name,
+            "model_info": {
+                "input_size": list(input_shape(unmerged)[1:]),
+                "num_prefix_tokens": int(getattr(unmerged, "num_prefix_tokens", 0)),
+                "num_classes": int(getattr(unmerged, "num_classes", 0) or 0),
+                "head": "classifier" if has_classifier(unmerged) else "none (features)",
+                "depth": len(unmerged.blocks),
+                **(model_info or {}),
+            },
+            "method": info["method"],
+            "method_options": info.get("options", {}),
+            **({"adapter": info["adapter"]} if "adapter" in info else {}),
+            "prop_attn": info.get("prop_attn"),
+            "merge_form": config.merge_form,
+            "schedule_spec": info.get("schedule"),
+            "schedule": list(info["r"]),
+            "tokens_per_layer": list(info["tokens"] or [])
+            or [unmerged.patch_embed.num_patches + unmerged.num_prefix_tokens] * (len(unmerged.blocks) + 1),
+            "params": {"merged": count_params(merged), "unmerged": count_params(unmerged)},
+        }
 
-    if config.flops:
-        progress.log("counting FLOPs")
-        report["flops"] = flops_section(merged, unmerged)
+        if config.flops:
+            progress.log("counting FLOPs")
+            report["flops"] = flops_section(merged, unmerged)
 
-    if images is not None:
-        progress.log(f"drift on {len(images)} images")
-        with autocast("cpu", config.precision):
-            drift = drift_between(merged, unmerged, images, labels, class_names)
-        drift = {"source": str(config.data), "seed": config.seed, "precision": config.precision, **drift}
-        report["drift"] = drift
-    else:
-        report["drift"] = None
+        if images is not None:
+            progress.log(f"drift on {len(images)} images")
+            with autocast("cpu", config.precision):
+                drift = drift_between(merged, unmerged, images, labels, class_names)
+            drift = {"source": str(config.data), "seed": config.seed, "precision": config.precision, **drift}
+            report["drift"] = drift
+        else:
+            report["drift"] = None
 
-    report["latency"] = _latency(merged, unmerged, config, images, progress, model_name)
-    ort_threads = config.threads if "onnxruntime" in config.backends else None
-    report["env"] = environment(torch_threads, ort_threads)
-    report["warnings"] = lat.interval_warnings(report["latency"], report["env"]["loadavg"])
-    report["config"] = {"warmup": config.warmup, "iters": config.iters, "batch_sizes": list(config.batch_sizes),
-                        "backends": list(config.backends), "device": config.device, "threads": config.threads,
-                        "precision": config.precision, "cuda_graphs": config.cuda_graphs and config.device == "cuda",
-                        "compile": config.compile, "data": config.data}
-    return report
+        report["latency"] = _latency(merged, unmerged, config, images, progress, model_name)
+        ort_threads = config.threads if "onnxruntime" in config.backends else None
+        report["env"] = environment(torch_threads, ort_threads)
+        report["warnings"] = lat.interval_warnings(report["latency"], report["env"]["loadavg"])
+        report["config"] = {"warmup": config.warmup, "iters": config.iters, "batch_sizes": list(config.batch_sizes),
+                            "backends": list(config.backends), "device": config.device, "threads": config.threads,
+                            "precision": config.precision, "cuda_graphs": config.cuda_graphs and config.device == "cuda",
+                            "compile": config.compile, "data": config.data}
+        return report
 
 
 def _batch(images: torch.Tensor | None, batch_size: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -320,9 +331,9 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
     if not config.backends or config.iters == 0:
         return entries
     shape = input_shape(unmerged)[1:]
-    backends = [runtime.resolve(b) for b in config.backends]
+    backends = [runtime.find_backend(b) for b in config.backends]
     if config.compile:  # --compile: the torch backend compiled
-        backends = [runtime.resolve("torch.compile") if b.name == "torch" else b for b in backends]
+        backends = [runtime.find_backend("torch.compile") if b.name == "torch" else b for b in backends]
     artifacts: dict[str, dict] = {}
     tmp = None
     created = None  # the --onnx-dir folder when this run created it: removed again if the run fails
@@ -345,8 +356,9 @@ def _latency(merged, unmerged, config: ProfileConfig, images, progress: Progress
                     artifacts[name] = {"path": str(given), "parity": parity, "exported": False}
                 else:
                     progress.log(f"exporting the {name} model to ONNX")
-                    artifacts[name] = {**export_for_runtime(model, workdir / f"{name}.onnx", model_name=model_name),
-                                       "exported": True}
+                    form = config.merge_form if name == "merged" else None
+                    artifacts[name] = {**export_for_runtime(model, workdir / f"{name}.onnx", model_name=model_name,
+                                                            merge_form=form), "exported": True}
         for backend in backends:
             sources = {"merged": merged, "unmerged": unmerged}
             if backend.takes == "onnx":

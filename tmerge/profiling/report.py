@@ -1,14 +1,15 @@
 """The profile report: a versioned JSON schema, validation and atomic save (the CLI renders it).
 
-Schema version 1 (documented in the README, "Profile report schema"). Top-level keys:
+Schema version 1 (documented in docs/report-schema.md). Top-level keys:
 
     schema_version  1
     kind            "tmerge.profile"
     created         ISO 8601 UTC time
     model           model name as given (str), model_info: {label, checkpoint, weights_sha256,
                     input_size, num_prefix_tokens, num_classes, head}
-    method          merging method name; method_options, adapter_used (learned methods: the adapter that ran
-                    {path, sha256, shipped, ...} or "untrained"), prop_attn, merge_form, schedule_spec
+    method          merging method name; method_options, adapter (learned methods: the adapter that ran
+                    {path, sha256, shipped, ...} or "untrained"; older reports name it adapter_used),
+                    prop_attn, merge_form (the ops exported graphs merge with), schedule_spec
     schedule        per-block r (list of int)
     tokens_per_layer  tokens entering each block, then the final count (len = depth + 1)
     params          {merged, unmerged}
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import existing_file, json_bytes, write_files
+from ..config import upgrade_adapter_keys
 from ..errors import TmergeError
 from .latency import cpu_name, usable_cpus
 
@@ -177,6 +179,8 @@ def load_report(path: str | Path, what: str = "report") -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise TmergeError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    if isinstance(data, dict):
+        data = upgrade_adapter_keys(data)  # reports written before "adapter_used" became "adapter"
     return validate_report(data, str(path))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,42 +19,38 @@ from torch import nn
 
 from .._io import json_bytes, write_files
 from .._optional import pyplot
+from ..config import SHIPPED_IF_ANY, MergeConfig
 from ..data import load_images
 from ..errors import TmergeError
 from ..merging import registry
-from ..models.merged import MergeConfig
-from ..schedule import make_spec
+from ..models.merged import apply
+from ..schedule import ScheduleSpec
 from .profile import ProfileConfig, Progress, export_for_runtime, profile_pair
 from .report import validate_report
 
 DRIFT_METRICS = ("cosine_distance_mean", "kl_mean", "disagreement_top1", "knn_disagreement")
 
 
-@dataclass(frozen=True)
-class Point:
-    method: str
-    r: int | None = None
-    keep_ratio: float | None = None
-
-    @property
-    def label(self) -> str:
-        if self.method == "none":
-            return "unmerged"
-        return f"r={self.r}" if self.r is not None else f"keep={self.keep_ratio:g}"
-
-    @property
-    def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.method}_{self.label.replace('=', '')}")
-
-    def merge_config(self, options: dict | None = None, merge_form: str | None = None) -> MergeConfig:
-        if self.method == "none":
-            return MergeConfig(method="none")
-        return MergeConfig(method=self.method, r=self.r, keep_ratio=self.keep_ratio, options=dict(options or {}),
-                           merge_form=merge_form)
+def point_label(point: MergeConfig) -> str:
+    """How the sweep names a point: "unmerged", "r=8", "keep=0.9", "r=8,inflection=0.5", "schedule=8,4"."""
+    spec = point.schedule
+    if point.method == "none" or spec is None:
+        return "unmerged"
+    if spec.keep_ratio is not None:
+        return f"keep={spec.keep_ratio:g}"
+    if spec.per_layer is not None:
+        return "schedule=" + ",".join(str(v) for v in spec.per_layer)
+    return f"r={spec.r}" + (f",inflection={spec.inflection:g}" if spec.inflection is not None else "")
 
 
-def grid(methods: list[str], rs: list[int] | None, keep_ratios: list[float] | None) -> list[Point]:
-    """Every method at every r and keep ratio (``none``: one unmerged point); all checked here."""
+def point_slug(point: MergeConfig) -> str:
+    """The point's report file name (without .json)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{point.method}_{point_label(point).replace('=', '')}")
+
+
+def grid(methods: list[str], rs: list[int] | None, keep_ratios: list[float] | None) -> list[MergeConfig]:
+    """Every method at every r and keep ratio (``none``: one unmerged point); all checked here.
+    Learned methods load the adapter shipped for the model where there is one (as the CLI does)."""
     if not methods:
         raise TmergeError("--methods needs at least one method")
     unknown = [m for m in methods if m != "none" and m not in registry.available()]
@@ -63,14 +59,11 @@ def grid(methods: list[str], rs: list[int] | None, keep_ratios: list[float] | No
                           f"none, {', '.join(registry.available())}")
     if not rs and not keep_ratios:
         raise TmergeError("give --r values and/or --keep-ratios to sweep")
-    for r in rs or []:
-        make_spec(r=r)
-    for k in keep_ratios or []:
-        make_spec(keep_ratio=k)
+    specs = [ScheduleSpec(r=r) for r in dict.fromkeys(rs or [])]
+    specs += [ScheduleSpec(keep_ratio=k) for k in dict.fromkeys(keep_ratios or [])]
     merging = [m for m in dict.fromkeys(methods) if m != "none"]
-    points = [Point("none")] if "none" in methods else []
-    points += [Point(m, r=r) for m in merging for r in dict.fromkeys(rs or [])]
-    points += [Point(m, keep_ratio=k) for m in merging for k in dict.fromkeys(keep_ratios or [])]
+    points = [MergeConfig("none")] if "none" in methods else []
+    points += [MergeConfig(m, spec, adapter=SHIPPED_IF_ANY) for m in merging for spec in specs]
     return points
 
 
@@ -92,13 +85,12 @@ def drift_value(drift: dict | None, metric: str) -> float | None:
     return drift.get(metric)
 
 
-def summary_row(point: Point, report: dict, drift_metric: str) -> dict:
+def summary_row(point: MergeConfig, report: dict, drift_metric: str) -> dict:
     lat = report["latency"][0] if report["latency"] else None
     return {
         "method": point.method,
-        "point": point.label,
-        "r": point.r,
-        "keep_ratio": point.keep_ratio,
+        "point": point_label(point),
+        **_sweep_point(point),
         "schedule": report["schedule"],
         "final_tokens": report["tokens_per_layer"][-1],
         "flops_ratio": report["flops"]["ratio"],
@@ -111,12 +103,18 @@ def summary_row(point: Point, report: dict, drift_metric: str) -> dict:
     }
 
 
-def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *, model_name: str,
-              out_dir: str | Path, model_info: dict | None = None, method_options: dict | None = None,
-              drift_metric: str = "cosine_distance_mean", on_point: Callable[[int, Point], None] | None = None,
-              progress: Progress | None = None, merge_form: str | None = None) -> dict:
-    """Profile every point; write ``points/<slug>.json``, ``sweep.json`` and ``pareto.png`` into
-    ``out_dir``. Returns the sweep summary (also in sweep.json).
+def _sweep_point(point: MergeConfig) -> dict:
+    spec = point.schedule
+    return {"r": spec and spec.r, "keep_ratio": spec and spec.keep_ratio}
+
+
+def run_sweep(unmerged: nn.Module, points: list[MergeConfig], config: ProfileConfig, *, model_name: str,
+              out_dir: str | Path, model_info: dict | None = None, drift_metric: str = "cosine_distance_mean",
+              on_point: Callable[[int, MergeConfig | None], None] | None = None,
+              progress: Progress | None = None) -> dict:
+    """Profile every point (a merge configuration, e.g. from :func:`grid`); write
+    ``points/<slug>.json``, ``sweep.json`` and ``pareto.png`` into ``out_dir``. Returns the sweep
+    summary (also in sweep.json). ``config.merge_form`` applies to the merged points' exports.
 
     Every point is checked (its schedule on this model, its options) before any is measured, and
     the files are written only once all points are measured; point reports of earlier sweeps in
@@ -128,7 +126,7 @@ def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *
         raise TmergeError(f"--out-dir {out_dir} is a file, not a folder")
     scratch = copy.deepcopy(unmerged)
     for point in points:  # bad points fail here, before any work
-        point.merge_config((method_options or {}).get(point.method), merge_form).apply_to(scratch)
+        apply(scratch, point)
     del scratch
     progress = progress or Progress()
     unmerged.eval()
@@ -146,13 +144,14 @@ def run_sweep(unmerged: nn.Module, points: list[Point], config: ProfileConfig, *
     for i, point in enumerate(points):
         if on_point is not None:
             on_point(i, point)
-        merged = copy.deepcopy(unmerged)
-        point.merge_config((method_options or {}).get(point.method), merge_form).apply_to(merged)
-        point_config = replace(config, workdir=str(Path(config.workdir) / point.slug) if config.workdir else None)
+        merged = apply(copy.deepcopy(unmerged), point).eval()
+        slug = point_slug(point)
+        point_config = replace(config, workdir=str(Path(config.workdir) / slug) if config.workdir else None,
+                               merge_form=None if point.method == "none" else config.merge_form)
         report = profile_pair(merged, unmerged, point_config, model_name=model_name, model_info=model_info,
                               progress=progress, drift_images=images)
-        report["sweep_point"] = {"method": point.method, "r": point.r, "keep_ratio": point.keep_ratio}
-        reports[point.slug] = report
+        report["sweep_point"] = {"method": point.method, **_sweep_point(point)}
+        reports[slug] = report
         rows.append(summary_row(point, report, drift_metric))
         del merged
     if on_point is not None:

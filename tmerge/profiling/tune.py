@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import math
 import re
 import shlex
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,15 +44,16 @@ from torch import nn
 
 from .. import runtime as runtimes
 from .._optional import pyplot
+from ..config import MergeConfig
 from ..data import SAMPLE_PHOTOS, load_images
 from ..errors import TmergeError
 from ..merging import MergeMethod, registry
 from ..models.adapters import read_adapter
 from ..models.flops import count_flops, token_cost_model
 from ..models.forward import input_shape
-from ..models.merged import MergeConfig
+from ..models.merged import apply
 from ..patch import tokens_per_layer
-from ..schedule import make_spec, resolve
+from ..schedule import ScheduleSpec, resolve
 from . import latency as lat
 from .profile import Progress, drift_between, export_for_runtime, model_outputs
 from .sweep import check_drift_metric, drift_value
@@ -87,71 +87,39 @@ def parse_duration(text: str | float | int) -> float:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One point of the search space; exactly one schedule field is set (as in ``tmerge export``)."""
+    """One point of the search space: a merge configuration (one schedule, an explicit
+    proportional-attention setting), the family of schedules it belongs to and its place there."""
 
-    method: str
+    merge: MergeConfig
     family: str  # schedule shape: "r", "r/inflection=-0.5", "late/skip=3", "keep", "adapter"
     strength: float  # position in its family: larger merges more
-    prop_attn: bool
-    r: int | None = None
-    inflection: float | None = None
-    schedule: tuple[int, ...] | None = None
-    keep_ratio: float | None = None
-    adapter: str | None = None
-    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def family_key(self) -> tuple:
-        return (self.method, self.family, self.prop_attn, self.adapter, self.options)
+        m = self.merge
+        return (m.method, self.family, m.prop_attn, m.adapter, tuple(sorted(m.options.items())))
 
     @property
     def schedule_label(self) -> str:
-        if self.keep_ratio is not None:
-            return f"keep={self.keep_ratio:g}"
-        if self.schedule is not None:
-            return "schedule=" + ",".join(str(v) for v in self.schedule)
-        if self.inflection is not None:
-            return f"r={self.r},inflection={self.inflection:g}"
-        return f"r={self.r}"
+        spec = self.merge.schedule
+        if spec.keep_ratio is not None:
+            return f"keep={spec.keep_ratio:g}"
+        if spec.per_layer is not None:
+            return "schedule=" + ",".join(str(v) for v in spec.per_layer)
+        if spec.inflection is not None:
+            return f"r={spec.r},inflection={spec.inflection:g}"
+        return f"r={spec.r}"
 
     @property
     def label(self) -> str:
-        extra = f" adapter={Path(self.adapter).name}" if self.adapter else ""
-        return f"{self.method} {self.schedule_label} prop-attn={'on' if self.prop_attn else 'off'}{extra}"
-
-    def merge_config(self, merge_form: str | None = None) -> MergeConfig:
-        """The candidate as the library's typed merge configuration."""
-        return MergeConfig(method=self.method, r=self.r, inflection=self.inflection,
-                           schedule=list(self.schedule) if self.schedule is not None else None,
-                           keep_ratio=self.keep_ratio, prop_attn=self.prop_attn, options=dict(self.options),
-                           adapter=self.adapter, merge_form=merge_form)
-
-    def export_flags(self) -> list[str]:
-        """The ``tmerge export`` flags that build this candidate."""
-        flags = ["--method", self.method]
-        if self.keep_ratio is not None:
-            flags += ["--keep-ratio", f"{self.keep_ratio:g}"]
-        elif self.schedule is not None:
-            flags += ["--schedule", ",".join(str(v) for v in self.schedule)]
-        else:
-            flags += ["--r", str(self.r)]
-            if self.inflection is not None:
-                flags += ["--inflection", f"{self.inflection:g}"]
-        flags.append("--prop-attn" if self.prop_attn else "--no-prop-attn")
-        for key, value in self.options:
-            flags += ["--option", f"{key}={json.dumps(value)}"]
-        if self.adapter:
-            flags += ["--adapter", str(self.adapter)]
-        return flags
+        m = self.merge
+        extra = f" adapter={Path(m.adapter_path).name}" if m.adapter_path else ""
+        return f"{m.method} {self.schedule_label} prop-attn={'on' if m.prop_attn else 'off'}{extra}"
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if v is not None and v != ()}
-        if self.schedule is not None:
-            d["schedule"] = list(self.schedule)
-        if self.options:
-            d["options"] = dict(self.options)
-        d["label"] = self.label
-        return d
+        d = self.merge.as_dict()
+        return {"method": d.pop("method"), "family": self.family, "strength": self.strength,
+                "prop_attn": d.pop("prop_attn"), **d, "label": self.label}
 
 
 def is_learned(method: str) -> bool:
@@ -171,8 +139,8 @@ def candidate_tokens(model: nn.Module, cand: Candidate) -> tuple[int, ...] | Non
     schedule the model cannot do)."""
 
     depth, tokens, prefix = _model_tokens(model)
-    spec = make_spec(**cand.merge_config().schedule_args())
-    method = registry.get(cand.method)(depth, **dict(cand.options))
+    spec = cand.merge.schedule
+    method = registry.get(cand.merge.method)(depth, **cand.merge.options)
     try:
         resolved = resolve(spec, depth, tokens, prefix, method.max_r)
     except TmergeError:
@@ -200,27 +168,29 @@ def search_space(model: nn.Module, methods: list[str], adapters: list[str] | Non
         default = bool(cls.prop_attn_default)
         modes = {"both": (default, not default), "on": (True,), "off": (False,), "default": (default,)}[prop_attn]
         for pa in modes:
+            def add(spec: ScheduleSpec, family: str, strength: float) -> None:
+                candidates.append(Candidate(MergeConfig(method, spec, pa), family, strength))
+
             for r in range(1, r_max + 1):
-                candidates.append(Candidate(method, "r", r, pa, r=r))
+                add(ScheduleSpec(r=r), "r", r)
             for infl in INFLECTIONS:
                 for r in range(1, r_max + 1):
-                    candidates.append(Candidate(method, f"r/inflection={infl:g}", r, pa, r=r, inflection=infl))
+                    add(ScheduleSpec(r=r, inflection=infl), f"r/inflection={infl:g}", r)
             for skip in ({max(1, depth // 4)} if depth > 1 else set()):
                 late_max = math.ceil((tokens - prefix) / (depth - skip))
                 for r in range(1, late_max + 1):
-                    per_layer = [0] * skip + [r] * (depth - skip)
-                    candidates.append(Candidate(method, f"late/skip={skip}", r, pa, schedule=tuple(per_layer)))
+                    add(ScheduleSpec(per_layer=(0,) * skip + (r,) * (depth - skip)), f"late/skip={skip}", r)
             for keep in KEEP_RATIOS:
-                candidates.append(Candidate(method, "keep", round(1 - keep, 2), pa, keep_ratio=keep))
+                add(ScheduleSpec(keep_ratio=keep), "keep", round(1 - keep, 2))
     for path in adapters or []:
         candidates.append(adapter_candidate(path))
     seen: set = set()
     unique = []
     for cand in candidates:
         counts = candidate_tokens(model, cand)
-        if counts is None or (cand.adapter is None and counts[-1] == counts[0]):
+        if counts is None or (cand.merge.adapter_path is None and counts[-1] == counts[0]):
             continue
-        key = (cand.method, cand.prop_attn, cand.options, cand.adapter, counts)
+        key = (replace(cand.merge, schedule=None), counts)  # the same configuration merging the same tokens
         if key in seen:
             continue
         seen.add(key)
@@ -234,9 +204,10 @@ def adapter_candidate(path: str) -> Candidate:
     r = meta.get("r")
     if not isinstance(r, list) or not r:
         raise TmergeError(f"adapter {path} records no per-block schedule")
-    options = tuple(sorted((k, v) for k, v in (meta.get("options") or {}).items() if v is not None))
-    return Candidate(str(meta.get("method")), "adapter", float(sum(r)), bool(meta.get("prop_attn")),
-                     schedule=tuple(int(v) for v in r), adapter=str(path), options=options)
+    options = dict(sorted((k, v) for k, v in (meta.get("options") or {}).items() if v is not None))
+    merge = MergeConfig(str(meta.get("method")), ScheduleSpec(per_layer=tuple(int(v) for v in r)),
+                        bool(meta.get("prop_attn")), options, adapter=str(path))
+    return Candidate(merge, "adapter", float(sum(r)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,9 +224,9 @@ class Evaluator:
         self.unmerged_flops = self.cost(tokens_per_layer(unmerged))
         self._reference: dict = {}
 
-    def build(self, cand: Candidate, model: nn.Module | None = None, merge_form: str | None = None) -> nn.Module:
-        """``cand`` applied to ``model`` (default: the working copy, re-patched each time)."""
-        return cand.merge_config(merge_form).apply_to(self.work if model is None else model)
+    def build(self, cand: Candidate, model: nn.Module | None = None) -> nn.Module:
+        """``cand`` applied to ``model`` (default: the working copy, re-patched each time); eval mode."""
+        return apply(self.work if model is None else model, cand.merge).eval()
 
     def flops_ratio(self, tokens: tuple[int, ...]) -> float:
         """The cost model: FLOPs ratio from the token counts (see :func:`token_cost_model`)."""
@@ -284,7 +255,7 @@ def make_runner(runtime: str, model: nn.Module, x: torch.Tensor, workdir: Path, 
     """One model's prepared forward on ``x`` for timing on ``runtime`` (ONNX runtimes: exported once,
     unverified — the chosen configuration is exported and verified by ``tmerge export``)."""
     source: Any = model
-    if runtimes.resolve(runtime).takes == "onnx":
+    if runtimes.find_backend(runtime).takes == "onnx":
         source = workdir / f"{name}.onnx"
         export_for_runtime(model, source, model_name=None, verify=False)
     return runtimes.create(runtime, source, device=device, threads=threads, timing=True).prepare(x)
@@ -293,7 +264,7 @@ def make_runner(runtime: str, model: nn.Module, x: torch.Tensor, workdir: Path, 
 def check_runtime(runtime: str, device: str) -> None:
     if runtime not in RUNTIMES:
         raise TmergeError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-    lat.check_backend(runtime, device)
+    runtimes.check_backend(runtime, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,9 +538,10 @@ def _drop_learned_worse_than_tome(families: dict, measure: Callable[[Entry, str]
     it stays a candidate only where it drifts less than ToMe at its schedule on the calibration split."""
     for key, fam in list(families.items()):
         learned = fam[0]
-        if learned.cand.adapter is None:
+        if learned.cand.merge.adapter_path is None:
             continue
-        twin = Entry(replace(learned.cand, method="tome", family="adapter", adapter=None, options=()),
+        tome = replace(learned.cand.merge, method="tome", options={}, adapter=None)
+        twin = Entry(Candidate(tome, "adapter", learned.cand.strength),
                      learned.flops_ratio, list(learned.tokens))
         ours, tome = measure(learned, "calibration"), measure(twin, "calibration")
         if ours >= tome:
@@ -580,8 +552,8 @@ def _drop_learned_worse_than_tome(families: dict, measure: Callable[[Entry, str]
 
 def _is_reference_family(cand: Candidate) -> bool:
 
-    return (cand.method == "tome" and cand.family == "r" and cand.adapter is None
-            and cand.prop_attn == bool(registry.get("tome").prop_attn_default))
+    return (cand.merge.method == "tome" and cand.family == "r"
+            and cand.merge.prop_attn == bool(registry.get("tome").prop_attn_default))
 
 
 def _least_drift_among_ties(fastest: Entry, ranked: list[Entry], measure, mode: str, config: TuneConfig) -> Entry:
@@ -765,7 +737,7 @@ def pareto_front(entries: list[Entry], speed: Callable[[Entry], float | None]) -
 def export_command(flags: list[str], cand: Candidate, config: TuneConfig, out: str | None) -> str:
     fmt = ["--format", "trt"] if config.runtime == "tensorrt" else []
     default_out = "model.engine" if config.runtime == "tensorrt" else "model.onnx"
-    args = ["tmerge", "export", *flags, *cand.export_flags(), *fmt, "--batch-size", str(config.batch),
+    args = ["tmerge", "export", *flags, *cand.merge.as_flags(), *fmt, "--batch-size", str(config.batch),
             "--dynamic-batch", "--out", out or default_out]
     return " ".join(shlex.quote(a) for a in args)
 

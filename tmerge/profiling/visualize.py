@@ -21,7 +21,9 @@ from torch import nn
 
 from .._io import existing_file, writable_file, write_files
 from .._optional import pyplot, require
-from ..data import SAMPLE_PHOTOS, data_config, model_transform, open_image, sample_images
+from ..data.folders import open_image
+from ..data.preprocess import data_config, model_transform
+from ..data.samples import SAMPLE_PHOTOS, sample_images
 from ..errors import TmergeError
 from ..patch import merge_info, merging_blocks
 

@@ -8,7 +8,7 @@ versions, device and thread settings were in effect. Export verification, ``prof
 and ``check`` all get their runners from :func:`create`.
 
 Adding a runtime: write ``tmerge/runtime/<name>.py`` with a :class:`Runner` subclass and add one
-:func:`register` line below (imports stay lazy: a missing optional dependency only matters when that
+:func:`register_backend` line below (imports stay lazy: a missing optional dependency only matters when that
 runtime is asked for).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from .._optional import require
 from ..errors import TmergeError
-from .base import Runner, artifact_bytes
+from .runner import Runner, artifact_bytes
 
 DEVICES = ("cpu", "cuda")
 
@@ -50,21 +50,21 @@ class Backend:
 REGISTRY: dict[str, Backend] = {}
 
 
-def register(backend: Backend) -> Backend:
+def register_backend(backend: Backend) -> Backend:
     REGISTRY[backend.name] = backend
     return backend
 
 
-register(Backend("torch", "tmerge.runtime.torch_eager:TorchRunner", "torch", ("cpu", "cuda"), aliases=("eager",),
+register_backend(Backend("torch", "tmerge.runtime.torch_eager:TorchRunner", "torch", ("cpu", "cuda"), aliases=("eager",),
                  summary="PyTorch eager"))
-register(Backend("torch.compile", "tmerge.runtime.torch_compile:TorchCompileRunner", "torch", ("cpu", "cuda"),
+register_backend(Backend("torch.compile", "tmerge.runtime.torch_compile:TorchCompileRunner", "torch", ("cpu", "cuda"),
                  aliases=("compile", "torch-compile", "inductor"), summary="torch.compile (inductor)"))
-register(Backend("onnxruntime", "tmerge.runtime.ort:OnnxRuntimeRunner", "onnx", ("cpu", "cuda"),
+register_backend(Backend("onnxruntime", "tmerge.runtime.ort:OnnxRuntimeRunner", "onnx", ("cpu", "cuda"),
                  needs="onnxruntime", aliases=("ort",), timing=(("spinning", False),),
                  summary="ONNX Runtime (CPU; CUDA / TensorRT execution providers when present)"))
-register(Backend("openvino", "tmerge.runtime.openvino:OpenVINORunner", "onnx", ("cpu",), needs="openvino",
+register_backend(Backend("openvino", "tmerge.runtime.openvino:OpenVINORunner", "onnx", ("cpu",), needs="openvino",
                  aliases=("ov",), summary="OpenVINO (CPU plugin, f32)"))
-register(Backend("tensorrt", "tmerge.runtime.tensorrt:TensorRTRunner", "onnx", ("cuda",), needs="tensorrt",
+register_backend(Backend("tensorrt", "tmerge.runtime.tensorrt:TensorRTRunner", "onnx", ("cuda",), needs="tensorrt",
                  aliases=("trt",), summary="TensorRT engine built from the ONNX graph"))
 
 
@@ -72,7 +72,7 @@ def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-def resolve(name: str) -> Backend:
+def find_backend(name: str) -> Backend:
     """The backend called ``name`` (or one of its aliases); a TmergeError listing them otherwise."""
     key = name.strip().lower()
     for backend in REGISTRY.values():
@@ -81,9 +81,9 @@ def resolve(name: str) -> Backend:
     raise TmergeError(f"unknown backend {name!r}; use one of {', '.join(REGISTRY)}")
 
 
-def check(name: str, device: str = "cpu") -> Backend:
+def check_backend(name: str, device: str = "cpu") -> Backend:
     """A one-line TmergeError when the backend, or the device for it, is not usable here."""
-    backend = resolve(name)
+    backend = find_backend(name)
     if device not in DEVICES:
         raise TmergeError(f"unknown device {device!r}; use cpu or cuda")
     if device not in backend.devices:
@@ -94,14 +94,14 @@ def check(name: str, device: str = "cpu") -> Backend:
     return backend
 
 
-def available(device: str = "cpu", takes: str | None = None) -> list[str]:
+def available_backends(device: str = "cpu", takes: str | None = None) -> list[str]:
     """Registered backends usable here on ``device`` (optionally only those that run ``takes``)."""
     out = []
     for name, backend in REGISTRY.items():
         if takes is not None and backend.takes != takes:
             continue
         try:
-            check(name, device)
+            check_backend(name, device)
         except TmergeError:
             continue
         out.append(name)
@@ -113,7 +113,7 @@ def create(name: str, model: Any, *, device: str = "cpu", threads: int | None = 
     """A loaded runner of backend ``name`` for ``model`` (an nn.Module for torch backends; an ONNX
     ModelProto, bytes or file path for ONNX backends; OpenVINO also takes an IR ``.xml``).
     ``timing=True`` adds the backend's options for interleaved latency timing."""
-    backend = check(name, device)
+    backend = check_backend(name, device)
     if timing:
         options = {**dict(backend.timing), **options}
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -132,5 +132,5 @@ def package_version(*packages: str) -> str | None:
     return None
 
 
-__all__ = ["Backend", "DEVICES", "REGISTRY", "Runner", "artifact_bytes", "available", "check", "create", "names",
-           "package_version", "register", "resolve"]
+__all__ = ["Backend", "DEVICES", "REGISTRY", "Runner", "artifact_bytes", "available_backends", "check_backend", "create",
+           "find_backend", "names", "package_version", "register_backend"]

@@ -7,14 +7,11 @@ back from the compiled model and reported.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .base import Runner, artifact_bytes, as_array
-
-PRECISIONS = ("f32", "bf16", "f16")
+from .runner import Runner, artifact_bytes, as_array
 
 
 def core():
@@ -75,7 +72,3 @@ class OpenVINORunner(Runner):
         return {"threads": self.threads, "threads_in_effect": int(prop("INFERENCE_NUM_THREADS")),
                 "precision": prop("INFERENCE_PRECISION_HINT").get_type_name(),
                 "performance_hint": getattr(hint, "name", str(hint)), "ov_device": "CPU"}
-
-
-def is_ir(path: str | Path) -> bool:
-    return Path(path).suffix.lower() == ".xml"

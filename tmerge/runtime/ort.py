@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import TmergeError
-from .base import Runner, artifact_bytes, as_array
+from .runner import Runner, artifact_bytes, as_array
 
 
 def session(model: Any, *, device: str = "cpu", threads: int | None = None, providers: list[str] | None = None,

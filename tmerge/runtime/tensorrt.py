@@ -2,7 +2,8 @@
 
 Not run on the build machines (TensorRT cannot be installed there): the calls follow the TensorRT
 10.9+ Python API. Plugin graphs need the tmerge plugins registered first (:mod:`tmerge.plugins.trt`),
-which :func:`build_engine` does; portable graphs run with TensorRT's own ops.
+which :func:`build_engine` does; portable graphs run with TensorRT's own ops. The plugins run their
+JIT (Python) implementation, so running a plugin engine needs Python, PyTorch and tmerge too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from ..errors import TmergeError
 from ..plugins.spec import DOMAIN
 from ..plugins.trt import TRT_MISSING, prepare_onnx_for_trt, register_tensorrt_plugins
-from .base import Runner, artifact_bytes
+from .runner import Runner, artifact_bytes
 
 MIN_TRT = (10, 9)
 NEXT_UNSUPPORTED_TRT = (11, 0)
@@ -31,11 +32,12 @@ def require_tensorrt():
     version = tuple(int(p) for p in trt.__version__.split(".")[:2])
     if version < MIN_TRT:
         raise TmergeError(f"TensorRT {trt.__version__} is too old: the merge plugins need >= 10.9 "
-                          "(tensorrt.plugin with ahead-of-time kernels); pip install 'tmerge[trt]'")
+                          "(tensorrt.plugin is stable from 10.9, the oldest release they are checked against); "
+                          "pip install 'tmerge[trt]'")
     if version >= NEXT_UNSUPPORTED_TRT:
         raise TmergeError(f"TensorRT {trt.__version__} is not supported yet (TensorRT 11 builds strongly typed "
                           "networks and has no fp16 builder flag); pip install 'tmerge[trt]' (tensorrt<11)")
-    DEVICE.check()
+    DEVICE.check_available()
     return trt
 
 
@@ -44,7 +46,7 @@ class CudaDevice:
     TensorRT's Python samples. The runner touches the device only through :data:`DEVICE` (the tests
     put a host-memory stand-in there to run a stand-in TensorRT on CPU)."""
 
-    def check(self) -> None:
+    def check_available(self) -> None:
         if not torch.cuda.is_available():
             raise TmergeError("TensorRT needs an NVIDIA GPU (torch.cuda.is_available() is False)")
 
@@ -76,7 +78,7 @@ def profile_shapes(input_shape: tuple[int, ...], batch: int, max_batch: int | No
 
 
 def build_engine(onnx_model: Any, input_shape: tuple[int, ...], *, batch: int, max_batch: int | None = None,
-                 fp16: bool = False, aot: bool | None = None, workspace_gb: float = 4.0) -> tuple[bytes, dict]:
+                 fp16: bool = False, workspace_gb: float = 4.0) -> tuple[bytes, dict]:
     """Parse ``onnx_model`` (plugin or portable graph) and build a serialized engine; returns
     (engine bytes, build info). Plugin graphs get the tmerge plugins registered first."""
     import onnx
@@ -84,17 +86,16 @@ def build_engine(onnx_model: Any, input_shape: tuple[int, ...], *, batch: int, m
     trt = require_tensorrt()
     source = artifact_bytes(onnx_model)
     proto = onnx.load(source) if isinstance(source, str) else onnx.load_from_string(source)
-    flags = 0  # explicit batch is the only mode in TensorRT 10
-    if any(node.domain == DOMAIN for node in proto.graph.node):  # a plugin graph
-        aot = any(register_tensorrt_plugins(aot=aot).values())
-        proto = prepare_onnx_for_trt(proto, aot=aot)
-        # the preference matches the nodes' "aot" attribute
-        prefer = trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS if aot else \
-            trt.NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS
-        flags = 1 << int(prefer)
+    python_plugins = any(node.domain == DOMAIN for node in proto.graph.node)  # a plugin graph
+    if python_plugins:
+        register_tensorrt_plugins()
+        proto = prepare_onnx_for_trt(proto)  # its nodes ask for the JIT implementation (aot=0)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(flags)
+    # No network flags. Explicit batch is the only mode in TensorRT 10, and PREFER_JIT/AOT_PYTHON_PLUGINS
+    # only choose between the two implementations of a plugin that has both; the merge plugins have
+    # the JIT one alone, and each node's aot=0 attribute already makes the parser ask for it.
+    network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(proto.SerializeToString()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -111,7 +112,7 @@ def build_engine(onnx_model: Any, input_shape: tuple[int, ...], *, batch: int, m
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TmergeError("TensorRT failed to build the engine (see the TensorRT log above)")
-    return bytes(serialized), {"aot": bool(aot), "tf32": False, "fp16": fp16,
+    return bytes(serialized), {"python_plugins": python_plugins, "tf32": False, "fp16": fp16,
                                "profile": {"min": lo, "opt": opt, "max": hi}}
 
 
@@ -136,6 +137,8 @@ class TensorRTRunner(Runner):
             if self.serialized is None:
                 self.serialized, self.build_info = build_engine(self.model, input_shape, batch=self.batch or input_shape[0],
                                                      max_batch=self.max_batch, fp16=self.fp16)
+            else:
+                register_tensorrt_plugins()  # a saved plugin engine needs its plugin creators in this process
             self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.serialized)
             self.context = self.engine.create_execution_context()
         return self.engine

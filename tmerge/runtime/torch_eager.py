@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import TmergeError
-from .base import Runner
+from .runner import Runner
 
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAPH_WARMUP = 3  # eager forwards on a side stream before capture (lazy init, autotuning)

@@ -39,28 +39,31 @@ Rank 0 shows progress, measures held-out drift and writes checkpoints and the ad
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._io import atomic_paths
+from ..config import MergeConfig
 from ..errors import TmergeError
 from ..merging import MergeMethod, available
 from ..models import backbone_sha256
 from ..models.adapters import save_adapter, training_only_options
 from ..models.forward import forward_with_features
-from ..patch import apply, merge_info
+from ..patch import apply, merge_info, merge_method, set_schedule, using_merge_form
 from ..profiling.drift import output_drift
-from ..schedule import make_spec, resolve
+from ..schedule import ScheduleSpec
 
 
 def trainable_methods() -> tuple[str, ...]:
@@ -174,7 +177,7 @@ def _teacher_outputs(teacher: nn.Module, images, batch_size: int, device) -> tup
 @torch.no_grad()
 def heldout_drift(model: nn.Module, images: Tensor, reference: Tensor, headless: bool, batch_size: int,
                   device) -> dict:
-    method = model.tmerge_method
+    method = merge_method(model)
     was_training = method.training
     method.eval()
     try:
@@ -187,12 +190,7 @@ def heldout_drift(model: nn.Module, images: Tensor, reference: Tensor, headless:
 
 def set_constant_r(model: nn.Module, r: int) -> None:
     """Switch a patched model to a constant-r schedule in place (the method keeps its parameters)."""
-    blocks, method = model.blocks, model.tmerge_method
-    blocks.schedule = resolve(make_spec(r=r), len(blocks), blocks.schedule.tokens[0], blocks.num_prefix,
-                              method.max_r)
-    training = method.training
-    method.bind(model)  # re-reads the schedule (DTEM: live tokens); bind follows the model's mode
-    method.train(training)
+    set_schedule(model, ScheduleSpec(r=r))
 
 
 def _sampled_r(r_range: tuple[int, int], seed: int, step: int) -> int:
@@ -210,7 +208,7 @@ def _annealed(values: tuple[float, float], step: int, total: int) -> float:
 def tome_reference_loss(model: nn.Module, images, t_out: Tensor, r_values: range, headless: bool, n: int,
                         batch_size: int, device) -> dict[int, float]:
     """Distillation loss of the untrained method (ToMe's merge) at each r on the first ``n`` images."""
-    merger = model.tmerge_method
+    merger = merge_method(model)
     was_training = merger.training
     merger.eval()
     index = torch.arange(min(n, len(images)))
@@ -255,17 +253,12 @@ def check_training_options(*, lr: float, ib_weight: float = 0.0, batch_size: int
 
 def train_adapter(
     model: nn.Module,
-    method: str,
+    merge: MergeConfig,
     *,
     images: Tensor,
     out: str | Path,
     heldout: Tensor | None = None,
-    r: Any = None,
     r_range: tuple[int, int] | None = None,
-    schedule: Any = None,
-    keep_ratio: float | None = None,
-    prop_attn: bool | None = None,
-    options: dict | None = None,
     steps: int | None = None,
     epochs: int | None = None,
     batch_size: int = 16,
@@ -288,35 +281,41 @@ def train_adapter(
     anneal: dict[str, tuple[float, float]] | None = None,
     balance_images: int = 16,
 ) -> dict:
-    """Train ``method`` (dtem | ltm) on ``model`` (UNMERGED, any timm ViT tmerge supports) by
-    distillation from the unmerged model; write the adapter to ``out``; return a summary dict.
+    """Train ``merge.method`` (dtem | ltm; its schedule, proportional attention and options as
+    ``merge`` says) on ``model`` (UNMERGED, any timm ViT tmerge supports) by distillation from the
+    unmerged model; write the adapter to ``out``; return a summary dict. Training starts from the
+    untrained method: ``merge.adapter`` is not loaded (an adapter file there is an error).
 
     ``model`` is patched in place (it ends merged, method in eval mode, trained parameters loaded).
-    Give ``steps`` or ``epochs`` (default 1 epoch); ``r_range=(lo, hi)`` instead of ``r`` samples a
-    constant r per step (the model ends with r = hi). A checkpoint ``<out>.ckpt.pt`` is written every
+    Give ``steps`` or ``epochs`` (default 1 epoch); ``r_range=(lo, hi)`` instead of a schedule in
+    ``merge`` samples a constant r per step (the model ends with r = hi). A checkpoint ``<out>.ckpt.pt`` is written every
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it. ``max_seconds``
     stops early once the training loop has run that long (the summary says so; not deterministic);
     ``stop_after`` stops after that many steps of the planned ``steps`` (deterministic: it reproduces a
     run that ``max_seconds`` stopped there).
     ``teacher_outputs`` (outputs, pooled features) of the unmerged model on ``images``, when already
     computed (e.g. shared by several trainings on the same images), skip that pass. ``merge_form``
-    (default: :func:`tmerge.apply`'s) fixes the merge ops, hence the float rounding of a reproduction.
+    (default: the eager default, "gather") fixes the merge ops while training, hence the float
+    rounding of a reproduction.
     ``balance_r`` (default: on with ``r_range``) divides each step's loss by ToMe's at that r (on the
     first ``balance_images`` images); ``anneal`` sets training-only method options per step (module docstring).
     """
+    method = merge.method
     if method not in trainable_methods():
         raise TmergeError(f"only learned methods can be trained ({', '.join(trainable_methods())}); got {method!r}")
+    if merge.adapter_path is not None:
+        raise TmergeError(f"training starts from the untrained {method}: drop the adapter {merge.adapter_path}")
     check_training_options(lr=lr, ib_weight=ib_weight, batch_size=batch_size, steps=steps, epochs=epochs,
                            eval_every=eval_every, checkpoint_every=checkpoint_every)
     if len(images) < 1 or (isinstance(images, Tensor) and images.ndim != 4):
         raise TmergeError("training needs at least one image (a (N, 3, H, W) batch)")
     if r_range is not None:
-        if r is not None or schedule is not None or keep_ratio is not None:
+        if merge.schedule is not None:
             raise TmergeError("give r_range or a schedule (r, schedule, keep_ratio), not both")
         r_range = (int(r_range[0]), int(r_range[1]))
         if not 0 < r_range[0] <= r_range[1]:
             raise TmergeError(f"r_range must be 0 < lo <= hi, got {r_range}")
-        r = r_range[1]
+        merge = dataclasses.replace(merge, schedule=ScheduleSpec(r=r_range[1]))
     balance_r = r_range is not None if balance_r is None else bool(balance_r)
     if balance_r and r_range is None:
         raise TmergeError("balance_r needs r_range (it balances the r drawn per step)")
@@ -326,6 +325,7 @@ def train_adapter(
         raise TmergeError(f"--resume: there is no checkpoint {ckpt_path} to continue from")
     dist = Dist(device)
     started = time.perf_counter()
+    merge_ops = contextlib.ExitStack()  # the merge form, from the patch to the end
     try:
         torch.manual_seed(seed)
         model.eval()
@@ -334,10 +334,9 @@ def train_adapter(
         model.to(dist.device)
         teacher = copy.deepcopy(model).eval()
         weights_sha = backbone_sha256(model)
-        form = {} if merge_form is None else {"merge_form": merge_form}
-        apply(model, method, r=r, schedule=schedule, keep_ratio=keep_ratio, prop_attn=prop_attn, **form,
-              **(options or {}))
-        merger = model.tmerge_method
+        apply(model, merge)
+        merge_ops.enter_context(using_merge_form(model, merge_form))
+        merger = merge_method(model)
         anneal = {k: (float(v[0]), float(v[1])) for k, v in (anneal or {}).items()}
         not_training = sorted(set(anneal) - training_only_options(merger))
         if not_training:
@@ -524,6 +523,7 @@ def train_adapter(
         summary["drift_history"] = drift_history
         return summary
     finally:
+        merge_ops.close()
         dist.close()
 
 

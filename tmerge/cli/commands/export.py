@@ -6,26 +6,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from ...config import MergeConfig
 from ...export import export
+from ...models.spec import ModelSpec
 from ..app import app, print_json
-from ..options import (
-    AdapterOpt,
-    CheckpointOpt,
-    InflectionOpt,
-    JsonOpt,
-    KeepRatioOpt,
-    MergeFormOpt,
-    MethodOpt,
-    MethodOptionsOpt,
-    ModelKwargsOpt,
-    ModelOpt,
-    PretrainedOpt,
-    PropAttnOpt,
-    ROpt,
-    ScheduleOpt,
-    merge_config,
-    parse_model_kwargs,
-)
+from ..options import JsonOpt, MergeFormOpt, merge_options, model_options
 from ..render import render_export
 
 OutOpt = Annotated[Optional[str], typer.Option("--out", "-O", help="output file: .onnx, .xml with --format openvino (+ .bin), or .engine/.plan with --format trt")]
@@ -40,19 +25,11 @@ Fp16Opt = Annotated[bool, typer.Option("--fp16", help="--format trt: build an fp
 
 
 @app.command("export")
+@merge_options()
+@model_options()
 def export_command(
-    model: ModelOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = False,
-    method: MethodOpt = "tome",
-    r: ROpt = None,
-    inflection: InflectionOpt = None,
-    schedule: ScheduleOpt = None,
-    keep_ratio: KeepRatioOpt = None,
-    prop_attn: PropAttnOpt = None,
-    option: MethodOptionsOpt = None,
-    adapter: AdapterOpt = None,
+    model: ModelSpec,
+    merge: MergeConfig,
     out: OutOpt = None,
     graph: GraphOpt = None,
     ops: OldGraphOpt = None,
@@ -66,10 +43,8 @@ def export_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Export a merged model, verify it against PyTorch, write it with a manifest (<out>.json)."""
-    merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option, adapter, merge_form)
-    result = export(model_name=model, checkpoint=checkpoint, pretrained=pretrained, merge=merge, out=out,
-                    graph=graph or ops, batch=batch, dynamic_batch=dynamic_batch, max_batch=max_batch, opset=opset,
-                    format=fmt, fp16=fp16, model_kwargs=parse_model_kwargs(model_kwargs))
+    result = export(merge, model=model, out=out, graph=graph or ops, batch=batch, dynamic_batch=dynamic_batch,
+                    max_batch=max_batch, opset=opset, format=fmt, fp16=fp16, merge_form=merge_form)
     if as_json:
         print_json({"path": str(result.path), "manifest_path": str(result.manifest_path), **result.manifest})
         return

@@ -9,45 +9,36 @@ from typing import Annotated, Optional
 import typer
 
 from ..._io import check_distinct, existing_file, writable_file, writable_folder
+from ...config import MergeConfig
 from ...errors import TmergeError
+from ...export.input_checks import merge_form_for
 from ...export.manifest import manifest_path
-from ...models import DEFAULT_MODEL, model_label, weights_sha256
+from ...models import model_label, weights_sha256
 from ...models.merged import build_pair
+from ...models.spec import ModelSpec
 from ...profiling.profile import ProfileConfig, pair_from_manifest, profile_pair
 from ...profiling.report import save_report
-from ...runtime import resolve
+from ...runtime import find_backend
 from ..app import app, print_json
 from ..options import (
-    AdapterOpt,
     BackendsOpt,
     BatchSizesOpt,
-    CheckpointOpt,
     CompileOpt,
     CudaGraphsOpt,
     DataOpt,
     DeviceOpt,
-    InflectionOpt,
     ItersOpt,
     JsonOpt,
-    KeepRatioOpt,
     MergeFormOpt,
-    MethodOpt,
-    MethodOptionsOpt,
-    ModelKwargsOpt,
-    ModelOpt,
     NoDriftOpt,
     NumImagesOpt,
     PrecisionOpt,
-    PretrainedOpt,
-    PropAttnOpt,
-    ROpt,
-    ScheduleOpt,
     ThreadsOpt,
     WarmupOpt,
-    merge_config,
+    merge_options,
+    model_options,
     parse_backends,
     parse_int_list,
-    parse_model_kwargs,
 )
 from ..render import RichProgress, render_report
 
@@ -58,19 +49,11 @@ KeepOnnxOpt = Annotated[Optional[Path], typer.Option("--onnx-dir", help="keep th
 
 
 @app.command("profile")
+@merge_options()
+@model_options()
 def profile_command(
-    model: ModelOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = False,
-    method: MethodOpt = "tome",
-    r: ROpt = None,
-    inflection: InflectionOpt = None,
-    schedule: ScheduleOpt = None,
-    keep_ratio: KeepRatioOpt = None,
-    prop_attn: PropAttnOpt = None,
-    option: MethodOptionsOpt = None,
-    adapter: AdapterOpt = None,
+    model: ModelSpec,
+    merge: MergeConfig,
     merge_form: MergeFormOpt = None,
     onnx: OnnxOpt = None,
     onnx_dir: KeepOnnxOpt = None,
@@ -97,41 +80,40 @@ def profile_command(
     if onnx is not None:
         existing_file(onnx, "--onnx")
     check_distinct({"--out": out}, {"--onnx": onnx, "the manifest of --onnx": onnx and manifest_path(onnx),
-                                    "--checkpoint": checkpoint, "--adapter": adapter})
+                                    "--checkpoint": model.checkpoint, "--adapter": merge.adapter_path})
     config = ProfileConfig(
         backends=parse_backends(backends), device=device, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
         warmup=warmup, iters=iters, threads=threads, compile=compile, data=None if no_drift else data,
         num_images=num_images, workdir=str(onnx_dir) if onnx_dir else None, precision=precision,
         cuda_graphs=cuda_graphs,
     )
-    kwargs = parse_model_kwargs(model_kwargs)
     if onnx is not None:
-        from_manifest = [flag for flag, value in (("--r", r), ("--inflection", inflection), ("--schedule", schedule),
-                                                  ("--keep-ratio", keep_ratio), ("--prop-attn", prop_attn),
-                                                  ("--option", option), ("--merge-form", merge_form),
-                                                  ("--pretrained", pretrained or None)) if value is not None]
+        # the merge flags given besides --method and --adapter (-o / --no-prop-attn named as --option / --prop-attn)
+        given = [f.replace("--no-", "--") for f in merge.as_flags() if f.startswith("--")]
+        from_manifest = [f for f in dict.fromkeys(given) if f not in ("--method", "--adapter")]
+        from_manifest += ["--merge-form"] * (merge_form is not None) + ["--pretrained"] * model.pretrained
         if from_manifest:
             raise TmergeError(f"{', '.join(from_manifest)}: with --onnx the merge settings come from the "
                               "export's manifest; drop them")
         existing_file(onnx, "--onnx")
-        merged, unmerged, name, manifest = pair_from_manifest(onnx, model=model, checkpoint=checkpoint,
-                                                              model_kwargs=kwargs, adapter=adapter)
+        merged, unmerged, name, manifest = pair_from_manifest(onnx, model, adapter=merge.adapter_path)
         static = None if manifest.dynamic_batch else manifest.export_batch
         if static is not None and any(b != static for b in config.batch_sizes) and any(
-                resolve(b).takes == "onnx" for b in config.backends):
+                find_backend(b).takes == "onnx" for b in config.backends):
             raise TmergeError(f"{onnx} was exported with a static batch of {static}: use --batch-sizes {static} "
                               "or export with --dynamic-batch")
         config.onnx_merged = str(onnx)
         config.onnx_merged_parity = manifest.parity
-        ckpt = checkpoint or manifest.checkpoint
+        config.merge_form = manifest.merge_form
+        ckpt = model.checkpoint or manifest.checkpoint
         label = model_label(name, ckpt)
     else:
-        merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option, adapter, merge_form)
-        merged, unmerged = build_pair(model, merge, checkpoint=checkpoint, pretrained=pretrained,
-                                      model_kwargs=kwargs)
-        name, label, ckpt = model or DEFAULT_MODEL, model_label(model, checkpoint), checkpoint
-    info = {"label": label, "checkpoint": ckpt, "model_kwargs": kwargs or None, "adapter": adapter,
-            "weights_sha256": weights_sha256(unmerged), "onnx": str(onnx) if onnx else None}
+        config.merge_form = merge_form_for(merge.method, merge_form)
+        merged, unmerged = build_pair(model, merge)
+        name, label, ckpt = model.display_name, model.label, model.checkpoint
+    info = {"label": label, "checkpoint": ckpt, "model_kwargs": dict(model.kwargs) or None,
+            "adapter": merge.adapter_path, "weights_sha256": weights_sha256(unmerged),
+            "onnx": str(onnx) if onnx else None}
     with RichProgress() as progress:
         report = profile_pair(merged, unmerged, config, model_name=name, model_info=info, progress=progress)
     if out is not None:

@@ -2,46 +2,25 @@
 
 from __future__ import annotations
 
-from ...models import DEFAULT_MODEL
+from ...config import MergeConfig
 from ...models.merged import build_merged_model
+from ...models.spec import ModelSpec
 from ...patch import merge_info
 from ..app import app, print_json
-from ..options import (
-    CheckpointOpt,
-    InflectionOpt,
-    JsonOpt,
-    KeepRatioOpt,
-    MethodOpt,
-    MethodOptionsOpt,
-    ModelKwargsOpt,
-    ModelOpt,
-    PropAttnOpt,
-    ROpt,
-    ScheduleOpt,
-    merge_config,
-    parse_model_kwargs,
-)
+from ..options import JsonOpt, merge_options, model_options
 
 
 @app.command("schedule")
+@merge_options(adapter=False)
+@model_options(pretrained=False)
 def schedule_command(
-    model: ModelOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    checkpoint: CheckpointOpt = None,
-    method: MethodOpt = "tome",
-    r: ROpt = None,
-    inflection: InflectionOpt = None,
-    schedule: ScheduleOpt = None,
-    keep_ratio: KeepRatioOpt = None,
-    prop_attn: PropAttnOpt = None,
-    option: MethodOptionsOpt = None,
+    model: ModelSpec,
+    merge: MergeConfig,
     as_json: JsonOpt = False,
 ) -> None:
     """Show how many tokens each block merges and keeps."""
-    merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option)
-    info = merge_info(build_merged_model(model, merge, checkpoint=checkpoint,
-                                         model_kwargs=parse_model_kwargs(model_kwargs)))
-    info["model"] = model or DEFAULT_MODEL
+    info = merge_info(build_merged_model(model, merge))
+    info["model"] = model.display_name
     if as_json:
         print_json(info)
         return

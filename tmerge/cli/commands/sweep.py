@@ -10,41 +10,35 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..._io import writable_file, writable_folder
-from ...models import DEFAULT_MODEL, model_label, weights_sha256
-from ...models.merged import MergeConfig, build_pair
+from ...models import weights_sha256
+from ...models.spec import ModelSpec
 from ...profiling.profile import ProfileConfig
-from ...profiling.sweep import check_drift_metric, grid, run_sweep
+from ...profiling.sweep import check_drift_metric, grid, point_label, run_sweep
 from ..app import app, print_json
 from ..options import (
     BackendsOpt,
     BatchSizesOpt,
-    CheckpointOpt,
     DataOpt,
     DeviceOpt,
     ItersOpt,
     JsonOpt,
     MergeFormOpt,
-    ModelKwargsOpt,
-    ModelOpt,
     NoDriftOpt,
     NumImagesOpt,
-    PretrainedOpt,
     ThreadsOpt,
     WarmupOpt,
+    model_options,
     parse_backends,
     parse_float_list,
     parse_int_list,
-    parse_model_kwargs,
 )
 from ..render import render_sweep, wide_console
 
 
 @app.command("sweep")
+@model_options()
 def sweep_command(
-    model: ModelOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = False,
+    model: ModelSpec,
     methods: Annotated[str, typer.Option("--methods", help="comma list of methods, e.g. tome,pitome (none: the unmerged point)")] = "tome,pitome",
     r: Annotated[Optional[str], typer.Option("--r", "-r", help="comma list of constant r values (default 4,8,12,16 unless --keep-ratios is given)")] = None,
     keep_ratios: Annotated[Optional[str], typer.Option("--keep-ratios", help="comma list of keep ratios, e.g. 0.95,0.9")] = None,
@@ -74,11 +68,10 @@ def sweep_command(
             writable_file(out_dir / name, "--out-dir")
     config = ProfileConfig(backends=parse_backends(backends), device=device,
                            batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), warmup=warmup, iters=iters,
-                           threads=threads, data=None if no_drift else data, num_images=num_images)
-    kwargs = parse_model_kwargs(model_kwargs)
-    _, unmerged = build_pair(model, MergeConfig(method="none"), checkpoint=checkpoint, pretrained=pretrained,
-                             model_kwargs=kwargs)
-    info = {"label": model_label(model, checkpoint), "checkpoint": checkpoint, "model_kwargs": kwargs or None,
+                           threads=threads, data=None if no_drift else data, num_images=num_images,
+                           merge_form=merge_form)
+    unmerged = model.load()
+    info = {"label": model.label, "checkpoint": model.checkpoint, "model_kwargs": dict(model.kwargs) or None,
             "weights_sha256": weights_sha256(unmerged)}
     stderr = wide_console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -86,10 +79,11 @@ def sweep_command(
         task = bar.add_task("sweep", total=len(points))
 
         def on_point(i, point):
-            bar.update(task, completed=i, description=f"sweep: {point.method} {point.label}" if point else "sweep: done")
+            bar.update(task, completed=i,
+                       description=f"sweep: {point.method} {point_label(point)}" if point else "sweep: done")
 
-        summary = run_sweep(unmerged, points, config, model_name=model or DEFAULT_MODEL, out_dir=out_dir,
-                            model_info=info, drift_metric=drift_metric, on_point=on_point, merge_form=merge_form)
+        summary = run_sweep(unmerged, points, config, model_name=model.display_name, out_dir=out_dir,
+                            model_info=info, drift_metric=drift_metric, on_point=on_point)
     if as_json:
         print_json(summary)
     else:

@@ -9,43 +9,23 @@ import torch
 import typer
 
 from ..._io import writable_file
+from ...config import MergeConfig
 from ...data import load_images
 from ...errors import TmergeError
-from ...models import load_model, model_label
+from ...models.spec import ModelSpec
 from ...training import check_training_options, checkpoint_path, train_adapter, trainable_methods
 from ..app import app, print_json
-from ..options import (
-    CheckpointOpt,
-    DataOpt,
-    InflectionOpt,
-    JsonOpt,
-    KeepRatioOpt,
-    MethodOptionsOpt,
-    ModelKwargsOpt,
-    ModelOpt,
-    NumImagesOpt,
-    PropAttnOpt,
-    ROpt,
-    ScheduleOpt,
-    merge_config,
-    parse_model_kwargs,
-)
+from ..options import DataOpt, JsonOpt, NumImagesOpt, merge_options, model_options
 from ..render import RichProgress
 
 
 @app.command("train")
+@merge_options(adapter=False, method=("dtem", "learned method to train: dtem or ltm"))
+@model_options(pretrained=False)
 def train_command(
-    method: Annotated[str, typer.Option("--method", help="learned method to train: dtem or ltm")] = "dtem",
-    model: ModelOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    checkpoint: CheckpointOpt = None,
-    r: ROpt = None,
+    merge: MergeConfig,
+    model: ModelSpec,
     r_range: Annotated[Optional[str], typer.Option("--r-range", help="LO:HI: draw a constant r from LO..HI every step, so one adapter serves that range (instead of --r/--schedule)")] = None,
-    inflection: InflectionOpt = None,
-    schedule: ScheduleOpt = None,
-    keep_ratio: KeepRatioOpt = None,
-    prop_attn: PropAttnOpt = None,
-    option: MethodOptionsOpt = None,
     data: DataOpt = "samples",
     num_images: NumImagesOpt = None,
     heldout: Annotated[int, typer.Option("--heldout", help="images held out (from the same source unless --heldout-data) for the periodic drift; 0 = none")] = 32,
@@ -70,6 +50,7 @@ def train_command(
     (LTM adds the information-bottleneck cluster term). Load the result with --adapter in
     export / profile / sweep, with the same --method and schedule.
     """
+    method = merge.method
     if method not in trainable_methods():
         raise TmergeError(f"only learned methods can be trained ({', '.join(trainable_methods())}); got {method!r}")
     writable_file(out, "--out", (".safetensors",))
@@ -81,7 +62,6 @@ def train_command(
                            eval_every=eval_every, checkpoint_every=checkpoint_every)
     if resume and not checkpoint_path(out).is_file():
         raise TmergeError(f"--resume: there is no checkpoint {checkpoint_path(out)} to continue from")
-    merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option)
     r_bounds = None
     if r_range is not None:
         lo, sep, hi = r_range.partition(":")
@@ -91,7 +71,7 @@ def train_command(
             r_bounds = None
         if r_bounds is None:
             raise TmergeError(f"--r-range takes LO:HI (e.g. 4:16), got {r_range!r}")
-    net = load_model(model, checkpoint=checkpoint, **parse_model_kwargs(model_kwargs))
+    net = model.load()
     n_train = num_images if num_images is not None else (256 if data == "samples" else None)
     if n_train is not None:
         _check_batch_size(batch_size, n_train)
@@ -114,11 +94,10 @@ def train_command(
     data_summary = {"source": data, "n_images": int(images.shape[0]), "seed": seed,
                     "heldout": heldout_data or (f"{heldout} images of {data}" if heldout else None)}
     summary = train_adapter(
-        net, method, images=images, heldout=held, out=out, prop_attn=prop_attn, options=merge.options,
-        r_range=r_bounds, **merge.schedule_args(),
+        net, merge, images=images, heldout=held, out=out, r_range=r_bounds,
         steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, ib_weight=ib_weight,
         eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume, progress=not no_progress,
-        model_name=model_label(model, checkpoint), data_summary=data_summary, device=device,
+        model_name=model.label, data_summary=data_summary, device=device,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return

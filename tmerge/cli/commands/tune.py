@@ -11,15 +11,16 @@ from typing import Annotated, Optional
 import typer
 
 from ..._io import json_bytes, writable_file, write_files
+from ...config import MergeConfig
 from ...errors import TmergeError, VerificationError
 from ...export import export
-from ...export.checks import ENGINE_SUFFIXES, check_out_path
+from ...export.input_checks import ENGINE_SUFFIXES, check_out_path
 from ...merging import registry
-from ...models import DEFAULT_MODEL
-from ...models.merged import MergeConfig, build_pair
+from ...models.merged import apply
+from ...models.spec import ModelSpec
 from ...profiling.tune import TuneConfig, adapter_candidate, parse_duration, plot_tune, tune
 from ..app import app, print_json
-from ..options import CheckpointOpt, DataOpt, JsonOpt, ModelKwargsOpt, ModelOpt, NumImagesOpt, PretrainedOpt, ThreadsOpt, parse_model_kwargs
+from ..options import DataOpt, JsonOpt, NumImagesOpt, ThreadsOpt, model_options
 from ..render import RichProgress, calibration_drift, render_tune
 
 
@@ -35,15 +36,14 @@ def _check_out_dir(path: Path) -> Path:
 
 
 @app.command("tune")
+@model_options()
 def tune_command(
+    *,
     max_drift: Annotated[Optional[float], typer.Option("--max-drift", help="drift budget (in --drift-metric units): find the fastest model within it")] = None,
     latency_ms: Annotated[Optional[float], typer.Option("--latency-ms", help="latency budget (p50 ms at --batch): find the least drift within it")] = None,
     runtime: Annotated[str, typer.Option("--runtime", help="onnxruntime, openvino, torch or tensorrt")] = "onnxruntime",
     batch: Annotated[int, typer.Option("--batch", help="batch size the latency is measured at")] = 8,
-    model: ModelOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = False,
+    model: ModelSpec,
     methods: Annotated[str, typer.Option("--methods", help="comma list of training-free methods to search (learned ones: --adapter)")] = "tome,pitome",
     adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="trained DTEM/LTM adapter to include (its schedule); repeatable")] = None,
     prop_attn: Annotated[str, typer.Option("--prop-attn-search", help="proportional attention: both, on, off or default (the method's)")] = "both",
@@ -76,18 +76,15 @@ def tune_command(
         for name in ("tune.json", "pareto.png"):
             writable_file(out_dir / name, "--out-dir")
     export_path = _check_export_path(export_to, runtime) if export_to else None
-    kwargs = parse_model_kwargs(model_kwargs)
-    _, unmerged = build_pair(model, MergeConfig(method="none"), checkpoint=checkpoint, pretrained=pretrained,
-                             model_kwargs=kwargs, seed=seed)
+    unmerged = model.load(seed=seed)
     for path in config.adapters:  # an adapter for other weights or another model is bad input: fail now
-        adapter_candidate(path).merge_config().apply_to(copy.deepcopy(unmerged))
-    model_flags = _model_flags(model, model_kwargs, checkpoint, pretrained)
+        apply(copy.deepcopy(unmerged), adapter_candidate(path).merge)
     with RichProgress(enabled=True) as progress:
-        result = tune(unmerged, config, model_name=model or DEFAULT_MODEL, progress=progress,
-                      reference_model_flags=model_flags)
+        result = tune(unmerged, config, model_name=model.display_name, progress=progress,
+                      reference_model_flags=model.as_flags())
     if result["met"]:  # a failed search (exit 1) writes nothing
         if export_path is not None:
-            result["export"] = _export_choice(result, config, export_path, model, checkpoint, pretrained, kwargs)
+            result["export"] = _export_choice(result, config, export_path, model)
         result["png"], result["json"] = str(out_dir / "pareto.png"), str(out_dir / "tune.json")
         png = plot_tune(result)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,23 +109,10 @@ def _check_export_path(path: str, runtime: str) -> Path:
     return check_out_path(path, what="--export")
 
 
-def _model_flags(model, model_kwargs, checkpoint, pretrained) -> list[str]:
-    flags = ["--model", model] if model else []
-    if model_kwargs:
-        flags += ["--model-kwargs", model_kwargs]
-    if checkpoint:
-        flags += ["--checkpoint", str(checkpoint)]
-    return flags + (["--pretrained"] if pretrained else [])
-
-
-def _export_choice(result, config, path: Path, model, checkpoint, pretrained, kwargs) -> dict:
+def _export_choice(result, config, path: Path, model: ModelSpec) -> dict:
     """What the printed `tmerge export` command does: the chosen configuration, exported and verified."""
-    c = result["chosen"]
-    merge = MergeConfig(method=c["method"], r=c.get("r"), inflection=c.get("inflection"), schedule=c.get("schedule"),
-                        keep_ratio=c.get("keep_ratio"), prop_attn=c["prop_attn"], options=c.get("options") or {},
-                        adapter=c.get("adapter"))
-    exported = export(model_name=model, checkpoint=checkpoint, pretrained=pretrained, merge=merge, out=path,
-                      batch=config.batch, dynamic_batch=True, format="trt" if config.runtime == "tensorrt" else "onnx",
-                      model_kwargs=kwargs)
+    merge = MergeConfig.from_manifest(result["chosen"])
+    exported = export(merge, model=model, out=path, batch=config.batch, dynamic_batch=True,
+                      format="trt" if config.runtime == "tensorrt" else "onnx")
     return {"path": str(exported.path), "manifest": str(exported.manifest_path),
             "parity_max_abs_diff": exported.parity.get("max_abs_diff")}

@@ -9,46 +9,24 @@ from typing import Annotated, Optional
 import typer
 
 from ..._io import writable_file
+from ...config import MergeConfig
 from ...errors import TmergeError
-from ...models import DEFAULT_MODEL
 from ...models.merged import build_merged_model
+from ...models.spec import ModelSpec
 from ...profiling.visualize import visualize
 from ..app import app, print_json
-from ..options import (
-    AdapterOpt,
-    CheckpointOpt,
-    InflectionOpt,
-    JsonOpt,
-    KeepRatioOpt,
-    MethodOpt,
-    MethodOptionsOpt,
-    ModelKwargsOpt,
-    ModelOpt,
-    PretrainedOpt,
-    PropAttnOpt,
-    ROpt,
-    ScheduleOpt,
-    merge_config,
-    parse_model_kwargs,
-)
+from ..options import JsonOpt, merge_options, model_options
 
 
 @app.command("visualize")
+@merge_options()
+@model_options()
 def visualize_command(
     image: Annotated[str, typer.Option("--image", help="image file, or a bundled sample name (astronaut, chelsea, ...)")],
     out: Annotated[Path, typer.Option("--out", "-O", help="PNG to write")] = Path("vis.png"),
-    model: ModelOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = False,
-    method: MethodOpt = "tome",
-    r: ROpt = None,
-    inflection: InflectionOpt = None,
-    schedule: ScheduleOpt = None,
-    keep_ratio: KeepRatioOpt = None,
-    prop_attn: PropAttnOpt = None,
-    option: MethodOptionsOpt = None,
-    adapter: AdapterOpt = None,
+    *,
+    model: ModelSpec,
+    merge: MergeConfig,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="one panel per merging block")] = False,
     layers: Annotated[Optional[str], typer.Option("--layers", help="blocks to draw, e.g. 3,7,11 (default: last)")] = None,
     style: Annotated[str, typer.Option("--style", help="mean (group mean colour) or random (tint)")] = "mean",
@@ -64,11 +42,9 @@ def visualize_command(
         except ValueError:
             raise TmergeError(f"--layers takes a comma list of block indices, got {layers!r}") from None
     writable_file(out, "--out", (".png",))
-    merge = merge_config(method, r, inflection, schedule, keep_ratio, prop_attn, option, adapter)
-    merged = build_merged_model(model, merge, checkpoint=checkpoint, pretrained=pretrained,
-                                model_kwargs=parse_model_kwargs(model_kwargs))
+    merged = build_merged_model(model, merge)
     summary = visualize(merged, image, out, per_layer=per_layer, layers=layer_list, style=style,
-                        title=f"{model or DEFAULT_MODEL} · {method} · {Path(image).name}")
+                        title=f"{model.display_name} · {merge.method} · {Path(image).name}")
     if as_json:
         print_json(summary)
     else:

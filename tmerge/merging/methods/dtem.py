@@ -113,7 +113,7 @@ class DTEM(ToMe):
         """The learned embedding as a single "head" (B, 1, N, d_f): ToMe's metric on it (mean over
         heads, L2-normalise) is normalize(embed(attn_input)), and the exported merge is ToMe's."""
         if not len(self.embed):
-            raise TmergeError("DTEM is not bound to a model: use tmerge.apply(model, 'dtem', ...)")
+            raise TmergeError("DTEM is not bound to a model: use tmerge.apply(model, MergeConfig.of('dtem', ...))")
         return self.embed[layer](attn_input.detach()).unsqueeze(1)
 
     def plan(self, block: BlockInput) -> MergePlan:

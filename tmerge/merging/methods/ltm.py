@@ -124,7 +124,7 @@ class LTM(ToMe):
 
     def plan(self, block: BlockInput) -> MergePlan:
         if not len(self.masks):
-            raise TmergeError("LTM is not bound to a model: use tmerge.apply(model, 'ltm', ...)")
+            raise TmergeError("LTM is not bound to a model: use tmerge.apply(model, MergeConfig.of('ltm', ...))")
         consts = block_constants(self, block)
         x = block.x
         bsz, n, width = x.shape

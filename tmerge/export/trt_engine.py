@@ -4,7 +4,10 @@ Flow (``tmerge export --format trt``): export + verify the plugin ONNX in ONNX R
 beside the engine), register the merge plugins, parse the graph with ``trt.OnnxParser``, build
 with an optimisation profile over the batch range (min 1, opt ``batch``, max ``max_batch``), fp32
 (TF32 off, so fp32 parity means fp32) or ``--fp16``, check the engine against the PyTorch model
-on fixed inputs, then write engine + manifest atomically.
+on fixed inputs, then write engine + manifest atomically. The merge layers run the plugins' JIT
+implementation (the PyTorch merge core, called back from TensorRT), so the engine runs only where
+Python, PyTorch and tmerge are installed and the plugins registered; the manifest says so
+(``tensorrt.python_plugins``).
 
 Parity criteria: fp32 max abs diff <= atol (1e-4, same as ONNX); fp16 cannot meet that, so it is
 judged by cosine similarity of outputs >= 0.999 and the max abs diff is reported. A near-tie in
@@ -17,11 +20,11 @@ releases, attributes encoded as the ONNX parser encodes them), the shape logic, 
 preparation and the reference merge the plugin runs; and this whole flow (build, parity run, files)
 through a stand-in ``tensorrt`` module on CPU, with host memory in place of the CUDA device
 (:data:`tmerge.runtime.tensorrt.DEVICE`). ``import tensorrt`` is lazy; without it the CLI exits 2
-with :data:`TRT_MISSING`.
+with :data:`tmerge.plugins.trt.TRT_MISSING`.
 
 Supported: TensorRT 10.9 - 10.x. TensorRT 11 removed ``BuilderFlag.FP16`` and builds every network
 strongly typed, so ``--fp16`` would need an fp16 graph (casts in the ONNX export) instead of a builder
-flag; until that exists the ``trt`` extra pins ``tensorrt<11`` and :func:`require_tensorrt` refuses 11.
+flag; until that exists the ``trt`` extra pins ``tensorrt<11`` and :func:`tmerge.runtime.tensorrt.require_tensorrt` refuses 11.
 """
 
 from __future__ import annotations
@@ -36,9 +39,7 @@ from .. import runtime
 from .._io import write_files
 from ..errors import TmergeError, VerificationError
 from ..models.forward import input_shape as model_input_shape
-from ..plugins.trt import TRT_MISSING  # noqa: F401  (re-exported)
 from ..runtime import tensorrt as engines
-from ..runtime.tensorrt import MIN_TRT, NEXT_UNSUPPORTED_TRT, build_engine, profile_shapes, require_tensorrt  # noqa: F401  (re-exported)
 from .manifest import ExportResult, manifest_bytes, manifest_path
 from .verify import fixed_inputs
 
@@ -46,12 +47,12 @@ FP16_MIN_COSINE = 0.999
 
 
 def build_serialized_engine(onnx_proto, input_shape, *, batch: int, max_batch: int | None, fp16: bool,
-                            aot: bool | None = None, workspace_gb: float = 4.0):
+                            workspace_gb: float = 4.0):
     """Parse the plugin graph and build a serialized engine (bytes, build info) with the one engine
     builder, :func:`tmerge.runtime.tensorrt.build_engine`."""
     try:
-        return build_engine(onnx_proto, input_shape, batch=batch, max_batch=max_batch, fp16=fp16, aot=aot,
-                            workspace_gb=workspace_gb)
+        return engines.build_engine(onnx_proto, input_shape, batch=batch, max_batch=max_batch, fp16=fp16,
+                                    workspace_gb=workspace_gb)
     except TmergeError as e:
         raise VerificationError(str(e)) from e
 
@@ -89,14 +90,14 @@ def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def export_engine(onnx_result, model: nn.Module, out_path: Path, *, batch: int, max_batch: int | None = None,
-                 fp16: bool = False, aot: bool | None = None):
+                 fp16: bool = False):
     """Build, check and write the engine for an :class:`~tmerge.export.ExportResult` of the
     plugin graph. Returns an ExportResult for the engine (manifest ``<engine>.json``)."""
     import tensorrt as trt
 
     input_shape = model_input_shape(model, batch)
     engine_bytes, build_info = build_serialized_engine(onnx_result.model_proto, input_shape, batch=batch,
-                                                       max_batch=max_batch, fp16=fp16, aot=aot)
+                                                       max_batch=max_batch, fp16=fp16)
     lo, opt, hi = build_info["profile"]["min"], build_info["profile"]["opt"], build_info["profile"]["max"]
     parity = engine_parity(engine_bytes, model, input_shape, fp16=fp16, batches=sorted({lo[0], opt[0], hi[0]}))
     manifest = dict(onnx_result.manifest)

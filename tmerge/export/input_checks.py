@@ -10,6 +10,7 @@ from torch import nn
 from .._io import writable_file
 from .._optional import require
 from ..errors import TmergeError
+from ..merging.ops import DEFAULT_FORM, check_form
 from ..patch import merging_blocks
 from ..plugins import spec as plugin_spec
 from .manifest import manifest_path
@@ -50,6 +51,20 @@ def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise TmergeError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     return fmt
+
+
+def merge_form_for(method: str, form: str | None = None, fmt: str = "onnx") -> str | None:
+    """The merge form (:data:`tmerge.merging.ops.MERGE_FORMS`) an export of a ``method`` model merges
+    with: ``form``, checked, or the format's default: "scatter" (ScatterElements(add), which
+    TensorRT's parser supports with reduction) for ``trt``, else "gather" (no summing scatter: exact
+    and bit-identical on every runtime and thread count). None for an unmerged model, which takes no form."""
+    if method == "none":
+        if form is not None:
+            raise TmergeError("--merge-form applies to merged models; method 'none' merges nothing")
+        return None
+    if form is None:
+        return "scatter" if fmt == "trt" else DEFAULT_FORM
+    return check_form(form)
 
 
 def check_batch(batch: int) -> int:

@@ -4,6 +4,7 @@ schedule, no host work in the forward. Counted, not timed (see benchmarks/lean_c
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import tmerge
 from tests.helpers import tiny_vit
@@ -19,7 +20,7 @@ UNTRAINED = {"adapter": None}  # learned methods run untrained here, on purpose
 # merge step depends on the token count's parity and the prefix, never on width or depth
 VIT_B_TOKENS = dict(img_size=224, patch_size=16)
 OPS_PER_BLOCK = {"tome": 30, "pitome": 45}  # top-level aten ops per merging block (eager, CPU)
-NODES_PER_BLOCK = {"tome": 40, "pitome": 48}  # portable ONNX graph
+NODES_PER_BLOCK = {"tome": 40, "pitome": 40}  # portable ONNX graph
 
 
 @pytest.mark.parametrize("variant", ["plain", "registers", "distilled"])
@@ -96,6 +97,35 @@ def test_portable_onnx_nodes_per_merging_block(method):
     unmerged, _ = build_graph(base, with_slots=False)
     counts = onnx_nodes_per_merging_block(merged, unmerged, len(merging_layers(model)))
     assert counts["per_block"] <= NODES_PER_BLOCK[method], counts["added"]
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome"])
+def test_exported_merge_step_uses_the_single_node_forms(method):
+    """The key metric exports as one mean (over the innermost axis) and one LpNormalization, PiToMe's
+    energy as a bare Elu, and the merge joins no size channel to the tokens (no Concat, no Split of
+    them). PiToMe's prefix ranks first through its margin constant (the only Pad left places the kept
+    A tokens of a "bsm" block, as in ToMe)."""
+    pytest.importorskip("onnx")
+    from tmerge.export.instrument import build_graph
+
+    model = tmerge.apply(tiny_vit("plain", depth=4), MergeConfig.of(method, r=2))
+    proto, _ = build_graph(model, with_slots=False)
+    blocks = len(merging_layers(model))
+    producer = {out: node for node in proto.graph.node for out in node.output}
+
+    def in_merge(node):
+        trace = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.stack_trace", "")
+        return "merge_step(" in trace or (not trace and any(in_merge(producer[i]) for i in node.input if i in producer))
+
+    merge_ops = Counter(node.op_type for node in proto.graph.node if in_merge(node))
+    assert merge_ops["LpNormalization"] == blocks and merge_ops["ReduceMean"] == blocks * (2 if method == "pitome" else 1)
+    assert not merge_ops.keys() & {"ReduceL2", "Concat", "Unsqueeze", "Expand", "Shape", "Cast"}, merge_ops
+    matching = blocks if method == "tome" else sum(model.blocks.method.uses_bsm(layer) for layer in merging_layers(model))
+    assert merge_ops["Split"] == blocks and merge_ops["Pad"] == matching  # Split: the ranking's, or the candidates'
+    if method == "pitome":
+        assert merge_ops["Elu"] == blocks
+        elu_inputs = {i for node in proto.graph.node if node.op_type == "Elu" for i in node.input}
+        assert all(producer[i].op_type == "Sub" for i in elu_inputs)
 
 
 @pytest.mark.parametrize("method", ["tome", "pitome", "dtem"])

@@ -2,6 +2,7 @@
 
 from tmerge.merging.ops import merge_slots
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -62,3 +63,24 @@ def test_merge_preserves_total_size_and_mass_and_forms_agree(problem):
             members = slots[bi] == j
             s = size[bi][members]
             assert torch.allclose(out[bi, j], (s * x[bi][members]).sum(0) / s.sum())
+
+
+@pytest.mark.parametrize("form", ["gather", "scatter", "onehot"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_no_size_yet_is_all_ones(form, soft):
+    """Before the first merge the sizes are None (all ones): every form gives the bits it gives with
+    explicit ones (the gather form then skips the products and sums the route for the sizes)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 4, generator=g)
+    slots = torch.stack([torch.randperm(9, generator=g) % 5 for _ in range(2)])
+    weights = None
+    if soft:
+        slots = torch.stack([slots, torch.roll(slots, 1, dims=1)], dim=-1)
+        weights = torch.rand(2, 9, 2, generator=g)
+        weights = weights / weights.sum(-1, keepdim=True)
+    out, size = merge_slots(x, None, slots, 5, weights, form=form)
+    out_1, size_1 = merge_slots(x, torch.ones(2, 9, 1), slots, 5, weights, form=form)
+    assert torch.equal(size, size_1) if not soft else torch.allclose(size, size_1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out, out_1, rtol=1e-6, atol=0)
+    if not soft:
+        assert torch.equal(out, out_1)

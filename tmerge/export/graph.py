@@ -63,6 +63,14 @@ def _take_rows_translation(rows, index):
     return op.GatherND(rows, index, batch_dims=1)
 
 
+def _head_mean_translation(keys):
+    """``tmerge::head_mean`` (the key metric's mean over the heads, axis 1 of (B, H, N, D)) as a mean over
+    the innermost axis of the keys with the heads moved last."""
+    from onnxscript import opset18 as op
+
+    return op.ReduceMean(op.Transpose(keys, perm=[0, 2, 3, 1]), op.Constant(value_ints=[-1]), keepdims=0)
+
+
 def _l2_normalize_translation(t):
     """``tmerge::l2_normalize`` (the key metric's normalisation) as one LpNormalization node."""
     from onnxscript import opset18 as op
@@ -93,6 +101,7 @@ def torch_onnx_export(module: nn.Module, args: tuple, *, dynamic_batch: bool, op
     if not dynamic_batch:
         dynamic_shapes = None
     table = {torch.ops.aten.sort.stable: _sort_translation, torch.ops.tmerge.take_rows.default: _take_rows_translation,
+             torch.ops.tmerge.head_mean.default: _head_mean_translation,
              torch.ops.tmerge.l2_normalize.default: _l2_normalize_translation, torch.ops.aten.elu.default: _elu_translation,
              **(custom_table or {})}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -68,17 +68,20 @@ class PiToMe(MergeMethod):
 
     def constants(self, layer: int, num_tokens: int, r: int, num_prefix: int, *, device=None,
                   dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        """Positions in the energy ranking (prefix first, so position = token index for the prefix).
-
-        ``bsm``: ToMe's constants with A = positions p, p + 2, ... and B = p + 1, p + 3, ...
-        Default step: ``cand`` (2r,) the candidates' positions, A's then B's; ``keep`` (M,) the output
-        slots' positions [prefix, protected, B]; ``b_route`` the one-hot slots of the B tokens."""
+        """``margin`` (N, 1): the block's margin for every token, -inf for the prefix (so the prefix's
+        energy is +inf: it ranks first, in order, and a rank below p is its own token). Then positions
+        in the energy ranking. ``bsm``: ToMe's constants with A = positions p, p + 2, ... and B = p + 1,
+        p + 3, ... Default step: ``cand`` (2r,) the candidates' positions, A's then B's; ``keep`` (M,)
+        the output slots' positions [prefix, protected, B]; ``b_route`` the one-hot slots of the B tokens."""
         p = num_prefix
-        if self.uses_bsm(layer):
-            return alternating_constants(num_tokens, r, p, p, p + 1, device=device, dtype=dtype)
         kw = {"device": device}
+        margin = torch.full((num_tokens, 1), self.margin(layer), dtype=dtype, **kw)
+        margin[:p] = -math.inf
+        if self.uses_bsm(layer):
+            return {"margin": margin, **alternating_constants(num_tokens, r, p, p, p + 1, device=device, dtype=dtype)}
         a_pos, b_pos = torch.arange(p, p + 2 * r, 2, **kw), torch.arange(p + 1, p + 1 + 2 * r, 2, **kw)
         return {
+            "margin": margin,
             "cand": torch.cat([a_pos, b_pos]),
             "keep": torch.cat([torch.arange(p, **kw), torch.arange(p + 2 * r, num_tokens, **kw), b_pos]),
             "b_route": torch.eye(num_tokens - r, dtype=dtype, **kw)[num_tokens - 2 * r:],
@@ -88,11 +91,9 @@ class PiToMe(MergeMethod):
         consts = block_constants(self, block)
         p, r, n = block.num_prefix, block.r, block.x.shape[1]
         metric = key_metric(block.keys)
-        tokens = metric[:, p:] if p else metric  # the energy is over the non-prefix tokens only
-        energy = F.elu(tokens @ tokens.mT - self.margin(block.layer), alpha=float(self.config["alpha"]))
-        energy = energy.mean(-1, keepdim=True)  # (B, T, 1)
-        if p:  # the prefix ranks first (it never merges), so a position below p is its own token
-            energy = F.pad(energy, (0, 0, p, 0), value=math.inf)
+        tokens = metric[:, p:] if p else metric  # the energy is a mean over the non-prefix tokens
+        energy = F.elu(metric @ tokens.mT - consts["margin"], alpha=float(self.config["alpha"]))
+        energy = energy.mean(-1, keepdim=True)  # (B, N, 1), +inf for the prefix
         order = energy.argsort(dim=1, descending=True, stable=True)  # (B, N, 1): tokens by energy rank
         if self.uses_bsm(block.layer):  # ToMe's step on the sequence in energy order
             ranked = take_rows(metric, order)

@@ -313,14 +313,6 @@ def alternating_constants(num_tokens: int, r: int, num_prefix: int, first_a: int
     }
 
 
-def prefixed(consts: dict[str, Tensor], middle: list[Tensor], batch: int) -> Tensor:
-    """cat([prefix tokens, *middle], dim=1) as (B, M, 1) token indices, leaving out empty parts (a
-    zero-size tensor in an exported graph crashes some runtimes' compilers)."""
-    prefix = consts["prefix"]
-    parts = ([prefix.expand(batch, -1, -1)] if len(prefix) else []) + [part for part in middle if part.shape[1]]
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
-
 def tome_plan(consts: dict[str, Tensor], choice: BipartiteChoice, num_tokens: int) -> MergePlan:
     """ToMe's hard plan from its choice on (A', B'): [prefix, unmerged A', B'], merged A' -> their B'."""
     fixed = consts["keep_fixed"]

@@ -1,6 +1,6 @@
 """What the merge step costs, counted and shared out (run by hand; results in benchmarks/results/).
 
-    python benchmarks/lean_counts.py [--part ops,onnx,share,compile] [--out benchmarks/results/lean_counts.json]
+    python benchmarks/lean_counts.py [--part ops,onnx,share,wall,compile] [--out benchmarks/results/lean_counts.json]
 
 * ``ops``: top-level PyTorch ops the merging adds per merging block (eager, CPU profiler,
   ``tmerge.profiling.counts``), ToMe and PiToMe r=16 (ViT-L/16: r=8) on ViT-S/16, ViT-B/16, ViT-L/16 and
@@ -14,6 +14,14 @@
   it carries, or of its neighbours when they all agree, else counts as "other". Reported: the share of
   the summed node times and of the summed per-node medians (less moved by load spikes), and the merge
   time per op type.
+* ``wall``: the same share without a profiler: the merged graph against a *twin* exported from the same
+  model whose merge step only keeps the first N - r tokens (one Slice, same shapes downstream), timed
+  interleaved run by run in ONNX Runtime and OpenVINO (2 threads, each runtime's default thread
+  spinning, batch 1 and 8): ``--wall-pairs`` timings of each graph, alternating, each after a 10 ms pause
+  (the idle graph's pool stops spinning) and one untimed run, over ``--wall-iters`` runs. Share =
+  1 - median(t_twin) / median(t_merged), with a bootstrap 95 % interval. A node profiler adds a
+  fixed cost to every node it times, which counts many small merge nodes heavily; the twin measures
+  what the merge step costs when nothing is watching. The profiler's own cost per node is reported too.
 * ``compile``: torch.compile (inductor, CPU) time of the merged vs the unmerged ViT-S/16, each in a fresh
   process with an empty inductor cache, interleaved over ``--compile-rounds``.
 Random-init weights throughout (counts and shares do not depend on the weights' values).
@@ -217,6 +225,110 @@ def openvino_share(path: Path, images: np.ndarray, threads: int, runs: int) -> d
     return _shares(durations, cats, types)
 
 
+class TruncateStep:
+    """A merge step that keeps the first N - r tokens and their sizes: the twin's stand-in for merging.
+    Its sizes are computed from the input (all ones), not a constant, so the exporter cannot fold away
+    the proportional-attention bias that follows: twin and merged graph both pay for it."""
+
+    def __call__(self, method, block, form):
+        keep = block.x.shape[1] - block.r
+        size = block.size if block.size is not None else block.x[..., :1] * 0 + 1
+        return block.x[:, :keep], size[:, :keep], None
+
+
+def export_twin(model, path: Path, batch: int) -> None:
+    """``model`` exported with :class:`TruncateStep` in place of its merge step."""
+    from tmerge.export.graph import strip_wrapper_prefix, torch_onnx_export
+    from tmerge.patch import merging_blocks
+
+    import onnx
+
+    example = torch.randn(batch, 3, 224, 224)
+    with torch.no_grad(), merging_blocks(model).using(TruncateStep()):
+        proto = torch_onnx_export(model, (example,), dynamic_batch=False, opset=18, input_names=["images"],
+                                  output_names=["output"])
+    strip_wrapper_prefix(proto)
+    onnx.save(proto, str(path))
+
+
+def _runners(path: Path, images: np.ndarray, threads: int, runtime: str):
+    if runtime == "onnxruntime":
+        from tmerge.runtime.ort import session
+
+        sess = session(path, threads=threads)  # ORT's default: pool threads spin between nodes
+        return lambda: sess.run(None, {"images": images})
+    import openvino as ov
+
+    core = ov.Core()
+    request = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": threads}).create_infer_request()
+    return lambda: request.infer({0: images})
+
+
+def _time(run, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        run()
+    return (time.perf_counter() - start) / iters
+
+
+def profiler_cost_per_node(path: Path, images: np.ndarray, threads: int, tmpdir: str, iters: int = 10) -> float:
+    """Seconds ONNX Runtime's node profiler adds per node it runs (profiled vs plain session, interleaved)."""
+    from tmerge.runtime.ort import session
+
+    plain = session(path, threads=threads, spinning=False)
+    profiled = session(path, threads=threads, spinning=False, profile_prefix=os.path.join(tmpdir, "cost"))
+    feed = {"images": images}
+    gaps = []
+    for _ in range(5):
+        gaps.append(_time(lambda: profiled.run(None, feed), iters) - _time(lambda: plain.run(None, feed), iters))
+    events = json.load(open(profiled.end_profiling()))
+    nodes_per_run = sum(1 for ev in events if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"))
+    return float(np.median(gaps)) / (nodes_per_run / (5 * iters))
+
+
+def _bootstrap_share(merged: np.ndarray, twin: np.ndarray, samples: int = 2000) -> tuple[float, float]:
+    """95 % interval of 1 - median(twin) / median(merged), resampling the interleaved pairs together."""
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(merged), size=(samples, len(merged)))
+    shares = 1 - np.median(twin[picks], axis=1) / np.median(merged[picks], axis=1)
+    return float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))
+
+
+def wall_part(threads: int, pairs: int, iters: int, methods: list[str], batches: list[int]) -> list[dict]:
+    rows = []
+    tmpdir = tempfile.mkdtemp(prefix="tmerge-wall-")
+    for method, batch in [(m, b) for m in methods for b in batches]:
+        model = build("vit_small_patch16_224", method, 16)
+        merged, twin = Path(tmpdir) / f"{method}_b{batch}.onnx", Path(tmpdir) / f"{method}_b{batch}_twin.onnx"
+        export_onnx(model, merged, batch_size=batch, dynamic_batch=False, model_name="vit_small_patch16_224")
+        export_twin(model, twin, batch)
+        images = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        for runtime in ("onnxruntime", "openvino"):
+            run_merged, run_twin = _runners(merged, images, threads, runtime), _runners(twin, images, threads, runtime)
+            for run in (run_merged, run_twin):
+                _time(run, 5)
+            merged_s, twin_s = [], []
+            for i in range(pairs):
+                pair = ((run_merged, merged_s), (run_twin, twin_s))
+                for run, times in (pair if i % 2 == 0 else pair[::-1]):
+                    time.sleep(0.01)  # the other graph's pool threads stop spinning
+                    run()  # untimed: the first run after a pause wakes the pool and refills the caches
+                    times.append(_time(run, iters))
+            share = 1 - np.median(twin_s) / np.median(merged_s)
+            low, high = _bootstrap_share(np.array(merged_s), np.array(twin_s))
+            row = {"method": method, "runtime": runtime, "batch": batch, "threads": threads, "pairs": pairs, "iters": iters,
+                   "share": float(share), "share_ci95": [low, high], "merged_ms_median": 1e3 * float(np.median(merged_s)),
+                   "twin_ms_median": 1e3 * float(np.median(twin_s)), "load_average": os.getloadavg()}
+            if runtime == "onnxruntime":
+                row["profiler_us_per_node"] = 1e6 * profiler_cost_per_node(merged, images, threads, tmpdir)
+            rows.append(row)
+            extra = f", profiler {row['profiler_us_per_node']:.1f} us/node" if "profiler_us_per_node" in row else ""
+            print(f"wall  {method:<7}{runtime:<12} batch {batch}: merge {100 * share:.2f} % "
+                  f"(95 % CI {100 * low:.2f}-{100 * high:.2f}), merged {row['merged_ms_median']:.2f} ms, "
+                  f"twin {row['twin_ms_median']:.2f} ms{extra}", flush=True)
+    return rows
+
+
 def share_part(threads: int, runs: int, methods: list[str]) -> list[dict]:
     rows = []
     tmpdir = tempfile.mkdtemp(prefix="tmerge-share-")
@@ -277,6 +389,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--share-runs", type=int, default=20)
     ap.add_argument("--share-methods", default="tome,pitome")
+    ap.add_argument("--wall-pairs", type=int, default=40, help="interleaved timings of each graph")
+    ap.add_argument("--wall-iters", type=int, default=5, help="runs per timing (after one untimed run)")
+    ap.add_argument("--wall-batches", default="1,8")
     ap.add_argument("--compile-rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -289,6 +404,10 @@ def main(argv=None) -> int:
         results["onnx_nodes_per_merging_block"] = onnx_part()
     if "share" in parts:
         results["merge_share"] = share_part(args.threads, args.share_runs, args.share_methods.split(","))
+    if "wall" in parts:
+        results["merge_share_wall"] = wall_part(args.threads, args.wall_pairs, args.wall_iters,
+                                                args.share_methods.split(","),
+                                                [int(b) for b in args.wall_batches.split(",")])
     if "compile" in parts:
         results["compile"] = compile_part(args.compile_rounds)
         print("compile ratio to unmerged:", results["compile"]["ratio_to_unmerged"], flush=True)

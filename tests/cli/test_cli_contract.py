@@ -47,7 +47,7 @@ MEASURE = {
     "--warmup": ["0", "1", "-1", "abc"],
     "--iters": ["1", "2", "0", "-5", ""],
     "--threads": ["1", "2", "0", "100000", "-1"],
-    "--data": ["samples", "./missing", "fashion-mnist:bogus", "", "imagenet", "."],
+    "--data": ["samples", "./missing", "fashion-mnist:bogus", "corpus:bogus", "", "imagenet", "."],
     "--num-images": ["2", "0", "-1", "100000000000"],
     "--no-drift": FLAG,
     "--merge-form": ["onehot", "scatter", "scatter_nd", "bogus", ""],

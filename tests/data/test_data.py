@@ -275,3 +275,38 @@ def test_photo_score_and_missing_corpus(tmp_path):
         corpus_entries("eval", root=tmp_path)
     with pytest.raises(TmergeError, match="split must be one of"):
         corpus_entries("test", root=tmp_path)
+
+
+def write_corpus(root, per_split: int = 3):
+    """A corpus folder with ``per_split`` noise photos per split and its manifest."""
+    import json
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = []
+    for split in ("train", "tune", "eval"):
+        for i in range(per_split):
+            name = f"{split}{i}.jpg"
+            Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(root / name)
+            images.append({"file": name, "split": split, "source": f"{split}-source", "group": "g", "sha256": name})
+    (root / "manifest.json").write_text(json.dumps({"images": images}))
+
+
+def test_corpus_source(model, cache):
+    from tmerge.data.corpus import corpus_dir, corpus_entries, corpus_views
+    from tmerge.data.preprocess import model_transform
+
+    with pytest.raises(TmergeError, match="not built"):
+        data.load_images("corpus:eval", model)
+    write_corpus(corpus_dir())
+    tune = data.load_images("corpus:tune", model)
+    whole = torch.stack([model_transform(model)(Image.open(corpus_dir() / f"tune{i}.jpg").convert("RGB")) for i in range(3)])
+    assert tune.labels is None and torch.equal(tune.images, whole)  # tune/eval photos: whole, in order
+    train = data.load_images("corpus:train", model, seed=3).images  # training photos: one seeded random crop each
+    assert torch.equal(train, corpus_views(corpus_entries("train"), model, views_per_photo=1, seed=3))
+    assert not torch.equal(train, data.load_images("corpus:train", model, seed=4).images)
+    assert data.load_images("corpus:eval", model, n=2).images.shape[0] == 2
+    with pytest.raises(TmergeError, match="has 3 images, asked for 5"):
+        data.load_images("corpus:eval", model, n=5)
+    with pytest.raises(TmergeError, match="split must be one of"):
+        data.load_images("corpus:test", model)

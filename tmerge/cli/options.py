@@ -38,7 +38,7 @@ PrecisionOpt = Annotated[str, typer.Option(
     "--precision", help="torch backends and drift: fp32, or fp16 / bf16 autocast (weights stay fp32)")]
 CudaGraphsOpt = Annotated[bool, typer.Option(
     "--cuda-graphs/--no-cuda-graphs", help="torch backends on CUDA: capture each batch once and replay it")]
-DataOpt = Annotated[str, typer.Option("--data", help="images: 'samples', 'fashion-mnist[:split]' or an ImageFolder dir")]
+DataOpt = Annotated[str, typer.Option("--data", help="images: 'samples', 'fashion-mnist[:split]', 'corpus:train|tune|eval' or an ImageFolder dir")]
 NumImagesOpt = Annotated[Optional[int], typer.Option("--num-images", help="images to load (default: the source's default)")]
 NoDriftOpt = Annotated[bool, typer.Option("--no-drift", help="skip the drift measurement")]
 

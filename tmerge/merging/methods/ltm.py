@@ -19,7 +19,9 @@ tmerge makes the following choices (each one the paper leaves open):
    sqrt(d) + w_s * sim(a, b_j) with d = 32 (option ``mask_dim``), w_s initialised to 1/0.1. The merge
    weights are a gated mixture ``w = (1 - g) * onehot(ToMe's match) + g * softmax(h)`` with a learned
    per-block gate g in [0, 1] (clamped), initialised to 0, so an untrained LTM equals ToMe exactly
-   and the first gradient step already moves g. While g is 0 the scorer would get no gradient, so a
+   and the first gradient step already moves g. In training the clamp passes its gradient through
+   (straight-through): with a plain clamp, a gate the first steps push below 0 (the scorer is still
+   random then) never gets a gradient again and LTM stays ToMe for good. While g is 0 the scorer would get no gradient, so a
    value-free term 0.05 * (softmax(h) - stopgrad(softmax(h))) lets it learn which spreading would help
    (a straight-through-style estimator); the gate alone decides how much of it is used.
 4. **Normalisation of M.** Size-weighted, like every tmerge merge: token a sends share w_aj of its
@@ -87,6 +89,8 @@ class MaskModule(nn.Module):
         soft = torch.softmax(h, dim=-1)
         hard = (torch.arange(sim.shape[-1], device=sim.device) == 0).to(soft.dtype)  # ToMe's choice
         g = self.gate.clamp(0.0, 1.0)
+        if self.training:  # the gradient passes the clamp: a gate pushed below 0 early can reopen later
+            g = self.gate + (g - self.gate).detach()
         # The last term is zero in value; it gives the scorer a gradient while the gate is (near) 0.
         return (1 - g) * hard + g * soft + SCORER_GRAD * (soft - soft.detach())
 

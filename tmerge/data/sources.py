@@ -34,8 +34,8 @@ def load_images(source: str | Path, model: nn.Module, n: int | None = None, seed
     ``progress(done, total)`` is called as images are prepared.
 
     ``source``: "samples", "fashion-mnist" (train split), "fashion-mnist:test", "corpus:train|tune|eval"
-    (the photo corpus, :mod:`tmerge.data.corpus`: training photos as one seeded random crop each, the
-    way the shipped adapters were trained; tune and eval photos whole, through the eval transform), or
+    (the photo corpus, :mod:`tmerge.data.corpus`: training photos as one seeded random crop each, as
+    adapters are trained; tune and eval photos whole, through the eval transform), or
     a folder. ``n`` None: 16 sample views, 1000 Fashion-MNIST images, or every image of a corpus split
     or folder. A subset of a dataset or folder is a seeded random choice (kept in source order); the
     same seed, the same set.

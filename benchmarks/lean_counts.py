@@ -271,19 +271,19 @@ def _time(run, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def profiler_cost_per_node(path: Path, images: np.ndarray, threads: int, tmpdir: str, iters: int = 10) -> float:
+def profiler_cost_per_node(path: Path, images: np.ndarray, threads: int, tmpdir: str, rounds: int = 5,
+                           iters: int = 10) -> float:
     """Seconds ONNX Runtime's node profiler adds per node it runs (profiled vs plain session, interleaved)."""
     from tmerge.runtime.ort import session
 
     plain = session(path, threads=threads, spinning=False)
     profiled = session(path, threads=threads, spinning=False, profile_prefix=os.path.join(tmpdir, "cost"))
     feed = {"images": images}
-    gaps = []
-    for _ in range(5):
-        gaps.append(_time(lambda: profiled.run(None, feed), iters) - _time(lambda: plain.run(None, feed), iters))
+    gaps = [_time(lambda: profiled.run(None, feed), iters) - _time(lambda: plain.run(None, feed), iters)
+            for _ in range(rounds)]
     events = json.load(open(profiled.end_profiling()))
-    nodes_per_run = sum(1 for ev in events if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"))
-    return float(np.median(gaps)) / (nodes_per_run / (5 * iters))
+    nodes_timed = sum(1 for ev in events if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"))
+    return float(np.median(gaps)) / (nodes_timed / (rounds * iters))
 
 
 def _bootstrap_share(merged: np.ndarray, twin: np.ndarray, samples: int = 2000) -> tuple[float, float]:

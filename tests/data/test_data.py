@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 
 import tmerge  # noqa: F401  (before timm)
 from tmerge import data
@@ -279,8 +280,6 @@ def test_photo_score_and_missing_corpus(tmp_path):
 
 def write_corpus(root, per_split: int = 3):
     """A corpus folder with ``per_split`` noise photos per split and its manifest."""
-    import json
-
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     images = []

@@ -21,7 +21,8 @@ tmerge makes the following choices (each one the paper leaves open):
    per-block gate g in [0, 1] (clamped), initialised to 0, so an untrained LTM equals ToMe exactly
    and the first gradient step already moves g. In training the clamp passes its gradient through
    (straight-through): with a plain clamp, a gate the first steps push below 0 (the scorer is still
-   random then) never gets a gradient again and LTM stays ToMe for good. While g is 0 the scorer would get no gradient, so a
+   random then) never gets a gradient again and LTM stays ToMe for good. While g is 0 the scorer
+   would get no gradient, so a
    value-free term 0.05 * (softmax(h) - stopgrad(softmax(h))) lets it learn which spreading would help
    (a straight-through-style estimator); the gate alone decides how much of it is used.
 4. **Normalisation of M.** Size-weighted, like every tmerge merge: token a sends share w_aj of its

@@ -101,7 +101,8 @@ def test_portable_onnx_nodes_per_merging_block(method):
 
 @pytest.mark.parametrize("method", ["tome", "pitome"])
 def test_exported_merge_step_uses_the_single_node_forms(method):
-    """The key metric exports as one mean (over the innermost axis) and one LpNormalization, PiToMe's
+    """The key metric exports as one product with a row of ones (the sum over the heads, no ReduceMean)
+    and one LpNormalization, PiToMe's
     energy as a bare Elu, and the merge joins no size channel to the tokens (no Concat, no Split of
     them). PiToMe's prefix ranks first through its margin constant (the only Pad left places the kept
     A tokens of a "bsm" block, as in ToMe)."""
@@ -118,7 +119,11 @@ def test_exported_merge_step_uses_the_single_node_forms(method):
         return "merge_step(" in trace or (not trace and any(in_merge(producer[i]) for i in node.input if i in producer))
 
     merge_ops = Counter(node.op_type for node in proto.graph.node if in_merge(node))
-    assert merge_ops["LpNormalization"] == blocks and merge_ops["ReduceMean"] == blocks * (2 if method == "pitome" else 1)
+    assert merge_ops["LpNormalization"] == blocks and merge_ops["ReduceMean"] == (blocks if method == "pitome" else 0)
+    for node in proto.graph.node:  # LpNormalization <- Reshape <- MatMul(ones, Reshape(keys))
+        if node.op_type == "LpNormalization":
+            summed = producer[producer[node.input[0]].input[0]]
+            assert summed.op_type == "MatMul" and producer[summed.input[1]].op_type == "Reshape"
     assert not merge_ops.keys() & {"ReduceL2", "Concat", "Unsqueeze", "Expand", "Shape", "Cast"}, merge_ops
     matching = blocks if method == "tome" else sum(model.blocks.method.uses_bsm(layer) for layer in merging_layers(model))
     assert merge_ops["Split"] == blocks and merge_ops["Pad"] == matching  # Split: the ranking's, or the candidates'

@@ -63,19 +63,17 @@ def _take_rows_translation(rows, index):
     return op.GatherND(rows, index, batch_dims=1)
 
 
-def _head_mean_translation(keys):
-    """``tmerge::head_mean`` (the key metric's mean over the heads, axis 1 of (B, H, N, D)) as a mean over
-    the innermost axis of the keys with the heads moved last."""
+def _key_metric_translation(keys):
+    """``tmerge::key_metric`` (see :func:`tmerge.merging.base.key_metric`): the keys (B, H, N, D) as
+    (B, H, N * D), a row of H ones times that (their sum over the heads), back to (B, N, D), and one
+    LpNormalization node."""
     from onnxscript import opset18 as op
 
-    return op.ReduceMean(op.Transpose(keys, perm=[0, 2, 3, 1]), op.Constant(value_ints=[-1]), keepdims=0)
-
-
-def _l2_normalize_translation(t):
-    """``tmerge::l2_normalize`` (the key metric's normalisation) as one LpNormalization node."""
-    from onnxscript import opset18 as op
-
-    return op.LpNormalization(t, axis=-1, p=2)
+    heads, dim = keys.shape[1], keys.shape[3]
+    flat = op.Reshape(keys, op.Constant(value_ints=[0, heads, -1]))
+    ones = op.CastLike(op.Constant(value_floats=[1.0] * heads), keys)
+    summed = op.MatMul(op.Reshape(ones, op.Constant(value_ints=[1, heads])), flat)
+    return op.LpNormalization(op.Reshape(summed, op.Constant(value_ints=[0, -1, dim])), axis=-1, p=2)
 
 
 def _elu_translation(self, alpha=1.0, scale=1.0, input_scale=1.0):
@@ -101,8 +99,7 @@ def torch_onnx_export(module: nn.Module, args: tuple, *, dynamic_batch: bool, op
     if not dynamic_batch:
         dynamic_shapes = None
     table = {torch.ops.aten.sort.stable: _sort_translation, torch.ops.tmerge.take_rows.default: _take_rows_translation,
-             torch.ops.tmerge.head_mean.default: _head_mean_translation,
-             torch.ops.tmerge.l2_normalize.default: _l2_normalize_translation, torch.ops.aten.elu.default: _elu_translation,
+             torch.ops.tmerge.key_metric.default: _key_metric_translation, torch.ops.aten.elu.default: _elu_translation,
              **(custom_table or {})}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")

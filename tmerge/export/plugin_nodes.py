@@ -145,8 +145,10 @@ def _merge_functions(nodes: list[MergeNode], model: nn.Module, *, dynamic_batch:
         l, n = merge.layer, merge.node.attrs["num_tokens"]
         attn = model.blocks[l].attn
         g = torch.Generator().manual_seed(l)
-        args += [torch.randn(2, n, c, generator=g), torch.ones(2, n, 1),
-                 torch.randn(2, attn.num_heads, n, attn.head_dim, generator=g)]
+        x = torch.randn(2, n, c, generator=g)
+        with torch.no_grad():  # the keys the node receives (DTEM: its learned embedding, one "head")
+            keys = merge.method.merge_keys(l, torch.randn(2, attn.num_heads, n, attn.head_dim, generator=g), x)
+        args += [x, torch.ones(2, n, 1), keys]
         in_names += [f"{name}_l{l}" for name in plugin_spec.INPUTS]
         out_names += [f"{name}_l{l}" for name in plugin_spec.VERIFY_OUTPUTS]
         batch = torch.export.Dim(f"batch_l{l}", min=1, max=4096)

@@ -206,46 +206,33 @@ class MergeMethod(nn.Module):
 
 
 def key_metric(keys: Tensor) -> Tensor:
-    """ToMe's similarity metric: keys averaged over heads, L2-normalised. (B, N, head_dim)."""
-    return l2_normalize(head_mean(keys))
+    """ToMe's similarity metric: keys (B, heads, N, head_dim) averaged over heads, L2-normalised:
+    (B, N, head_dim).
 
-
-def head_mean(keys: Tensor) -> Tensor:
-    """``keys.mean(1)`` for keys (B, heads, N, head_dim). Exported (``tmerge::head_mean``), the heads are
-    first moved last: OpenVINO's mean over the innermost axis took a third of the time of its mean over
-    the heads axis in place (ViT-S/16, batch 8), and ONNX Runtime runs both forms alike."""
+    Exported, one ``tmerge::key_metric`` op: the keys viewed as (B, heads, N * head_dim) times a row of
+    ones (a sum over the heads as one small product, no transpose; the normalisation removes the
+    1 / heads of the mean), then one LpNormalization node. ONNX Runtime took seven times as long for a
+    ReduceMean over the heads, with or without moving them last first (ViT-S/16, batch 1). (A zero
+    row is the one input where eager and exported metric differ: PyTorch divides 0 by 0, ONNX
+    Runtime's LpNormalization returns zeros; the mean of a token's keys is never exactly zero.)"""
     if torch.compiler.is_exporting():
-        return torch.ops.tmerge.head_mean(keys)
-    return keys.mean(1)
+        return torch.ops.tmerge.key_metric(keys)
+    return _key_metric(keys)
 
 
-@torch.library.custom_op("tmerge::head_mean", mutates_args=())
-def _head_mean_op(keys: Tensor) -> Tensor:
-    return keys.mean(1)
+def _key_metric(keys: Tensor) -> Tensor:
+    metric = keys.mean(1)
+    return metric / metric.norm(dim=-1, keepdim=True)
 
 
-@_head_mean_op.register_fake
+@torch.library.custom_op("tmerge::key_metric", mutates_args=())
+def _key_metric_op(keys: Tensor) -> Tensor:
+    return _key_metric(keys)
+
+
+@_key_metric_op.register_fake
 def _(keys):
     return keys.new_empty(keys.shape[0], keys.shape[2], keys.shape[3])
-
-
-def l2_normalize(t: Tensor) -> Tensor:
-    """``t / ||t||`` over the last dimension. Exported, one LpNormalization node (``tmerge::l2_normalize``)
-    instead of ReduceL2 and Div. (A zero row is the one input where they differ: PyTorch divides 0 by 0,
-    ONNX Runtime's LpNormalization returns zeros; the mean of a token's keys is never exactly zero.)"""
-    if torch.compiler.is_exporting():
-        return torch.ops.tmerge.l2_normalize(t)
-    return t / t.norm(dim=-1, keepdim=True)
-
-
-@torch.library.custom_op("tmerge::l2_normalize", mutates_args=())
-def _l2_normalize_op(t: Tensor) -> Tensor:
-    return t / t.norm(dim=-1, keepdim=True)
-
-
-@_l2_normalize_op.register_fake
-def _(t):
-    return torch.empty_like(t)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What the merge step costs, counted and shared out (run by hand; results in benchmarks/results/).
 
-    python benchmarks/lean_counts.py [--part ops,onnx,share,wall,compile] [--out benchmarks/results/lean_counts.json]
+    python benchmarks/lean_counts.py [--part ops,onnx,share,wall,compile,export] [--out benchmarks/results/lean_counts.json]
 
 * ``ops``: top-level PyTorch ops the merging adds per merging block (eager, CPU profiler,
   ``tmerge.profiling.counts``), ToMe and PiToMe r=16 (ViT-L/16: r=8) on ViT-S/16, ViT-B/16, ViT-L/16 and
@@ -19,9 +19,16 @@
   interleaved run by run in ONNX Runtime and OpenVINO (2 threads, each runtime's default thread
   spinning, batch 1 and 8): ``--wall-pairs`` timings of each graph, alternating, each after a 10 ms pause
   (the idle graph's pool stops spinning) and one untimed run, over ``--wall-iters`` runs. Share =
-  1 - median(t_twin) / median(t_merged), with a bootstrap 95 % interval. A node profiler adds a
+  1 - median(t_twin) / median(t_merged), with a bootstrap 95 % interval; also from the 10th percentiles
+  (``share_p10``: on a shared machine other jobs only ever add time, and the fastest timings carry
+  the least of it). ``--wall-compare DIR`` times a third graph per method and batch in the same
+  rounds: the merged graph another version of tmerge exported (``--part export --export-dir DIR`` run
+  with ``PYTHONPATH`` at that checkout), so a change to the merge step is judged against the same twin
+  in one process rather than across runs, which differ by more than most changes. A node profiler adds a
   fixed cost to every node it times, which counts many small merge nodes heavily; the twin measures
   what the merge step costs when nothing is watching. The profiler's own cost per node is reported too.
+* ``export``: writes the merged graphs ``wall`` times (``--share-methods`` x ``--wall-batches``) to
+  ``--export-dir``, exported by whichever tmerge this script imports.
 * ``compile``: torch.compile (inductor, CPU) time of the merged vs the unmerged ViT-S/16, each in a fresh
   process with an empty inductor cache, interleaved over ``--compile-rounds``.
 Random-init weights throughout (counts and shares do not depend on the weights' values).
@@ -286,46 +293,89 @@ def profiler_cost_per_node(path: Path, images: np.ndarray, threads: int, tmpdir:
     return float(np.median(gaps)) / (nodes_timed / (rounds * iters))
 
 
-def _bootstrap_share(merged: np.ndarray, twin: np.ndarray, samples: int = 2000) -> tuple[float, float]:
-    """95 % interval of 1 - median(twin) / median(merged), resampling the interleaved pairs together."""
+def _share(merged: np.ndarray, twin: np.ndarray, quantile: float = 50.0, axis=None):
+    """1 - q(twin) / q(merged) for the ``quantile`` q of the timings."""
+    return 1 - np.percentile(twin, quantile, axis=axis) / np.percentile(merged, quantile, axis=axis)
+
+
+def _bootstrap_share(merged: np.ndarray, twin: np.ndarray, quantile: float = 50.0, samples: int = 2000
+                     ) -> tuple[float, float]:
+    """95 % interval of :func:`_share`, resampling the interleaved pairs together."""
     rng = np.random.default_rng(0)
     picks = rng.integers(0, len(merged), size=(samples, len(merged)))
-    shares = 1 - np.median(twin[picks], axis=1) / np.median(merged[picks], axis=1)
+    shares = _share(merged[picks], twin[picks], quantile, axis=1)
     return float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))
 
 
-def wall_part(threads: int, pairs: int, iters: int, methods: list[str], batches: list[int]) -> list[dict]:
+def _interleaved(runs: list, pairs: int, iters: int) -> list[np.ndarray]:
+    """``pairs`` timings of ``iters`` runs of each runner, in an order that flips every round, each
+    after a 10 ms pause (the other graphs' pool threads stop spinning) and one untimed run (it wakes
+    the pool and refills the caches)."""
+    for run in runs:
+        _time(run, 5)
+    times: list[list[float]] = [[] for _ in runs]
+    order = list(range(len(runs)))
+    for i in range(pairs):
+        for j in (order if i % 2 == 0 else order[::-1]):
+            time.sleep(0.01)
+            runs[j]()
+            times[j].append(_time(runs[j], iters))
+    return [np.array(t) for t in times]
+
+
+def _share_fields(merged: np.ndarray, twin: np.ndarray, prefix: str = "") -> dict:
+    return {f"{prefix}share": float(_share(merged, twin)), f"{prefix}share_ci95": list(_bootstrap_share(merged, twin)),
+            f"{prefix}share_p10": float(_share(merged, twin, 10)),
+            f"{prefix}share_p10_ci95": list(_bootstrap_share(merged, twin, 10)),
+            f"{prefix}merged_ms_median": 1e3 * float(np.median(merged))}
+
+
+def merged_graph_name(method: str, batch: int) -> str:
+    return f"{method}_b{batch}.onnx"
+
+
+def export_part(out_dir: Path, methods: list[str], batches: list[int]) -> None:
+    """The merged graphs ``--part wall`` times, written to ``out_dir`` by the tmerge this script
+    imports: run it with ``PYTHONPATH`` at another checkout to time that version's merge step against
+    this one's (``--wall-compare``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for method, batch in [(m, b) for m in methods for b in batches]:
+        path = out_dir / merged_graph_name(method, batch)
+        export_onnx(build("vit_small_patch16_224", method, 16), path, batch_size=batch, dynamic_batch=False,
+                    model_name="vit_small_patch16_224")
+        print(f"export {path} (tmerge from {Path(tmerge.__file__).parent})", flush=True)
+
+
+def wall_part(threads: int, pairs: int, iters: int, methods: list[str], batches: list[int],
+              compare: Path | None = None) -> list[dict]:
     rows = []
     tmpdir = tempfile.mkdtemp(prefix="tmerge-wall-")
     for method, batch in [(m, b) for m in methods for b in batches]:
         model = build("vit_small_patch16_224", method, 16)
-        merged, twin = Path(tmpdir) / f"{method}_b{batch}.onnx", Path(tmpdir) / f"{method}_b{batch}_twin.onnx"
+        merged, twin = Path(tmpdir) / merged_graph_name(method, batch), Path(tmpdir) / f"{method}_b{batch}_twin.onnx"
         export_onnx(model, merged, batch_size=batch, dynamic_batch=False, model_name="vit_small_patch16_224")
         export_twin(model, twin, batch)
+        graphs = [merged, twin]
+        if compare is not None and (compare / merged.name).exists():
+            graphs.append(compare / merged.name)
         images = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
         for runtime in ("onnxruntime", "openvino"):
-            run_merged, run_twin = _runners(merged, images, threads, runtime), _runners(twin, images, threads, runtime)
-            for run in (run_merged, run_twin):
-                _time(run, 5)
-            merged_s, twin_s = [], []
-            for i in range(pairs):
-                pair = ((run_merged, merged_s), (run_twin, twin_s))
-                for run, times in (pair if i % 2 == 0 else pair[::-1]):
-                    time.sleep(0.01)  # the other graph's pool threads stop spinning
-                    run()  # untimed: the first run after a pause wakes the pool and refills the caches
-                    times.append(_time(run, iters))
-            share = 1 - np.median(twin_s) / np.median(merged_s)
-            low, high = _bootstrap_share(np.array(merged_s), np.array(twin_s))
+            times = _interleaved([_runners(g, images, threads, runtime) for g in graphs], pairs, iters)
             row = {"method": method, "runtime": runtime, "batch": batch, "threads": threads, "pairs": pairs, "iters": iters,
-                   "share": float(share), "share_ci95": [low, high], "merged_ms_median": 1e3 * float(np.median(merged_s)),
-                   "twin_ms_median": 1e3 * float(np.median(twin_s)), "load_average": os.getloadavg()}
+                   **_share_fields(times[0], times[1]), "twin_ms_median": 1e3 * float(np.median(times[1])),
+                   "load_average": os.getloadavg()}
+            line = ""
+            if len(graphs) > 2:
+                row.update(_share_fields(times[2], times[1], prefix="compare_"), compare_graph=str(graphs[2]))
+                line = f"; compared graph {100 * row['compare_share']:.2f} %"
             if runtime == "onnxruntime":
                 row["profiler_us_per_node"] = 1e6 * profiler_cost_per_node(merged, images, threads, tmpdir)
+                line += f", profiler {row['profiler_us_per_node']:.1f} us/node"
             rows.append(row)
-            extra = f", profiler {row['profiler_us_per_node']:.1f} us/node" if "profiler_us_per_node" in row else ""
-            print(f"wall  {method:<7}{runtime:<12} batch {batch}: merge {100 * share:.2f} % "
-                  f"(95 % CI {100 * low:.2f}-{100 * high:.2f}), merged {row['merged_ms_median']:.2f} ms, "
-                  f"twin {row['twin_ms_median']:.2f} ms{extra}", flush=True)
+            low, high = row["share_ci95"]
+            print(f"wall  {method:<7}{runtime:<12} batch {batch}: merge {100 * row['share']:.2f} % "
+                  f"(95 % CI {100 * low:.2f}-{100 * high:.2f}; of the fastest tenths {100 * row['share_p10']:.2f} %), "
+                  f"merged {row['merged_ms_median']:.2f} ms, twin {row['twin_ms_median']:.2f} ms{line}", flush=True)
     return rows
 
 
@@ -389,9 +439,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--share-runs", type=int, default=20)
     ap.add_argument("--share-methods", default="tome,pitome")
-    ap.add_argument("--wall-pairs", type=int, default=40, help="interleaved timings of each graph")
+    ap.add_argument("--wall-pairs", type=int, default=60, help="interleaved timings of each graph")
     ap.add_argument("--wall-iters", type=int, default=5, help="runs per timing (after one untimed run)")
     ap.add_argument("--wall-batches", default="1,8")
+    ap.add_argument("--wall-compare", default=None,
+                    help="folder of merged graphs from --part export run against another tmerge, timed alongside")
+    ap.add_argument("--export-dir", default=None, help="where --part export writes its graphs")
     ap.add_argument("--compile-rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -407,7 +460,12 @@ def main(argv=None) -> int:
     if "wall" in parts:
         results["merge_share_wall"] = wall_part(args.threads, args.wall_pairs, args.wall_iters,
                                                 args.share_methods.split(","),
-                                                [int(b) for b in args.wall_batches.split(",")])
+                                                [int(b) for b in args.wall_batches.split(",")],
+                                                Path(args.wall_compare) if args.wall_compare else None)
+    if "export" in parts:
+        if not args.export_dir:
+            ap.error("--part export needs --export-dir")
+        export_part(Path(args.export_dir), args.share_methods.split(","), [int(b) for b in args.wall_batches.split(",")])
     if "compile" in parts:
         results["compile"] = compile_part(args.compile_rounds)
         print("compile ratio to unmerged:", results["compile"]["ratio_to_unmerged"], flush=True)

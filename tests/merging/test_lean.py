@@ -102,10 +102,9 @@ def test_portable_onnx_nodes_per_merging_block(method):
 @pytest.mark.parametrize("method", ["tome", "pitome"])
 def test_exported_merge_step_uses_the_single_node_forms(method):
     """The key metric exports as one product with a row of ones (the sum over the heads, no ReduceMean)
-    and one LpNormalization, PiToMe's
-    energy as a bare Elu, and the merge joins no size channel to the tokens (no Concat, no Split of
-    them). PiToMe's prefix ranks first through its margin constant (the only Pad left places the kept
-    A tokens of a "bsm" block, as in ToMe)."""
+    and one LpNormalization, PiToMe's energy as a bare Elu, and the merge joins no size channel to the
+    tokens (no Concat, no Split of them). PiToMe's prefix ranks first through its margin constant (the
+    only Pad left places the kept A tokens of a "bsm" block, as in ToMe)."""
     pytest.importorskip("onnx")
     from tmerge.export.instrument import build_graph
 

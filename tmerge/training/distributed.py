@@ -4,6 +4,7 @@ the training loop needs (all ranks stop together, a barrier)."""
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -54,4 +55,9 @@ class Dist:
         if self.owns_group:
             import torch.distributed as dist
 
+            # A gloo worker thread frees each finished collective (the last barrier's) on its own,
+            # and needs the GIL for that; the group's destructor joins those threads while holding
+            # the GIL. Released right after a barrier, the two deadlocked (one rank hung at exit).
+            # Sleeping releases the GIL so the workers finish first.
+            time.sleep(0.2)
             dist.destroy_process_group()

@@ -334,6 +334,11 @@ def merged_graph_name(method: str, batch: int) -> str:
     return f"{method}_b{batch}.onnx"
 
 
+def export_merged(model, path: Path, batch: int) -> None:
+    """``model`` (ViT-S/16, merged) as the static-batch portable ONNX graph the shares are timed on."""
+    export_onnx(model, path, batch_size=batch, dynamic_batch=False, model_name="vit_small_patch16_224")
+
+
 def export_part(out_dir: Path, methods: list[str], batches: list[int]) -> None:
     """The merged graphs ``--part wall`` times, written to ``out_dir`` by the tmerge this script
     imports: run it with ``PYTHONPATH`` at another checkout to time that version's merge step against
@@ -341,8 +346,7 @@ def export_part(out_dir: Path, methods: list[str], batches: list[int]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for method, batch in [(m, b) for m in methods for b in batches]:
         path = out_dir / merged_graph_name(method, batch)
-        export_onnx(build("vit_small_patch16_224", method, 16), path, batch_size=batch, dynamic_batch=False,
-                    model_name="vit_small_patch16_224")
+        export_merged(build("vit_small_patch16_224", method, 16), path, batch)
         print(f"export {path} (tmerge from {Path(tmerge.__file__).parent})", flush=True)
 
 
@@ -353,11 +357,13 @@ def wall_part(threads: int, pairs: int, iters: int, methods: list[str], batches:
     for method, batch in [(m, b) for m in methods for b in batches]:
         model = build("vit_small_patch16_224", method, 16)
         merged, twin = Path(tmpdir) / merged_graph_name(method, batch), Path(tmpdir) / f"{method}_b{batch}_twin.onnx"
-        export_onnx(model, merged, batch_size=batch, dynamic_batch=False, model_name="vit_small_patch16_224")
+        export_merged(model, merged, batch)
         export_twin(model, twin, batch)
         graphs = [merged, twin]
         if compare is not None and (compare / merged.name).exists():
             graphs.append(compare / merged.name)
+        elif compare is not None:
+            print(f"wall  {method} batch {batch}: no {merged.name} in {compare}, nothing to compare", flush=True)
         images = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
         for runtime in ("onnxruntime", "openvino"):
             times = _interleaved([_runners(g, images, threads, runtime) for g in graphs], pairs, iters)
@@ -385,7 +391,7 @@ def share_part(threads: int, runs: int, methods: list[str]) -> list[dict]:
     for method, batch in [(m, b) for m in methods for b in (1, 8)]:
         model = build("vit_small_patch16_224", method, 16)
         path = Path(tmpdir) / f"{method}16_b{batch}.onnx"
-        export_onnx(model, path, batch_size=batch, dynamic_batch=False, model_name="vit_small_patch16_224")
+        export_merged(model, path, batch)
         images = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
         for runtime_name, share in (("onnxruntime", lambda: ort_share(path, images, threads, runs, tmpdir)),
                                     ("openvino", lambda: openvino_share(path, images, threads, runs))):
@@ -450,6 +456,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = set(args.part.split(","))
+    if "export" in parts and not args.export_dir:
+        ap.error("--part export needs --export-dir")
+    if args.wall_compare and not Path(args.wall_compare).is_dir():
+        ap.error(f"--wall-compare: no folder {args.wall_compare}")
     results: dict = {"torch": torch.__version__, "timm": timm.__version__, "started": time.strftime("%Y-%m-%d %H:%M")}
     if "ops" in parts:
         results["ops_per_merging_block"] = ops_part()
@@ -463,8 +473,6 @@ def main(argv=None) -> int:
                                                 [int(b) for b in args.wall_batches.split(",")],
                                                 Path(args.wall_compare) if args.wall_compare else None)
     if "export" in parts:
-        if not args.export_dir:
-            ap.error("--part export needs --export-dir")
         export_part(Path(args.export_dir), args.share_methods.split(","), [int(b) for b in args.wall_batches.split(",")])
     if "compile" in parts:
         results["compile"] = compile_part(args.compile_rounds)

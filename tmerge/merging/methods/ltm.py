@@ -22,9 +22,9 @@ tmerge makes the following choices (each one the paper leaves open):
    and the first gradient step already moves g. In training the clamp passes its gradient through
    (straight-through): with a plain clamp, a gate the first steps push below 0 (the scorer is still
    random then) never gets a gradient again and LTM stays ToMe for good. While g is 0 the scorer
-   would get no gradient, so a
-   value-free term 0.05 * (softmax(h) - stopgrad(softmax(h))) lets it learn which spreading would help
-   (a straight-through-style estimator); the gate alone decides how much of it is used.
+   would get no gradient, so a value-free term 0.05 * (softmax(h) - stopgrad(softmax(h))) lets it
+   learn which spreading would help (a straight-through-style estimator); the gate alone decides how
+   much of it is used.
 4. **Normalisation of M.** Size-weighted, like every tmerge merge: token a sends share w_aj of its
    size s_a to destination j; destination x_j = sum(share * x) / sum(share) (the shared primitive
    with (B, N, K) slots and weights), so sizes are conserved and proportional attention stays valid.
